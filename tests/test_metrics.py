@@ -1,0 +1,120 @@
+"""Metric functions against direct computations and scikit-learn's reference implementations."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from embedstore.metrics import (
+    binary_auc,
+    bootstrap_ci,
+    evaluate,
+    partial_auc,
+    roc_auc,
+    sensitivity_at_specificity,
+)
+
+
+def _scores(n=400, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    s = rng.normal(size=n) + 1.2 * y
+    if ties:
+        s = np.round(s, 1)
+    return y, s
+
+
+def _pauc_trapezoid(y, s, min_tpr):
+    """Area between the ROC curve and TPR = min_tpr, by trapezoids over TPR."""
+    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
+    # Integrate (1 - FPR) over TPR in [min_tpr, 1]; x = 1 - TPR rises as the curve is walked backwards.
+    x, h = (1 - tpr)[::-1], (1 - fpr)[::-1]
+    x_max = 1 - min_tpr
+    keep = x <= x_max
+    xs, hs = list(x[keep]), list(h[keep])
+    i = np.searchsorted(x, x_max, side="right")
+    if i < len(x):  # close the region exactly at x_max by linear interpolation
+        hs.append(h[i - 1] + (h[i] - h[i - 1]) * (x_max - x[i - 1]) / (x[i] - x[i - 1]))
+        xs.append(x_max)
+    return np.trapezoid(hs, xs)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("min_tpr", [0.8, 0.5])
+def test_partial_auc_matches_direct_trapezoid(ties, min_tpr):
+    for seed in range(5):
+        y, s = _scores(seed=seed, ties=ties)
+        assert partial_auc(y, s, min_tpr) == pytest.approx(_pauc_trapezoid(y, s, min_tpr), abs=1e-9)
+
+
+def test_partial_auc_range_is_zero_to_point_two():
+    y, s = _scores()
+    assert partial_auc(y, np.where(y, 1.0, 0.0)) == pytest.approx(0.2)  # perfect ranking
+    assert partial_auc(y, np.where(y, 0.0, 1.0)) == pytest.approx(0.0)  # reversed ranking
+    assert 0.0 < partial_auc(y, s) < 0.2
+    assert np.isnan(partial_auc(np.ones(10, bool), np.arange(10)))
+
+
+def test_binary_and_ovr_auc_equal_sklearn():
+    rng = np.random.default_rng(1)
+    y, s = _scores(ties=True)
+    assert binary_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s))
+    y7 = rng.integers(0, 7, 500)
+    logits = rng.normal(size=(500, 7)) + 1.5 * np.eye(7)[y7]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert roc_auc(y7, p) == pytest.approx(skm.roc_auc_score(y7, p, multi_class="ovr", average="macro"))
+
+
+def test_sensitivity_at_specificity_respects_the_bound():
+    y, s = _scores(n=2000)
+    sens = sensitivity_at_specificity(y, s, 0.9)
+    # Threshold by hand: the lowest threshold that keeps >= 90% of negatives below it.
+    neg = np.sort(s[~y])
+    thr = neg[int(np.ceil(0.9 * neg.size)) - 1]
+    assert sens == pytest.approx(np.mean(s[y] > thr), abs=1.0 / y.sum() + 1e-12)
+    assert 0 < sens < 1
+
+
+def test_evaluate_binary_has_pauc_and_multiclass_not():
+    y, s = _scores()
+    p = np.c_[1 - 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-s))]
+    m = evaluate(y.astype(int), p)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, p.argmax(1), average="macro"))
+    assert "pauc_80" in m
+    assert "pauc_80" not in evaluate(np.array([0, 1, 2]), np.eye(3))
+
+
+def test_bootstrap_resamples_whole_groups():
+    # Each group's rows share one value: a group bootstrap must keep them together,
+    # so every resampled mean is a mean of whole groups with the group sizes as weights.
+    groups = np.repeat(np.arange(30), 5)
+    values = np.repeat(np.random.default_rng(0).normal(size=30), 5)
+    seen = []
+
+    def stat(v, g):
+        counts = np.bincount(g, minlength=30)
+        assert np.all(counts % 5 == 0)  # all five rows of a drawn group come along, every time
+        seen.append(len(np.unique(g)))
+        return v.mean()
+
+    ci = bootstrap_ci(stat, values, groups, groups=groups, n_boot=200, seed=3)
+    assert ci.low < ci.value < ci.high
+    assert np.mean(seen) < 30  # groups are drawn with replacement, so some are missing
+
+
+def test_grouped_interval_is_wider_than_row_interval_for_clustered_data():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 10)
+    values = np.repeat(rng.normal(size=40), 10) + 0.01 * rng.normal(size=400)
+    grouped = bootstrap_ci(np.mean, values, groups=groups, n_boot=500)
+    rows = bootstrap_ci(np.mean, values, n_boot=500)
+    assert (grouped.high - grouped.low) > 2 * (rows.high - rows.low)
+
+
+def test_bootstrap_is_seeded_and_skips_undefined_resamples():
+    y = np.array([1] + [0] * 19)
+    s = np.arange(20.0)
+    a = bootstrap_ci(binary_auc, y, s, n_boot=300, seed=7)
+    b = bootstrap_ci(binary_auc, y, s, n_boot=300, seed=7)
+    assert a == b
+    assert np.isfinite(a.low)  # resamples without the one positive were skipped, not averaged in
