@@ -162,6 +162,74 @@ def evaluate(y_true, proba) -> dict[str, float]:
     return {name: fn(y_true, p) for name, fn in metric_functions(p.shape[1]).items()}
 
 
+# ----------------------------------------------------------------------------- matching metrics
+
+
+def _n_pairs(counts) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.int64)
+    return counts * (counts - 1) // 2
+
+
+def pair_counts_by_group(groups, clusters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pair counts of a grouping, split by true group so lesions can be resampled.
+
+    Returns float arrays over the sorted unique ``groups``: ``tp`` (pairs of the group put in
+    one cluster), ``positive`` (all pairs of the group) and ``predicted`` (pairs put in one
+    cluster that touch the group, each counted half at either end). Summed over groups they
+    are exactly the pairwise true positives, positives and predicted positives of all pairs,
+    without ever listing the pairs.
+    """
+    g = np.unique(np.asarray(groups), return_inverse=True)[1]
+    c = np.unique(np.asarray(clusters), return_inverse=True)[1]
+    n_groups = int(g.max()) + 1 if g.size else 0
+    n_clusters = int(c.max()) + 1 if c.size else 1
+    cells, cell_size = np.unique(g.astype(np.int64) * n_clusters + c, return_counts=True)
+    tp = np.bincount(cells // n_clusters, weights=_n_pairs(cell_size), minlength=n_groups)
+    positive = _n_pairs(np.bincount(g, minlength=n_groups)).astype(float)
+    cluster_size = np.bincount(c)
+    predicted = np.bincount(g, weights=(cluster_size[c] - 1) / 2.0, minlength=n_groups)
+    return tp, positive, predicted
+
+
+def pairwise_scores(tp: float, positive: float, predicted: float) -> dict[str, float]:
+    """Precision, recall and F1 from pair counts (0 where a denominator is empty)."""
+    precision = tp / predicted if predicted > 0 else 0.0
+    recall = tp / positive if positive > 0 else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def pairwise_prf(groups, clusters) -> dict[str, float]:
+    """Pairwise precision, recall and F1 of cluster labels: a pair is positive when both images
+    share a true group, predicted positive when they share a cluster. Linear in the number of
+    images (pairs are counted through the group x cluster contingency table, never listed)."""
+    tp, positive, predicted = pair_counts_by_group(groups, clusters)
+    return pairwise_scores(tp.sum(), positive.sum(), predicted.sum())
+
+
+def recall_at_k(hits, k: int) -> np.ndarray:
+    """Per query: 1.0 when one of its first ``k`` ranked neighbours is relevant, else 0.0.
+
+    ``hits`` is a boolean ``[n_queries, K]`` array, ``hits[q, r]`` telling whether the
+    neighbour ranked ``r`` (0 = nearest, the query itself excluded) is relevant.
+    """
+    return np.asarray(hits)[:, :k].any(axis=1).astype(float)
+
+
+def retrieval_average_precision(hits, n_relevant) -> np.ndarray:
+    """Per query average precision of a ranking: mean precision at the rank of each relevant item.
+
+    ``hits`` as in :func:`recall_at_k`; ``n_relevant[q]`` is the number of relevant items in
+    the whole gallery, so relevant items ranked beyond ``K`` count as never retrieved (this is
+    the exact AP when ``K`` covers the gallery). Queries with no relevant item give NaN.
+    """
+    hits = np.asarray(hits, dtype=float)
+    n_relevant = np.asarray(n_relevant, dtype=float)
+    precision_at_rank = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_relevant > 0, (precision_at_rank * hits).sum(axis=1) / n_relevant, np.nan)
+
+
 # ----------------------------------------------------------------------------- bootstrap
 
 

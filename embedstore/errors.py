@@ -1,0 +1,27 @@
+"""Errors a user can cause.
+
+Every mistake in the input (a bad path, an unknown encoder, a missing column)
+raises an :class:`EmbedstoreError` whose message says what was wrong and what
+to do. The CLI prints it as one line on stderr and exits with code 2;
+tracebacks are reserved for bugs.
+"""
+
+
+class EmbedstoreError(Exception):
+    """Base class of all errors caused by the user's input or environment."""
+
+
+class SourceError(EmbedstoreError):
+    """The images or their table cannot be read as asked."""
+
+
+class EncoderError(EmbedstoreError):
+    """The encoder does not exist, or its weights cannot be loaded."""
+
+
+class StoreError(EmbedstoreError):
+    """The feature store is missing, of another kind, or does not hold what was asked."""
+
+
+class ConfigError(EmbedstoreError):
+    """An option or config file value is invalid."""
