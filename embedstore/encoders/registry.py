@@ -1,0 +1,159 @@
+"""The encoder registry: one obvious way to add, find and build a frozen encoder.
+
+Modelled on timm's ``register_model`` / ``create_model``: a builder function is
+registered under a name, and :func:`create_encoder` builds it. Families whose
+members are named at run time (``timm:<model>``, ``torchvision:<model>``,
+``open_clip:<model>/<tag>``) register a prefix instead.
+
+An :class:`Encoder` carries everything that decides what its features are:
+the model (mapping a normalised ``[B, 3, H, W]`` batch to ``[B, D]``), its
+:class:`Preprocessing`, its pooling and a hash of its weights. Those go into
+the feature set's fingerprint, so a change to any of them is a new feature set,
+never a silently stale one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from embedstore.errors import EncoderError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize the shorter side, centre-crop, normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Encoder:
+    """A frozen image encoder and everything that determines its output."""
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    dim: int
+    pooling: str | None = None
+    weights: str | None = None  # where the weights came from: a local path, a package, a hub tag
+    channels_last: bool = True  # CNNs run faster in NHWC on CPU and GPU
+    _weights_sha256: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the model's state dict (names and bytes), whatever file or hub it came from."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = state_dict_sha256(self.model.state_dict())
+        return self._weights_sha256
+
+    def config(self) -> dict:
+        """The parts of the encoder that decide its features (the fingerprint's input)."""
+        return {
+            "encoder": self.name,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing.to_dict(),
+            "pooling": self.pooling,
+            "dim": self.dim,
+        }
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash tensors by name, dtype, shape and bytes, so equal weights hash equal whatever their file format."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Builders take (weights: str | None, pooling: str | None) and return an Encoder.
+Builder = Callable[..., Encoder]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Builder
+    description: str
+    offline: bool  # weights ship with an installed package: works with no network
+
+
+_ENCODERS: dict[str, _Entry] = {}
+_FAMILIES: dict[str, _Entry] = {}
+
+
+def register_encoder(name: str, *, description: str, offline: bool = False, family: bool = False):
+    """Register ``builder(weights=None, pooling=None, **kw)`` under ``name``.
+
+    With ``family=True``, ``name`` is a prefix (e.g. ``"timm"``) and the builder
+    also receives the rest of the requested name (``timm:resnet50`` ->
+    ``model_name="resnet50"``).
+    """
+
+    def wrap(builder: Builder) -> Builder:
+        table = _FAMILIES if family else _ENCODERS
+        if name in table:
+            raise ValueError(f"encoder {name!r} is registered twice")
+        table[name] = _Entry(builder, description, offline)
+        return builder
+
+    return wrap
+
+
+def list_encoders() -> list[dict]:
+    """Registered encoders and families, with whether they work offline."""
+    rows = [{"name": n, "description": e.description, "offline": e.offline} for n, e in sorted(_ENCODERS.items())]
+    rows += [
+        {"name": f"{n}:<model>", "description": e.description, "offline": e.offline}
+        for n, e in sorted(_FAMILIES.items())
+    ]
+    return rows
+
+
+def create_encoder(name: str, weights: str | None = None, pooling: str | None = None, **kwargs) -> Encoder:
+    """Build the encoder registered as ``name``.
+
+    ``weights`` is a local file (safetensors, or a torch checkpoint loadable
+    with ``weights_only=True``) that replaces the default download; ``pooling``
+    picks how token/feature maps become one vector where the encoder offers a
+    choice (DINOv2: ``cls``, ``mean``, ``cls+mean``).
+    """
+    if name in _ENCODERS:
+        return _ENCODERS[name].builder(weights=weights, pooling=pooling, **kwargs)
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _FAMILIES and rest:
+        return _FAMILIES[prefix].builder(rest, weights=weights, pooling=pooling, **kwargs)
+    known = list(_ENCODERS) + [f"{f}:" for f in _FAMILIES]
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise EncoderError(
+        f"unknown encoder {name!r}{hint}; `embedstore encoders` lists them, "
+        f"and timm:<model>, torchvision:<model>, open_clip:<model>/<tag> name any model of those libraries"
+    )
+
+
+def check_pooling(name: str, pooling: str | None, choices: tuple[str, ...], default: str) -> str:
+    """Validate a pooling choice for encoder ``name`` (``None`` gives ``default``)."""
+    if pooling is None:
+        return default
+    if pooling not in choices:
+        raise EncoderError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(choices)}")
+    return pooling

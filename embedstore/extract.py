@@ -1,0 +1,370 @@
+"""The extraction engine: images -> encoder -> feature store, batched, streamed, resumable and incremental.
+
+One call of :func:`extract`:
+
+1. reads the source's table and hashes every image's bytes;
+2. merges the table into the store's manifest (new images appended, changed
+   ones marked by their new hash, removed ones reported);
+3. picks the rows of the feature set that are not fresh (never done, failed
+   on other bytes, or computed from an older version of the image);
+4. groups them by the store's row chunks, decodes them in DataLoader worker
+   processes (uint8, so little crosses the process boundary), normalises on
+   the device, runs the encoder (channels_last; bf16 autocast on CUDA), and
+   writes each chunk-aligned block as soon as it is complete, data first and
+   status last.
+
+Killing the process loses at most the block in flight; rerunning redoes
+exactly the rows that are not final, with the same batches, so the result
+equals an uninterrupted run. Memory is bounded by one block and the loader's
+prefetch, however many images there are.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from embedstore import __version__
+from embedstore.encoders import Encoder, Preprocessing, create_encoder
+from embedstore.errors import ConfigError, EncoderError
+from embedstore.progress import progress_bar
+from embedstore.sources import Source
+from embedstore.store import DONE, FAILED, FeatureStore, fingerprint
+
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are recorded as failures, not decoded
+_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                  "nearest": InterpolationMode.NEAREST}
+
+
+# ------------------------------------------------------------------ decoding
+def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
+    """Encoded bytes -> uint8 ``[3, crop, crop]``: shorter side resized, centre-cropped.
+
+    JPEGs are decoded at the smallest DCT scale that still covers the resize
+    target (PIL's draft mode), which makes large images cheap; images over
+    :data:`MAX_IMAGE_PIXELS` raise rather than exhaust memory.
+    """
+    if not data:
+        raise ValueError("empty file")
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image too large ({img.width}x{img.height} pixels > {MAX_IMAGE_PIXELS:,})")
+    img.draft("RGB", (prep.resize, prep.resize))
+    img = img.convert("RGB")
+    img = TF.resize(img, prep.resize, interpolation=_INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR))
+    img = TF.center_crop(img, prep.crop)
+    return TF.pil_to_tensor(img)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, human reason for an image that could not be read."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing file"
+    if isinstance(exc, KeyError):
+        return "missing in source"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "truncated" in text:
+        return "truncated image"
+    return text[:200]
+
+
+class _Images(Dataset):
+    """Decodes the images at ``paths`` of ``source``; unreadable ones come back as a reason instead."""
+
+    def __init__(self, source: Source, paths: list[str], prep: Preprocessing) -> None:
+        self.source, self.paths, self.prep = source, paths, prep
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return i, decode(self.source.read_bytes(self.paths[i]), self.prep), ""
+        except Exception as exc:  # noqa: BLE001 - any unreadable image is recorded, never fatal
+            return i, None, failure_reason(exc)
+
+
+def _collate(batch):
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    failed = [(i, reason) for i, t, reason in batch if t is None]
+    positions = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    images = torch.stack([t for _, t in ok]) if ok else None
+    return positions, images, failed
+
+
+# --------------------------------------------------------------------- model
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+
+
+class _Runner:
+    """The encoder on its device: uint8 batches in, float32 features out."""
+
+    def __init__(self, encoder: Encoder, device: torch.device, tta: bool) -> None:
+        self.device, self.tta = device, tta
+        self.cuda = device.type == "cuda"
+        self.memory_format = torch.channels_last if encoder.channels_last else torch.contiguous_format
+        self.model = encoder.model.to(device=device, memory_format=self.memory_format).eval()
+        prep = encoder.preprocessing
+        std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std = x*scale - shift
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        x = images.to(self.device, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            out = self.model(x).float()
+            if self.tta:
+                out = (out + self.model(torch.flip(x, dims=[3])).float()) / 2
+        return out.cpu().numpy()
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers: half the cores on CPU (the model needs the rest), up to 8 beside a GPU."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+
+
+# ------------------------------------------------------------------- extract
+@dataclass
+class ExtractResult:
+    """What one extraction did; :meth:`summary` is the one-line report."""
+
+    store: Path
+    key: str
+    name: str
+    n_source: int
+    n_written: int = 0
+    n_skipped: int = 0
+    n_failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+
+    def summary(self) -> str:
+        parts = [f"{self.name} ({self.key}): {self.n_written} written", f"{self.n_skipped} up to date",
+                 f"{self.n_failed} failed"]
+        if self.new or self.changed:
+            parts.append(f"{len(self.new)} new, {len(self.changed)} changed")
+        if self.removed:
+            parts.append(f"{len(self.removed)} no longer in the source (kept)")
+        rate = f", {self.images_per_s:.1f} images/s" if self.n_written else ""
+        return ", ".join(parts) + f" in {self.wall_s:.1f} s{rate}"
+
+
+def feature_set_config(encoder: Encoder, tta: bool, dtype: str) -> dict:
+    """Everything that decides a feature set's values: the input of its fingerprint."""
+    return {**encoder.config(), "tta": bool(tta), "dtype": dtype, "decode": "pil-draft"}
+
+
+def default_name(encoder: Encoder, tta: bool, dtype: str) -> str:
+    """The human alias of a feature set: the encoder, then whatever differs from its defaults."""
+    parts = [encoder.name]
+    if encoder.pooling not in (None, "cls"):
+        parts.append(encoder.pooling)
+    if tta:
+        parts.append("tta")
+    if dtype != "float16":
+        parts.append(dtype)
+    return "-".join(parts)
+
+
+def _parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(shard, tuple):
+        index, count = shard
+    else:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard takes I/N (e.g. 0/4), not {shard!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {index}/{count}: I must be in 0..N-1")
+    return index, count
+
+
+def _versions() -> dict:
+    import torchvision
+    import zarr
+
+    return {"embedstore": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "zarr": zarr.__version__, "python": platform.python_version()}
+
+
+def extract(
+    source: Source,
+    encoder: Encoder | str,
+    store: FeatureStore | str | Path,
+    *,
+    name: str | None = None,
+    weights: str | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float16",
+    tta: bool = False,
+    rows_per_chunk: int = 1024,
+    shard: str | tuple[int, int] = (0, 1),
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract ``encoder`` features of every image of ``source`` that the store lacks or holds stale.
+
+    Returns an :class:`ExtractResult`; unreadable images are recorded (see
+    ``failures``), not fatal. ``shard="i/n"`` processes only every n-th row
+    chunk, so n processes (or machines sharing the store) can split the work.
+    """
+    t0 = time.perf_counter()
+    if batch_size < 1 or rows_per_chunk < 1:
+        raise ConfigError("--batch-size and --rows-per-chunk must be at least 1")
+    shard_index, shard_count = _parse_shard(shard)
+    if isinstance(encoder, str):
+        encoder = create_encoder(encoder, weights=weights)
+    dev = resolve_device(device)
+    store = store if isinstance(store, FeatureStore) else FeatureStore.create_or_open(store)
+    config = feature_set_config(encoder, tta, dtype)
+    key = fingerprint(config)
+    name = name or default_name(encoder, tta, dtype)
+
+    table = source.table
+    with progress_bar("hashing", len(table), enabled=progress) as advance:
+        hashes = source.content_hashes(progress=advance)
+    update = store.update_manifest(table, hashes, source.describe())
+    attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
+             "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
+             "pooling": encoder.pooling, "tta": tta, "dim": encoder.dim, "dtype": dtype, "config": config,
+             "rows_per_chunk": rows_per_chunk}
+    fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
+    result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
+                           new=update.new, changed=update.changed, removed=update.removed)
+
+    with store.lock(key, "all" if shard_count == 1 else f"{shard_index}-of-{shard_count}"):
+        fs.resize(len(store.manifest))
+        rows = update.rows
+        status = fs.status.get_orthogonal_selection(rows)
+        same = fs.sha256.get_orthogonal_selection(rows) == np.asarray(hashes, dtype=object)
+        final = same & ((status == DONE) | ((status == FAILED) & (not retry_failed)))
+        rpc = fs.rows_per_chunk
+        todo = np.flatnonzero(~final & ((rows // rpc) % shard_count == shard_index))
+        result.n_skipped = int(final.sum())
+        todo = todo[np.argsort(rows[todo], kind="stable")]  # store order: chunk-aligned blocks
+        blocks = np.split(todo, np.flatnonzero(np.diff(rows[todo] // rpc)) + 1) if len(todo) else []
+        _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
+                    default_workers(dev) if num_workers is None else num_workers, progress, result)
+
+    result.wall_s = time.perf_counter() - t0
+    if result.n_written:
+        fs.append_run({"finished": _timestamp(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
+                       "batch_size": batch_size, "num_workers": num_workers, "shard": f"{shard_index}/{shard_count}",
+                       "n_written": result.n_written, "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
+                       "images_per_s": round(result.images_per_s, 2), "versions": _versions()})
+    return result
+
+
+def _timestamp() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size, num_workers, progress, result) -> None:
+    """Encode each block of source positions and write it as soon as all its batches are in."""
+    if not blocks:
+        return
+    order = np.concatenate(blocks)
+    paths = source.table["_path"].to_numpy()[order].tolist()
+    batches, block_of_batch, start = [], [], 0
+    for b, block in enumerate(blocks):
+        for s in range(0, len(block), batch_size):
+            batches.append(list(range(start + s, start + min(s + batch_size, len(block)))))
+            block_of_batch.append(b)
+        start += len(block)
+    loader = DataLoader(_Images(source, paths, encoder.preprocessing), batch_sampler=batches,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                        prefetch_factor=4 if num_workers else None)
+    runner = _Runner(encoder, dev, tta)
+    ids = source.table["id"].to_numpy()
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    buffer = reasons = None
+    t_model = time.perf_counter()
+    with progress_bar(f"extracting {result.name}", len(order), enabled=progress) as advance:
+        for n, (positions, images, failed) in enumerate(loader):
+            b = block_of_batch[n]
+            if buffer is None:
+                buffer = np.zeros((len(blocks[b]), encoder.dim), dtype=np.float32)
+                reasons = [""] * len(blocks[b])
+            if images is not None:
+                buffer[positions.numpy() - starts[b]] = runner(images)
+            for pos, reason in failed:
+                reasons[pos - starts[b]] = reason
+            advance(len(batches[n]))
+            if n + 1 == len(batches) or block_of_batch[n + 1] != b:
+                block = blocks[b]
+                status = np.where([r == "" for r in reasons], DONE, FAILED)
+                fs.write_rows(rows[block], buffer, [hashes[i] for i in block], reasons, status)
+                result.n_written += int((status == DONE).sum())
+                result.failures += [(str(ids[i]), r) for i, r in zip(block, reasons) if r]
+                buffer = reasons = None
+    result.n_failed = len(result.failures)
+    result.images_per_s = len(order) / max(time.perf_counter() - t_model, 1e-9)
+
+
+# --------------------------------------------------------------- new images
+def embed_images(encoder: Encoder, images: list, device: str = "auto", batch_size: int = 32, tta: bool = False) -> np.ndarray:
+    """Features of images given as paths or bytes, with the encoder's own preprocessing (``[n, D]`` float32)."""
+    runner = _Runner(encoder, resolve_device(device), tta)
+    tensors = []
+    for item in images:
+        try:
+            data = item if isinstance(item, (bytes, bytearray)) else Path(item).read_bytes()
+            tensors.append(decode(bytes(data), encoder.preprocessing))
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"cannot read image {item if not isinstance(item, bytes) else '<bytes>'}: {failure_reason(exc)}") from None
+    if not tensors:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return np.concatenate([runner(torch.stack(tensors[i:i + batch_size])) for i in range(0, len(tensors), batch_size)])
+
+
+def encoder_for(store: FeatureStore, features: str) -> tuple[Encoder, dict]:
+    """Rebuild the encoder a feature set was extracted with; refuse one whose weights hash differs.
+
+    Returns the encoder and the feature set's attributes (for ``tta``).
+    """
+    attrs = store.feature_set(features).attrs
+    if "derived_from" in attrs:
+        raise EncoderError(f"feature set {attrs.get('name')} is derived from {attrs['derived_from']} by a trained "
+                           f"head; embed new images with the parent feature set and apply the head")
+    encoder = create_encoder(attrs["encoder"], weights=attrs.get("weights_arg"), pooling=attrs.get("pooling"))
+    if encoder.weights_sha256 != attrs.get("weights_sha256"):
+        raise EncoderError(f"the weights of {attrs['encoder']} available now differ from those feature set "
+                           f"{attrs.get('name')} was extracted with; pass the same --weights file")
+    return encoder, attrs

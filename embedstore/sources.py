@@ -1,0 +1,352 @@
+"""Image sources: where images and their table come from.
+
+A source turns one of the layouts researchers keep their data in into the
+same two things: a table (one row per image: ``id``, ``_path`` and the
+source's own columns such as labels, groups and metadata) and a way to read
+an image's encoded bytes by its ``_path``. Everything downstream works on
+those; nothing else in embedstore knows about folders, CSVs or HDF5.
+
+Layouts:
+
+* :class:`CsvFolderSource` - a CSV plus a folder of images (HAM10000, ISIC 2016);
+* :class:`Hdf5Source` - JPEG bytes in one HDF5 dataset per id plus a metadata
+  CSV (the ISIC 2024 ``train-image.hdf5`` + ``train-metadata.csv`` layout),
+  read lazily, never loaded whole;
+* :class:`ClassFolderSource` - one sub-folder per class;
+* :class:`FolderSource` - a plain folder of images, no table.
+
+:func:`open_source` picks the layout from the path; :func:`source_from_dict`
+reopens one from the description a store keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from embedstore.errors import SourceError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+RESERVED_COLUMNS = ("id", "sha256", "_path", "_source")
+
+
+class Source:
+    """Base class: a table of images and a reader of their bytes."""
+
+    kind: str = "abstract"
+
+    def __init__(self) -> None:
+        self._table: pd.DataFrame | None = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per image: ``id``, ``_path`` (what :meth:`read_bytes` takes), then the source's columns."""
+        if self._table is None:
+            self._table = self._build_table()
+        return self._table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _build_table(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def read_bytes(self, path: str) -> bytes:
+        """The encoded image at ``path`` (a value of the ``_path`` column)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """A JSON-able description from which :func:`source_from_dict` reopens this source."""
+        raise NotImplementedError
+
+    def content_hashes(self, paths: Iterable[str] | None = None, progress=None) -> list[str]:
+        """sha256 of each image's bytes ('' where the image cannot be read).
+
+        Hashing reads every byte, so it runs on a few threads (file reads and
+        hashlib both release the GIL). ``progress`` is called with the number
+        of images done since the last call.
+        """
+        paths = list(self.table["_path"] if paths is None else paths)
+
+        def one(path: str) -> str:
+            try:
+                return hashlib.sha256(self.read_bytes(path)).hexdigest()
+            except (OSError, KeyError, SourceError):
+                return ""
+
+        out: list[str] = []
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for digest in pool.map(one, paths, chunksize=64):
+                out.append(digest)
+                if progress is not None:
+                    progress(1)
+        return out
+
+
+def _check_ids(ids: pd.Series, where: str) -> None:
+    if ids.isna().any():
+        raise SourceError(f"{where}: {int(ids.isna().sum())} rows have an empty id")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise SourceError(
+            f"{where}: {dup.nunique()} ids occur more than once (first: {dup.iloc[0]!r}); ids must be unique"
+        )
+
+
+def _normalise_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Object columns become strings (NaN kept) so the table round-trips through parquet."""
+    table = table.reset_index(drop=True)
+    for col in table.columns:
+        if table[col].dtype == object:
+            mask = table[col].isna()
+            table[col] = table[col].astype(str).where(~mask, None)
+    return table
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """True if ``rel`` stays inside ``root`` lexically (symlinked data folders are fine)."""
+    root_s = os.path.normpath(str(root))
+    full = os.path.normpath(os.path.join(root_s, rel))
+    return not os.path.isabs(rel) and (full == root_s or full.startswith(root_s + os.sep))
+
+
+class _FileSource(Source):
+    """Shared reading for sources whose images are files under a root folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"image folder not found: {self.root}")
+
+    def read_bytes(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+
+class CsvFolderSource(_FileSource):
+    """A CSV with one row per image and a folder that holds the images.
+
+    The image of a row is ``path_col`` (relative to ``images``) when given,
+    else ``template`` formatted with the id (default ``{id}.jpg``).
+    """
+
+    kind = "csv"
+
+    def __init__(
+        self,
+        csv: str | Path,
+        images: str | Path | None = None,
+        id_col: str = "image_id",
+        path_col: str | None = None,
+        template: str = "{id}.jpg",
+    ) -> None:
+        self.csv = Path(csv)
+        if not self.csv.is_file():
+            raise SourceError(f"CSV not found: {self.csv}")
+        super().__init__(images if images is not None else self.csv.parent)
+        self.id_col, self.path_col, self.template = id_col, path_col, template
+
+    def _build_table(self) -> pd.DataFrame:
+        try:
+            df = pd.read_csv(self.csv, dtype={self.id_col: str})
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise SourceError(f"cannot read {self.csv} as CSV: {exc}") from None
+        for col in (self.id_col, self.path_col):
+            if col is not None and col not in df.columns:
+                raise SourceError(
+                    f"column {col!r} not in {self.csv.name}; its columns are: {', '.join(map(str, df.columns))}"
+                )
+        clash = [c for c in RESERVED_COLUMNS if c in df.columns and c != self.id_col]
+        if clash:
+            raise SourceError(f"{self.csv.name} has columns reserved by embedstore: {', '.join(clash)}; rename them")
+        _check_ids(df[self.id_col], self.csv.name)
+        ids = df[self.id_col].astype(str)
+        if self.path_col is not None:
+            paths = df[self.path_col].astype(str)
+        else:
+            try:
+                paths = ids.map(lambda i: self.template.format(id=i))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise SourceError(f"bad path template {self.template!r}: use {{id}} for the id ({exc})") from None
+        escaping = [p for p in paths if not _inside(self.root, p)]
+        if escaping:
+            raise SourceError(
+                f"{len(escaping)} image paths escape the image folder {self.root} (first: {escaping[0]!r})"
+            )
+        table = df.drop(columns=[self.id_col]).copy()
+        table.insert(0, "id", ids.values)
+        table.insert(1, "_path", paths.values)
+        return _normalise_table(table)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "csv": str(self.csv.resolve()),
+            "images": str(self.root.resolve()),
+            "id_col": self.id_col,
+            "path_col": self.path_col,
+            "template": self.template,
+        }
+
+
+class Hdf5Source(Source):
+    """Encoded images stored as one bytes dataset per id in an HDF5 file.
+
+    The file is opened lazily in each process (h5py handles do not survive a
+    fork) and only the asked-for dataset is read, so a 400k-image file is
+    never loaded into memory.
+    """
+
+    kind = "hdf5"
+
+    def __init__(self, h5: str | Path, metadata: str | Path | None = None, id_col: str = "isic_id") -> None:
+        super().__init__()
+        self.h5 = Path(h5)
+        if not self.h5.is_file():
+            raise SourceError(f"HDF5 file not found: {self.h5}")
+        self.metadata = Path(metadata) if metadata is not None else None
+        if self.metadata is not None and not self.metadata.is_file():
+            raise SourceError(f"metadata CSV not found: {self.metadata}")
+        self.id_col = id_col
+        self._file = None
+        self._pid = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+    def _handle(self):
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            try:
+                self._file = h5py.File(self.h5, "r")
+            except OSError as exc:
+                raise SourceError(f"cannot open {self.h5} as HDF5: {exc}") from None
+            self._pid = os.getpid()
+        return self._file
+
+    def _build_table(self) -> pd.DataFrame:
+        keys = list(self._handle().keys())
+        if self.metadata is None:
+            return pd.DataFrame({"id": keys, "_path": keys})
+        df = pd.read_csv(self.metadata, dtype={self.id_col: str}, low_memory=False)
+        if self.id_col not in df.columns:
+            raise SourceError(
+                f"column {self.id_col!r} not in {self.metadata.name}; pass --id-col (columns: "
+                f"{', '.join(map(str, df.columns[:12]))}{', ...' if len(df.columns) > 12 else ''})"
+            )
+        _check_ids(df[self.id_col], self.metadata.name)
+        ids = df[self.id_col].astype(str)
+        table = df.drop(columns=[self.id_col]).copy()
+        table.insert(0, "id", ids.values)
+        table.insert(1, "_path", ids.values)
+        return _normalise_table(table)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            data = self._handle()[path][()]
+        except KeyError:
+            raise KeyError(f"no dataset {path!r} in {self.h5.name}") from None
+        return data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "h5": str(self.h5.resolve()),
+            "metadata": str(self.metadata.resolve()) if self.metadata else None,
+            "id_col": self.id_col,
+        }
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class ClassFolderSource(_FileSource):
+    """``root/<class>/<image>``: the class is the ``label`` column; ids are paths without suffix."""
+
+    kind = "class_folders"
+
+    def _build_table(self) -> pd.DataFrame:
+        files = [p.relative_to(self.root) for p in _image_files(self.root)]
+        if not files:
+            raise SourceError(f"no images found under {self.root}")
+        rel = [p.as_posix() for p in files]
+        ids = pd.Series([str(p.with_suffix("").as_posix()) for p in files])
+        _check_ids(ids, str(self.root))
+        return pd.DataFrame({"id": ids, "_path": rel, "label": [p.parts[0] for p in files]})
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "root": str(self.root.resolve())}
+
+
+class FolderSource(_FileSource):
+    """A plain folder of images (searched recursively) with no table: ids are paths without suffix."""
+
+    kind = "folder"
+
+    def _build_table(self) -> pd.DataFrame:
+        files = [p.relative_to(self.root) for p in _image_files(self.root)]
+        if not files:
+            raise SourceError(f"no images found under {self.root}")
+        ids = pd.Series([str(p.with_suffix("").as_posix()) for p in files])
+        _check_ids(ids, str(self.root))
+        return pd.DataFrame({"id": ids, "_path": [p.as_posix() for p in files]})
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "root": str(self.root.resolve())}
+
+
+def open_source(
+    path: str | Path,
+    *,
+    images: str | Path | None = None,
+    metadata: str | Path | None = None,
+    id_col: str | None = None,
+    path_col: str | None = None,
+    template: str = "{id}.jpg",
+) -> Source:
+    """Open ``path`` as the source its form implies.
+
+    * ``*.csv`` - a table plus the ``images`` folder (default: the CSV's folder);
+    * ``*.h5`` / ``*.hdf5`` - encoded images by id, with an optional ``metadata`` CSV;
+    * a folder whose images all sit in sub-folders - one class per sub-folder;
+    * any other folder - a plain folder of images.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        return CsvFolderSource(p, images=images, id_col=id_col or "image_id", path_col=path_col, template=template)
+    if suffix in {".h5", ".hdf5"}:
+        return Hdf5Source(p, metadata=metadata, id_col=id_col or "isic_id")
+    if p.is_dir():
+        top_level_images = [c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES]
+        subdirs = [c for c in p.iterdir() if c.is_dir()]
+        if subdirs and not top_level_images:
+            return ClassFolderSource(p)
+        return FolderSource(p)
+    if not p.exists():
+        raise SourceError(f"source not found: {p}")
+    raise SourceError(f"cannot tell what kind of source {p} is: give a folder, a .csv or an .h5/.hdf5 file")
+
+
+def source_from_dict(desc: dict) -> Source:
+    """Reopen a source from :meth:`Source.describe` output (as stored in a feature store)."""
+    kind = desc.get("kind")
+    if kind == "csv":
+        return CsvFolderSource(desc["csv"], desc["images"], desc["id_col"], desc["path_col"], desc["template"])
+    if kind == "hdf5":
+        return Hdf5Source(desc["h5"], desc["metadata"], desc["id_col"])
+    if kind == "class_folders":
+        return ClassFolderSource(desc["root"])
+    if kind == "folder":
+        return FolderSource(desc["root"])
+    raise SourceError(f"unknown source kind {kind!r}")
