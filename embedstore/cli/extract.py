@@ -1,0 +1,61 @@
+"""`embedstore extract`: images -> frozen embeddings in a zarr feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from embedstore.cli.app import app
+from embedstore.encoders import create_encoder
+from embedstore.extract import extract as run_extract
+from embedstore.sources import open_source
+
+_err = Console(stderr=True)
+
+
+@app.command()
+def extract(
+    source: Path = typer.Argument(..., help="A folder of images (or of class sub-folders), a CSV (with --images), or an HDF5 file of encoded images (with --metadata)."),
+    encoder: str = typer.Option("mobilenet_v2", "--encoder", "-e", help="Encoder name (`embedstore encoders` lists them; timm:<model>, torchvision:<model>, open_clip:<model>/<tag> too)."),
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Feature store to write (created if missing). Default: stores/<source name>.zarr"),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder of a CSV source (default: the CSV's folder)."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="Metadata CSV of an HDF5 source (one row per image)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help="Id column of the CSV (default: image_id for CSV sources, isic_id for HDF5)."),
+    path_col: Optional[str] = typer.Option(None, "--path-col", help="CSV column holding each image's path relative to --images."),
+    template: str = typer.Option("{id}.jpg", "--template", help="Image file name from the id, when there is no --path-col."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (safetensors or torch checkpoint) instead of downloading."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Token pooling where the encoder offers a choice (DINOv2: cls, mean, cls+mean)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, with bf16 autocast), cpu, or cuda[:N]."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
+    tta: bool = typer.Option(False, "--tta", help="Average the features of the image and its horizontal flip."),
+    rows_per_chunk: int = typer.Option(1024, "--rows-per-chunk", help="Rows per zarr chunk: the unit of resume and of parallel writers."),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: process only every N-th row chunk, so N processes can share the work."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the images that failed before (by default they are skipped until their bytes change)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Extract frozen embeddings of every new or changed image into a zarr feature store.
+
+    Reruns are incremental: images whose bytes have not changed are skipped,
+    new ones appended, changed ones re-extracted. A killed run resumes where it
+    stopped. Unreadable images are recorded (see `embedstore ls --failures`),
+    not fatal.
+    """
+    src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
+    store = store or Path("stores") / f"{source.stem}.zarr"
+    enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling)
+    result = run_extract(src, enc, store, name=name, weights=str(weights) if weights else None, batch_size=batch_size,
+                         num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
+                         shard=shard, retry_failed=retry_failed, progress=not quiet)
+    typer.echo(result.summary())
+    if result.failures:
+        shown = "; ".join(f"{i} ({r})" for i, r in result.failures[:5])
+        more = f" and {len(result.failures) - 5} more" if len(result.failures) > 5 else ""
+        _err.print(f"[yellow]{len(result.failures)} images could not be read and were skipped:[/] {shown}{more}. "
+                   f"`embedstore ls {store} --failures` lists them.", highlight=False)
+    typer.echo(f"store: {store}")

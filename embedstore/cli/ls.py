@@ -1,0 +1,68 @@
+"""`embedstore ls` and `embedstore encoders`: what a store holds, and what can fill one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embedstore.cli.app import app
+from embedstore.encoders import list_encoders
+from embedstore.store import FAILED, FeatureStore
+
+_out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+@app.command()
+def ls(
+    store: Path = typer.Argument(..., help="A feature store (the --store of `embedstore extract`)."),
+    failures: bool = typer.Option(False, "--failures", help="List the images that could not be read, with the reason."),
+) -> None:
+    """Show a store's images, sources and feature sets (rows done, failed, stale, size on disk)."""
+    st = FeatureStore.open(store)
+    manifest = st.manifest
+    columns = [c for c in manifest.columns if not c.startswith("_") and c not in ("id", "sha256")]
+    _out.print(f"[bold]{store}[/]: {len(manifest):,} images from {len(st.root.attrs.get('sources', []))} source(s); "
+               f"columns: {', '.join(columns) or '(none)'}")
+    table = Table(show_lines=False)
+    for col in ("name", "key", "encoder", "dim", "dtype", "done", "failed", "stale", "missing", "on disk"):
+        table.add_column(col, justify="right" if col in ("dim", "done", "failed", "stale", "missing", "on disk") else "left")
+    infos = st.feature_sets()
+    for info in infos:
+        table.add_row(info.name, info.key, info.encoder, str(info.dim), info.dtype, f"{info.n_done:,}",
+                      f"{info.n_failed:,}", f"{info.n_stale:,}", f"{info.n_missing:,}", _size(info.nbytes_stored))
+    _out.print(table if infos else "no feature sets yet")
+    if failures:
+        for info in infos:
+            fs = st.feature_set(info.key)
+            n = min(fs.n_rows, len(manifest))
+            rows = np.flatnonzero(fs.status[:n] == FAILED)
+            if len(rows):
+                errors = fs.error.get_orthogonal_selection(rows)
+                _out.print(f"\n[bold]{info.name}[/]: {len(rows)} failed")
+                for r, reason in zip(rows, errors):
+                    _out.print(f"  {manifest['id'].iloc[r]}\t{reason}")
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered encoders (offline ones work with no network)."""
+    table = Table()
+    table.add_column("name")
+    table.add_column("offline")
+    table.add_column("description")
+    for row in list_encoders():
+        table.add_row(row["name"], "yes" if row["offline"] else "", row["description"])
+    _out.print(table)
