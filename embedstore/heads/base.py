@@ -1,0 +1,121 @@
+"""What every embedding head shares: label bookkeeping, imbalance handling and optional PCA.
+
+A head is a scikit-learn classifier (parameters in ``__init__``, learned
+attributes ending in ``_``, ``fit``/``predict``/``predict_proba``), so it can
+be cloned, grid-searched and put in a pipeline. Subclasses implement only
+``_fit_core(Z, codes, sample_weight)`` and ``_proba_core(Z)`` on the
+preprocessed matrix ``Z`` and integer class codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler, normalize
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.validation import check_array, check_is_fitted
+
+NORMS = ("l2", "standard", "none")
+
+
+class Preprocessor(TransformerMixin, BaseEstimator):
+    """Row L2-normalisation or per-feature standardisation, then optional PCA (with whitening).
+
+    ``pca`` is a number of components (int) or ``None``; ``whiten=True``
+    without ``pca`` whitens with all components. L2-normalised inputs are the
+    cosine geometry DINOv2's and CLIP_benchmark's linear probes use.
+    """
+
+    def __init__(self, norm: str = "l2", pca: int | None = None, whiten: bool = False, seed: int = 0):
+        self.norm = norm
+        self.pca = pca
+        self.whiten = whiten
+        self.seed = seed
+
+    def fit(self, X, y=None):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        X = check_array(X, dtype=np.float32)
+        self.scaler_ = StandardScaler().fit(X) if self.norm == "standard" else None
+        Z = self._normed(X)
+        if self.pca or self.whiten:
+            n = min(int(self.pca) if self.pca else Z.shape[1], *Z.shape)
+            self.pca_ = PCA(n_components=n, whiten=self.whiten, random_state=self.seed).fit(Z)
+        else:
+            self.pca_ = None
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _normed(self, X):
+        if self.norm == "l2":
+            return normalize(X)
+        if self.norm == "standard":
+            return self.scaler_.transform(X)
+        return X
+
+    def transform(self, X):
+        check_is_fitted(self, "n_features_in_")
+        Z = self._normed(check_array(X, dtype=np.float32))
+        return (self.pca_.transform(Z) if self.pca_ is not None else Z).astype(np.float32)
+
+
+def undersample_indices(codes: np.ndarray, ratio: float | None, seed: int = 0) -> np.ndarray:
+    """Rows kept when every class is capped at ``ratio`` times the size of the smallest class.
+
+    ``ratio=None`` keeps every row. This is the majority-class undersampling
+    of the ISIC 2024 solutions (e.g. ``ratio=20``: at most 20 negatives per positive).
+    """
+    if not ratio:
+        return np.arange(len(codes))
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(codes)
+    cap = int(np.ceil(ratio * counts[counts > 0].min()))
+    keep = []
+    for k in np.flatnonzero(counts):
+        rows = np.flatnonzero(codes == k)
+        keep.append(rows if rows.size <= cap else rng.choice(rows, cap, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def class_sample_weight(codes: np.ndarray, class_weight, sample_weight=None) -> np.ndarray | None:
+    """Per-row weights from ``class_weight`` (None, "balanced" or {code: weight}) times ``sample_weight``."""
+    if class_weight is None:
+        return sample_weight
+    w = compute_sample_weight(class_weight, codes)
+    return w if sample_weight is None else w * np.asarray(sample_weight)
+
+
+class EmbeddingHead(ClassifierMixin, BaseEstimator):
+    """Base of the heads that read a numeric feature matrix (logreg, knn, svm, mlp).
+
+    Subclasses declare ``norm``, ``pca``, ``whiten``, ``class_weight``,
+    ``undersample`` and ``seed`` among their ``__init__`` parameters.
+    """
+
+    def fit(self, X, y, sample_weight=None):
+        X = check_array(X, dtype=np.float32)
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        if self.classes_.size < 2:
+            raise ValueError("a head needs at least two classes in y")
+        rows = undersample_indices(codes, self.undersample, self.seed)
+        self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows])
+        weights = class_sample_weight(
+            codes[rows], self.class_weight, None if sample_weight is None else np.asarray(sample_weight)[rows]
+        )
+        self._fit_core(self.preprocessor_.transform(X[rows]), codes[rows], weights)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "preprocessor_")
+        return self._proba_core(self.preprocessor_.transform(X))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def _fit_core(self, Z: np.ndarray, codes: np.ndarray, sample_weight: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+    def _proba_core(self, Z: np.ndarray) -> np.ndarray:
+        raise NotImplementedError

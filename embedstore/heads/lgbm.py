@@ -1,0 +1,94 @@
+"""Gradient-boosted trees (LightGBM) on embeddings plus the store's tabular metadata.
+
+Input is a numeric matrix, or a DataFrame whose ``passthrough`` columns are
+metadata (age, sex, localization, ...): object/category columns become
+pandas categoricals with the categories seen in training, and missing values
+stay NaN, which LightGBM handles natively. The other columns are the
+embedding, optionally reduced by PCA first (trees split poorly on 1000+
+correlated dimensions).
+"""
+
+from __future__ import annotations
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.decomposition import PCA
+from sklearn.utils.validation import check_is_fitted
+
+from embedstore.heads.base import class_sample_weight, undersample_indices
+
+
+class LGBMHead(ClassifierMixin, BaseEstimator):
+    """LightGBM classifier over ``[PCA(embedding), metadata]`` with class weights and undersampling."""
+
+    def __init__(self, n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=20,
+                 subsample=0.8, colsample_bytree=0.5, reg_lambda=1.0, pca=64, passthrough=(),
+                 class_weight=None, undersample=None, n_jobs=2, seed=0):
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.reg_lambda = reg_lambda
+        self.pca = pca
+        self.passthrough = passthrough
+        self.class_weight = class_weight
+        self.undersample = undersample
+        self.n_jobs = n_jobs
+        self.seed = seed
+
+    def _split(self, X) -> tuple[np.ndarray, pd.DataFrame]:
+        """The embedding as float32 and the metadata as a typed DataFrame."""
+        if not isinstance(X, pd.DataFrame):
+            X = pd.DataFrame(np.asarray(X))
+        meta_cols = [c for c in self.passthrough]
+        missing = [c for c in meta_cols if c not in X.columns]
+        if missing:
+            raise ValueError(f"metadata column(s) {missing} not in X")
+        emb = X.drop(columns=meta_cols).to_numpy(np.float32)
+        return emb, X[meta_cols].reset_index(drop=True)
+
+    def _design(self, emb: np.ndarray, meta: pd.DataFrame) -> pd.DataFrame:
+        reduced = self.pca_.transform(emb) if self.pca_ is not None else emb
+        design = pd.DataFrame(reduced, columns=[f"emb_{i}" for i in range(reduced.shape[1])])
+        for col in meta.columns:
+            if col in self.categories_:
+                design[col] = pd.Categorical(meta[col].astype("string"), categories=self.categories_[col])
+            else:
+                design[col] = pd.to_numeric(meta[col], errors="coerce").astype(np.float64)
+        return design
+
+    def fit(self, X, y, sample_weight=None):
+        emb, meta = self._split(X)
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        rows = undersample_indices(codes, self.undersample, self.seed)
+        emb, meta, codes = emb[rows], meta.iloc[rows].reset_index(drop=True), codes[rows]
+        self.categories_ = {
+            c: sorted(meta[c].dropna().astype(str).unique())
+            for c in meta.columns
+            if not pd.api.types.is_numeric_dtype(meta[c]) or isinstance(meta[c].dtype, pd.CategoricalDtype)
+        }
+        n = min(int(self.pca), *emb.shape) if self.pca else 0
+        self.pca_ = PCA(n_components=n, random_state=self.seed).fit(emb) if n else None
+        weights = class_sample_weight(
+            codes, self.class_weight, None if sample_weight is None else np.asarray(sample_weight)[rows]
+        )
+        self.model_ = lgb.LGBMClassifier(
+            n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
+            min_child_samples=self.min_child_samples, subsample=self.subsample, subsample_freq=1,
+            colsample_bytree=self.colsample_bytree, reg_lambda=self.reg_lambda, random_state=self.seed,
+            n_jobs=self.n_jobs, verbose=-1,
+        )
+        self.model_.fit(self._design(emb, meta), codes, sample_weight=weights)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        return self.model_.predict_proba(self._design(*self._split(X)))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]

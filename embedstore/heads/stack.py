@@ -1,0 +1,90 @@
+"""Stacked ensemble: out-of-fold probabilities of several base heads feed a meta-learner.
+
+Each base head sees its own columns of the input (one feature set, another
+feature set, the embeddings plus metadata), so heads of different encoders
+and kinds combine. The meta-learner is trained only on out-of-fold
+probabilities computed on stratified *group* folds, so no base prediction it
+learns from was made by a model that saw that row's lesion; the bases are then
+refitted on all rows. Inside a probe's outer cross-validation this is a fully
+nested scheme.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.validation import check_is_fitted
+
+from embedstore.splits import group_kfold
+
+
+def select_columns(X, columns):
+    """The columns a base head reads: all of ``X`` (``columns=None``), or the named DataFrame columns.
+
+    Purely numeric selections become a float32 matrix so the embedding heads get
+    the array they expect; selections with metadata stay a DataFrame.
+    """
+    if columns is None:
+        return X
+    part = X[list(columns)]
+    if all(pd.api.types.is_float_dtype(t) for t in part.dtypes):
+        return part.to_numpy(np.float32)
+    return part
+
+
+def _logit_features(probas: list[np.ndarray]) -> np.ndarray:
+    """Meta-features: the log-probabilities of every base, side by side (clipped away from 0)."""
+    return np.log(np.clip(np.hstack(probas), 1e-6, 1.0))
+
+
+class StackHead(ClassifierMixin, BaseEstimator):
+    """Stack of ``bases`` = ``[(name, head, columns), ...]`` under a meta-learner.
+
+    ``columns`` is ``None`` (all of X) or a list of DataFrame column names.
+    ``meta`` defaults to a multinomial logistic regression with ``meta_C``.
+    ``fit(X, y, groups=...)`` builds the out-of-fold probabilities on
+    ``n_splits`` stratified group folds seeded by ``seed``.
+    """
+
+    def __init__(self, bases=(), meta=None, meta_C=1.0, n_splits=5, seed=0):
+        self.bases = bases
+        self.meta = meta
+        self.meta_C = meta_C
+        self.n_splits = n_splits
+        self.seed = seed
+
+    def fit(self, X, y, groups=None):
+        if not self.bases:
+            raise ValueError("a stack needs at least one base head")
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        folds = group_kfold(codes, groups, n_splits=self.n_splits, seed=self.seed)
+        self.oof_ = {}
+        for name, head, columns in self.bases:
+            Xb = select_columns(X, columns)
+            oof = np.zeros((len(codes), self.classes_.size))
+            for train, test in folds:
+                fitted = clone(head).fit(_rows(Xb, train), codes[train])
+                oof[test] = fitted.predict_proba(_rows(Xb, test))
+            self.oof_[name] = oof
+        self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(C=self.meta_C, max_iter=2000)
+        self.meta_.fit(_logit_features(list(self.oof_.values())), codes)
+        self.bases_ = [(name, clone(head).fit(select_columns(X, cols), codes), cols) for name, head, cols in self.bases]
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def base_probas(self, X) -> dict[str, np.ndarray]:
+        """Each refitted base head's class probabilities for ``X``, by name (for base-vs-stack tables)."""
+        check_is_fitted(self, "bases_")
+        return {name: head.predict_proba(select_columns(X, cols)) for name, head, cols in self.bases_}
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.meta_.predict_proba(_logit_features(list(self.base_probas(X).values())))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def _rows(X, rows):
+    return X.iloc[rows] if isinstance(X, pd.DataFrame) else X[rows]

@@ -1,0 +1,654 @@
+"""The probe run: classical heads on cached features, evaluated on group folds, written as a run folder.
+
+Protocol (every step seeded by ``seed``):
+
+1. Load the feature sets from the store (rows every set has), the target, the
+   group column and any metadata columns; drop rows without a target.
+2. Split: an official train/test column (``split_column``), a stratified group
+   hold-out (``holdout``), or none (cross-validation only).
+3. Stratified group k-fold on the training rows. For each fold a model is
+   fitted on the other folds and predicts this one: the out-of-fold (OOF)
+   predictions. With ``trials > 0`` each fold first runs its own Optuna study
+   on its training part only (inner group folds), so the OOF estimate is nested
+   and no hyperparameter ever saw the rows it is scored on.
+4. The final head: hyperparameters tuned on all training rows (outer folds),
+   refitted on all of them, saved with a model card; it predicts the test rows
+   when there are any.
+5. Metrics on the test predictions (or the OOF ones without a test split), each
+   with a bootstrap 95% interval resampled by group; per-fold metrics; a t-SNE
+   map; then the report, when :mod:`embedstore.report` can write one.
+
+Several ``features`` entries and/or several ``heads`` make a comparison: every
+entry × head is evaluated the same way and tabulated (CSV, Markdown, LaTeX);
+the best one (by the first headline metric) becomes the run's head.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils.validation import check_is_fitted
+
+from embedstore import __version__
+from embedstore.errors import ConfigError, EmbedstoreError, StoreError
+from embedstore.heads import HEADS, StackHead, make_head, select_columns
+from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
+from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
+from embedstore.store import FeatureStore
+from embedstore.tune import SEARCH_SPACES, default_storage, tune
+
+MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
+BINARY_HEADLINE = ["roc_auc", "pauc_80", "balanced_accuracy", "sensitivity_at_90_specificity", "average_precision"]
+METADATA_HEADS = {"lgbm"}
+
+
+@dataclass
+class ProbeConfig:
+    """Everything a probe run depends on; ``config.yaml`` is this, resolved, and reruns it."""
+
+    store: str
+    target: str
+    features: list[str]  # each entry a feature set, or several joined by "+" (concatenated / stacked)
+    out: str = "runs/probe"
+    groups: str | None = None
+    heads: list[str] = field(default_factory=lambda: ["logreg"])
+    stack_heads: list[str] = field(default_factory=lambda: ["logreg"])
+    metadata: list[str] = field(default_factory=list)
+    positive: str | None = None  # makes a binary "positive vs rest" problem of the target
+    folds: int = 5
+    inner_folds: int = 3
+    split_column: str | None = None
+    holdout: float = 0.0
+    trials: int = 0
+    metric: str | None = None  # tuning metric; default balanced_accuracy (multiclass) or roc_auc (binary)
+    params: dict = field(default_factory=dict)  # fixed head parameters, e.g. {logreg: {C: 1.0}}
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    n_boot: int = 1000
+    tsne_max: int = 3000
+    report: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ProbeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown probe option(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("store", "target", "features") if not raw.get(k)]
+        if missing:
+            raise ConfigError(f"probe needs {', '.join(missing)} (on the command line or in the config file)")
+        raw = dict(raw)
+        for key in ("features", "heads", "stack_heads", "metadata"):
+            if isinstance(raw.get(key), str):
+                raw[key] = [s.strip() for s in raw[key].split(",") if s.strip()]
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for head in [*self.heads, *self.stack_heads]:
+            if head not in HEADS and head != "stack":
+                raise ConfigError(f"unknown head {head!r}: choose from {', '.join([*HEADS, 'stack'])}")
+        if "stack" in self.stack_heads:
+            raise ConfigError("stack_heads lists the base heads of a stack; it cannot contain 'stack'")
+        if self.folds < 2 or self.inner_folds < 2:
+            raise ConfigError("folds and inner_folds must be at least 2")
+        if self.trials < 0:
+            raise ConfigError("--trials must be 0 (no tuning) or more")
+        if self.split_column and self.holdout:
+            raise ConfigError("give either a split column or a hold-out fraction, not both")
+        if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
+            raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
+        unknown = sorted(set(self.params) - set(HEADS) - {"stack"})
+        if unknown:
+            raise ConfigError(f"params are keyed by head name; {unknown} is not a head")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class ProbeData:
+    """The aligned inputs of a probe: one DataFrame with every feature set's columns and the metadata."""
+
+    X: pd.DataFrame
+    y: np.ndarray  # class codes 0..K-1
+    classes: list[str]
+    groups: np.ndarray | None
+    ids: np.ndarray
+    table: pd.DataFrame
+    feature_keys: dict[str, str]  # feature-set name as given -> store key
+    columns: dict[str, list[str]]  # feature-set name -> its column names in X
+    infos: dict[str, dict]
+
+
+def _set_names(cfg: ProbeConfig) -> list[str]:
+    names: list[str] = []
+    for entry in cfg.features:
+        for name in entry.split("+"):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
+    """Features of every named set (rows all of them have), the target as codes, groups, metadata."""
+    names = _set_names(cfg)
+    keys = {name: store.resolve(name) for name in names}
+    manifest = store.manifest
+    for what, col in (("target", cfg.target), ("group", cfg.groups), ("split", cfg.split_column),
+                      *(("metadata", c) for c in cfg.metadata)):
+        if col and col not in manifest.columns:
+            usable = ", ".join(c for c in manifest.columns if not c.startswith("_") and c not in ("sha256",))
+            raise ConfigError(f"{what} column {col!r} is not in the store's table; it has: {usable}")
+    ids = None
+    for key in keys.values():
+        _, t = store.load(key, columns=["id"])
+        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
+    labelled = manifest.set_index("id").loc[ids, cfg.target].notna().to_numpy()
+    ids = ids[labelled].to_numpy()
+    if len(ids) == 0:
+        raise ConfigError(f"no row has both features and a {cfg.target!r} value")
+    blocks, columns, infos, table = [], {}, {}, None
+    for name, key in keys.items():
+        X, t = store.load(key, ids=ids)
+        table = t if table is None else table
+        cols = [f"{name}/{j}" for j in range(X.shape[1])]
+        blocks.append(pd.DataFrame(X, columns=cols))
+        columns[name] = cols
+        info = store.info(key)
+        infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
+    X = pd.concat(blocks, axis=1)
+    for col in cfg.metadata:
+        values = table[col]
+        X[col] = values.astype("category") if not pd.api.types.is_numeric_dtype(values) else values.astype(float)
+    labels = table[cfg.target].astype(str).to_numpy()
+    if cfg.positive is not None:
+        if cfg.positive not in set(labels):
+            raise ConfigError(f"positive class {cfg.positive!r} is not a value of {cfg.target!r}: {sorted(set(labels))[:10]}")
+        classes = [f"not_{cfg.positive}", cfg.positive]
+        y = (labels == cfg.positive).astype(int)
+    else:
+        classes = sorted(set(labels))
+        y = np.searchsorted(classes, labels)
+    if len(classes) < 2:
+        raise ConfigError(f"target {cfg.target!r} has a single class ({classes[0]!r}); a probe needs two or more")
+    groups = table[cfg.groups].astype(str).to_numpy() if cfg.groups else None
+    return ProbeData(X, y, classes, groups, ids, table, keys, columns, infos)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class ColumnsHead(ClassifierMixin, BaseEstimator):
+    """A head that reads only ``columns`` of the probe's input frame (one feature set, or a concatenation)."""
+
+    def __init__(self, head=None, columns=None):
+        self.head = head
+        self.columns = columns
+
+    def fit(self, X, y):
+        self.head_ = clone(self.head).fit(select_columns(X, self.columns), y)
+        self.classes_ = self.head_.classes_
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "head_")
+        return self.head_.predict_proba(select_columns(X, self.columns))
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+@dataclass
+class ModelSpec:
+    """One model of the run: a feature entry and a head (with its stack bases when the head is a stack)."""
+
+    entry: str
+    head: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry} × {self.head}"
+
+
+def _base_params(cfg: ProbeConfig, head: str) -> dict:
+    params = {"seed": cfg.seed} if head != "stack" else {}
+    params.update(cfg.params.get(head, {}))
+    return params
+
+
+def build_model(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec, tuned: dict[str, dict] | None = None):
+    """The estimator of ``spec``, reading the probe frame; ``tuned`` overrides parameters per base name."""
+    tuned = tuned or {}
+    sets = spec.entry.split("+")
+    if spec.head != "stack":
+        return _single(cfg, data, sets, spec.head, tuned.get(spec.head, {}))
+    bases = []
+    for name in sets:
+        for head in cfg.stack_heads:
+            base_name = f"{name} × {head}"
+            est = _single(cfg, data, [name], head, tuned.get(base_name, {}))
+            bases.append((base_name, est.head, est.columns))
+    return StackHead(bases=bases, n_splits=cfg.inner_folds, seed=cfg.seed, **cfg.params.get("stack", {}))
+
+
+def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned: dict) -> ColumnsHead:
+    columns = [c for name in sets for c in data.columns[name]]
+    params = {**_base_params(cfg, head), **tuned}
+    if head in METADATA_HEADS and cfg.metadata:
+        columns = [*columns, *cfg.metadata]
+        params["passthrough"] = tuple(cfg.metadata)
+    return ColumnsHead(make_head(head, **params), columns)
+
+
+def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[str, ColumnsHead, str]]:
+    """(tuned-parameter key, estimator, head name) of every part of ``spec`` that has hyperparameters to tune."""
+    if spec.head != "stack":
+        return [(spec.head, _single(cfg, data, spec.entry.split("+"), spec.head, {}), spec.head)]
+    return [(f"{n} × {h}", _single(cfg, data, [n], h, {}), h) for n in spec.entry.split("+") for h in cfg.stack_heads]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _tune_metric(cfg: ProbeConfig, n_classes: int):
+    name = cfg.metric or ("roc_auc" if n_classes == 2 else "balanced_accuracy")
+    fns = metric_functions(n_classes)
+    if name not in fns:
+        raise ConfigError(f"unknown metric {name!r}: choose from {', '.join(fns)}")
+    return name, fns[name]
+
+
+def _fit(model, X: pd.DataFrame, y, groups, rows):
+    """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds)."""
+    if isinstance(model, StackHead):
+        return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
+    return clone(model).fit(X.iloc[rows], y[rows])
+
+
+class Probe:
+    """One probe run; :func:`run_probe` is the entry point."""
+
+    def __init__(self, cfg: ProbeConfig, progress=None):
+        self.cfg = cfg
+        self.progress = progress or (lambda message: None)
+        self.store = FeatureStore.open(cfg.store)
+        self.data = load_data(cfg, self.store)
+        self.metric_name, self.metric = _tune_metric(cfg, len(self.data.classes))
+        self.storage = cfg.storage or default_storage(cfg.store)
+        self._split()
+
+    def _split(self) -> None:
+        cfg, d = self.cfg, self.data
+        if cfg.split_column:
+            self.train, self.test = column_split(d.table[cfg.split_column])
+        elif cfg.holdout:
+            self.train, self.test = group_holdout(d.y, d.groups, cfg.holdout, cfg.seed)
+        else:
+            self.train, self.test = np.arange(len(d.y)), np.array([], dtype=int)
+        if d.groups is not None and len(self.test):
+            check_disjoint(d.groups, self.train, self.test)
+        for side, rows in (("training", self.train), ("test", self.test)):
+            missing = set(range(len(d.classes))) - set(d.y[rows]) if len(rows) else set()
+            if missing:
+                raise ConfigError(f"the {side} rows have no {[d.classes[k] for k in sorted(missing)]}: "
+                                  "every class needs rows on both sides of the split")
+        g = None if d.groups is None else d.groups[self.train]
+        folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed)
+        self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
+
+    def _study_name(self, spec: ModelSpec, part: str, scope: str) -> str:
+        base = self.cfg.study_name or (
+            f"{Path(self.cfg.store).name}:{self.cfg.target}"
+            f"{':' + self.cfg.positive if self.cfg.positive else ''}:{self.metric_name}:seed{self.cfg.seed}"
+        )
+        return f"{base}:{part.replace(' × ', ':')}:{scope}"
+
+    def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
+        """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only."""
+        if not self.cfg.trials:
+            return {}
+        tuned = {}
+        for key, est, head in _tunable(self.cfg, self.data, spec):
+            if head not in SEARCH_SPACES:
+                continue
+            local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
+            tuned[key], _ = tune(
+                est, head, self.data.X.iloc[rows], self.data.y[rows], local, self.metric, self.cfg.trials,
+                self.storage, self._study_name(spec, key, scope), self.cfg.seed, prefix="head__",
+                fixed=frozenset(self.cfg.params.get(head, {})),
+            )
+            self.progress(f"tuned {key} ({scope}): {tuned[key]}")
+        return tuned
+
+    def evaluate_model(self, spec: ModelSpec) -> dict:
+        """OOF (and test) predictions, per-fold metrics, the final fitted model of one spec."""
+        cfg, d = self.cfg, self.data
+        oof = np.full((len(d.y), len(d.classes)), np.nan)
+        base_oof: dict[str, np.ndarray] = {}
+        fold_rows = []
+        for k, (train, test) in enumerate(self.folds):
+            t0 = time.perf_counter()
+            tuned = {}
+            if cfg.trials:
+                inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], cfg.inner_folds, cfg.seed)
+                tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
+            model = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
+            oof[test] = model.predict_proba(d.X.iloc[test])
+            if isinstance(model, StackHead):
+                for name, p in model.base_probas(d.X.iloc[test]).items():
+                    base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
+            scores = evaluate(d.y[test], oof[test])
+            fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
+                              **scores, "seconds": round(time.perf_counter() - t0, 2)})
+            self.progress(f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
+        tuned = self._tune(spec, self.train, self.folds, "final")
+        final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
+        test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
+        base_test = final.base_probas(d.X.iloc[self.test]) if isinstance(final, StackHead) and len(self.test) else {}
+        return {"spec": spec, "oof": oof, "test": test_proba, "folds": fold_rows, "model": final, "tuned": tuned,
+                "base_oof": base_oof, "base_test": base_test}
+
+    # ------------------------------------------------------------------ metrics
+
+    def headline_names(self) -> list[str]:
+        return BINARY_HEADLINE if len(self.data.classes) == 2 else MULTICLASS_HEADLINE
+
+    def scored_rows(self) -> np.ndarray:
+        return self.test if len(self.test) else self.train
+
+    def metrics_with_ci(self, proba: np.ndarray, names: list[str] | None = None) -> dict[str, dict]:
+        """Every metric of ``proba`` on the scored rows; the headline ones (or ``names``) with grouped CIs."""
+        d, rows = self.data, self.scored_rows()
+        y, p = d.y[rows], proba[rows] if len(proba) == len(d.y) else proba
+        groups = None if d.groups is None else d.groups[rows]
+        fns = metric_functions(len(d.classes))
+        out = {}
+        for name, fn in fns.items():
+            if name in (names or self.headline_names()):
+                ci = bootstrap_ci(fn, y, p, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+                out[name] = {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high}
+            else:
+                out[name] = {"value": fn(y, p), "ci_low": None, "ci_high": None}
+        return out
+
+
+def _scored_proba(result: dict, probe: Probe) -> np.ndarray:
+    """The predictions a model is scored on: its test probabilities, else its OOF ones (full length)."""
+    if result["test"] is not None:
+        return result["test"]
+    return result["oof"]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _tsne(X: np.ndarray, labels: np.ndarray, ids: np.ndarray, max_rows: int, seed: int) -> pd.DataFrame:
+    """2-D t-SNE of (at most ``max_rows``, stratified by label) rows, after PCA to 50 dimensions."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(X))
+    if len(rows) > max_rows:
+        counts = pd.Series(labels).value_counts()
+        strat = labels if counts.min() >= 2 else None
+        rows, _ = train_test_split(rows, train_size=max_rows, stratify=strat, random_state=seed)
+        rows = np.sort(rows)
+    Z = X[rows]
+    Z = PCA(n_components=min(50, *Z.shape), random_state=seed).fit_transform(Z)
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=seed).fit_transform(Z)
+    return pd.DataFrame({"id": ids[rows], "x": xy[:, 0], "y": xy[:, 1], "label": labels[rows]})
+
+
+def _card(probe: Probe, result: dict, metrics: dict) -> dict:
+    cfg, d = probe.cfg, probe.data
+    spec = result["spec"]
+    return {
+        "format": 1,
+        "model": spec.name,
+        "head": spec.head,
+        "features": [{**d.infos[n], "given_as": n} for n in spec.entry.split("+")],
+        "metadata": cfg.metadata,
+        "target": cfg.target,
+        "positive_class": cfg.positive,
+        "classes": d.classes,
+        "tuned_params": result["tuned"],
+        "fixed_params": {h: cfg.params[h] for h in cfg.params},
+        "trained_on": {"store": str(Path(cfg.store).resolve()), "n_rows": int(len(probe.train)),
+                       "n_groups": None if d.groups is None else int(len(set(d.groups[probe.train])))},
+        "evaluation": "held-out test rows" if len(probe.test) else f"{cfg.folds}-fold group cross-validation (OOF)",
+        "metrics": metrics,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "embedstore_version": __version__,
+    }
+
+
+def _card_markdown(card: dict) -> str:
+    feats = "\n".join(f"- `{f['name']}` (encoder {f['encoder']}, dim {f['dim']}, fingerprint `{f['key']}`)"
+                      for f in card["features"])
+    rows = "\n".join(
+        f"| {name} | {m['value']:.4f} | " + (f"{m['ci_low']:.4f} – {m['ci_high']:.4f} |" if m["ci_low"] is not None else "– |")
+        for name, m in card["metrics"].items()
+    )
+    return (
+        f"# Model card: {card['model']}\n\n"
+        f"Predicts `{card['target']}` ({', '.join(card['classes'])}) from frozen-encoder features.\n\n"
+        f"## Features\n{feats}\n"
+        + (f"- metadata columns: {', '.join(card['metadata'])}\n" if card["metadata"] else "")
+        + f"\nApply with `embedstore predict HEAD_DIR STORE --out FILE`; it refuses features of another fingerprint.\n\n"
+        f"## Training\n- rows: {card['trained_on']['n_rows']}, groups: {card['trained_on']['n_groups']}\n"
+        f"- tuned parameters: `{json.dumps(card['tuned_params'])}`\n- fixed parameters: `{json.dumps(card['fixed_params'])}`\n"
+        f"- trained {card['created']} with embedstore {card['embedstore_version']}\n\n"
+        f"## Metrics ({card['evaluation']}, 95% CIs by group bootstrap)\n| metric | value | 95% CI |\n|---|---|---|\n{rows}\n"
+    )
+
+
+def comparison_table(models: dict[str, dict], headline: list[str]) -> pd.DataFrame:
+    """One row per model, ``metric`` and ``metric_ci`` columns for each headline metric."""
+    rows = []
+    for name, metrics in models.items():
+        row = {"model": name}
+        for m in headline:
+            row[m] = metrics[m]["value"]
+            row[f"{m}_ci"] = f"{metrics[m]['ci_low']:.3f}–{metrics[m]['ci_high']:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_latex(table: pd.DataFrame, headline: list[str]) -> str:
+    """The comparison as a LaTeX tabular: value with its 95% CI in brackets, best value of each column bold."""
+    best = {m: table[m].max() for m in headline}
+    esc = lambda s: str(s).replace("_", r"\_").replace("×", r"$\times$").replace("%", r"\%")  # noqa: E731
+    lines = [r"\begin{tabular}{l" + "c" * len(headline) + "}", r"\toprule",
+             "model & " + " & ".join(esc(m) for m in headline) + r" \\", r"\midrule"]
+    for _, row in table.iterrows():
+        cells = []
+        for m in headline:
+            value = f"{row[m]:.3f}"
+            value = rf"\textbf{{{value}}}" if row[m] == best[m] else value
+            cells.append(f"{value} [{row[f'{m}_ci'].replace('–', '--')}]")
+        lines.append(esc(row["model"]) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> dict:
+    cfg, d = probe.cfg, probe.data
+    headline = probe.headline_names()
+    models = {}
+    for r in results:
+        models[r["spec"].name] = probe.metrics_with_ci(_scored_proba(r, probe))
+        for name in r["base_oof"]:
+            base = r["base_test"].get(name) if len(probe.test) else r["base_oof"][name]
+            models[f"{name} (in {r['spec'].name})"] = probe.metrics_with_ci(base)
+    key = headline[0]
+    best = max(results, key=lambda r: models[r["spec"].name][key]["value"])
+    spec = best["spec"]
+    rows = probe.scored_rows()
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        run = {
+            "format": 1, "kind": "probe", "embedstore_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "store": str(Path(cfg.store).resolve()),
+            "features": [d.feature_keys[n] for n in spec.entry.split("+")],
+            "feature_names": spec.entry.split("+"),
+            "head": spec.head, "target": cfg.target, "groups": cfg.groups, "classes": d.classes,
+            "positive_class": d.classes[1] if len(d.classes) == 2 else None,
+            "seed": cfg.seed, "models": [r["spec"].name for r in results],
+            "study": {"storage": probe.storage, "name": probe._study_name(spec, spec.head, "final")} if cfg.trials else None,
+            "seconds": round(seconds, 1),
+        }
+        (tmp / "run.json").write_text(json.dumps(run, indent=2))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        metrics = models[spec.name]
+        (tmp / "metrics.json").write_text(json.dumps(
+            {"headline": headline, "metrics": metrics, "models": models, "model": spec.name,
+             "evaluated_on": "test" if len(probe.test) else "oof", "n": int(len(rows)),
+             "n_groups": None if d.groups is None else int(len(set(d.groups[rows])))}, indent=2))
+        folds = pd.DataFrame([f for r in results for f in r["folds"]])
+        first = ["fold", "n_train", "n_test"]
+        folds[first + [c for c in folds.columns if c not in first]].to_csv(tmp / "folds.csv", index=False)
+        _predictions(probe, best).to_parquet(tmp / "predictions.parquet", index=False)
+        emb_cols = [c for n in spec.entry.split("+") for c in d.columns[n]]
+        labels = np.asarray(d.classes, dtype=object)[d.y]
+        _tsne(d.X[emb_cols].to_numpy(np.float32), labels, d.ids, cfg.tsne_max, cfg.seed).to_parquet(
+            tmp / "embedding_2d.parquet", index=False)
+        if len(results) > 1 or any(r["base_oof"] for r in results):
+            table = comparison_table(models, headline)
+            table.to_csv(tmp / "comparison.csv", index=False)
+            (tmp / "comparison.tex").write_text(comparison_latex(table, headline))
+        head = tmp / "head"
+        head.mkdir()
+        joblib.dump(best["model"], head / "model.joblib")
+        card = _card(probe, best, metrics)
+        (head / "model_card.json").write_text(json.dumps(card, indent=2))
+        (head / "MODEL_CARD.md").write_text(_card_markdown(card))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out, "headline": headline, "metrics": metrics, "models": models, "model": spec.name}
+
+
+def _predictions(probe: Probe, result: dict) -> pd.DataFrame:
+    d = probe.data
+    fold = np.full(len(d.y), -1)
+    for k, (_, test) in enumerate(probe.folds):
+        fold[test] = k
+    classes = np.asarray(d.classes, dtype=object)
+    parts = []
+    for split, rows, proba in (("oof", probe.train, result["oof"][probe.train]), ("test", probe.test, result["test"])):
+        if proba is None or not len(rows):
+            continue
+        frame = pd.DataFrame({"id": d.ids[rows], "fold": fold[rows], "split": split,
+                              "y_true": classes[d.y[rows]], "y_pred": classes[proba.argmax(1)]})
+        for k, c in enumerate(d.classes):
+            frame[f"p_{c}"] = proba[:, k]
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_probe(cfg: ProbeConfig, progress=None) -> dict:
+    """Run the probe ``cfg`` describes and write its run folder; returns the summary (out, headline, metrics)."""
+    t0 = time.perf_counter()
+    probe = Probe(cfg, progress)
+    specs = [ModelSpec(entry, head) for entry in cfg.features for head in cfg.heads]
+    results = [probe.evaluate_model(spec) for spec in specs]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = _write_run(probe, results, out, time.perf_counter() - t0)
+    if cfg.report:
+        summary["report"] = _write_report(out)
+    return summary
+
+
+def _write_report(out: Path):
+    """The report of the run, when :mod:`embedstore.report` offers ``write_report`` (else None)."""
+    try:
+        from embedstore.report import write_report
+    except ImportError:
+        return None
+    return write_report(out)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd.DataFrame:
+    """Apply a saved head to every row of ``store_path`` that has its feature sets; write CSV or parquet.
+
+    Refuses a store whose feature sets have another fingerprint than the ones the head was trained on.
+    """
+    head_dir = Path(head_dir)
+    card_file = head_dir / "model_card.json"
+    if not card_file.is_file():
+        raise EmbedstoreError(f"{head_dir} is not a saved head (no model_card.json); pass a probe run's head/ folder")
+    card = json.loads(card_file.read_text())
+    store = FeatureStore.open(store_path)
+    keys = {}
+    for feat in card["features"]:
+        try:
+            key = store.resolve(feat["key"])
+        except StoreError:
+            key = None
+        if key != feat["key"]:
+            others = [i.key for i in store.feature_sets() if i.name == feat["name"] or i.encoder == feat["encoder"]]
+            hint = f" (it has {feat['name']} with fingerprint {', '.join(others)})" if others else ""
+            raise StoreError(
+                f"{store_path} has no features of fingerprint {feat['key']} ({feat['name']}){hint}: the head was "
+                f"trained on those; extract them with the same encoder settings first"
+            )
+        keys[feat["given_as"]] = key
+    missing = [c for c in card["metadata"] if c not in store.manifest.columns]
+    if missing:
+        raise ConfigError(f"the head reads metadata column(s) {missing}, which {store_path} does not have")
+    ids = None
+    for key in keys.values():
+        _, t = store.load(key, columns=["id"])
+        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
+    blocks, table = [], None
+    for name, key in keys.items():
+        X, t = store.load(key, ids=ids.to_numpy())
+        table = t if table is None else table
+        blocks.append(pd.DataFrame(X, columns=[f"{name}/{j}" for j in range(X.shape[1])]))
+    X = pd.concat(blocks, axis=1)
+    for col in card["metadata"]:
+        X[col] = table[col].astype("category") if not pd.api.types.is_numeric_dtype(table[col]) else table[col].astype(float)
+    model = joblib.load(head_dir / "model.joblib")
+    proba = model.predict_proba(X)
+    classes = np.asarray(card["classes"], dtype=object)
+    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[proba.argmax(1)]})
+    for k, c in enumerate(card["classes"]):
+        frame[f"p_{c}"] = proba[:, k]
+    if card["target"] in store.manifest.columns:
+        truth = store.manifest.set_index("id").loc[table["id"], card["target"]].astype(str).to_numpy()
+        if card["positive_class"] is not None:
+            truth = np.where(truth == card["positive_class"], card["classes"][1], card["classes"][0])
+        frame.insert(1, "y_true", truth)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    else:
+        frame.to_csv(tmp, index=False)
+    tmp.replace(out)
+    return frame
