@@ -1,0 +1,255 @@
+"""A report as a list of blocks, written as one self-contained HTML file and a Markdown twin.
+
+The HTML embeds every figure as a base64 PNG data URI and its CSS inline: it
+opens offline, needs no JavaScript, and can be mailed as one file. The Markdown
+file references the same PNGs under ``figures/`` so it renders on GitHub and
+pastes into notes. Both are written to a temporary folder first and moved into
+place, so an interrupted run never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell; ``bold`` marks e.g. the best value of a column."""
+
+    text: str
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A highlighted remark: something skipped, and why."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Union[str, Cell]]]
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG figure; ``name`` becomes ``figures/<name>.png`` in the Markdown twin."""
+
+    name: str
+    png: bytes
+    caption: str
+    alt: str = ""
+
+
+Block = Union[Heading, Paragraph, Note, Table, Figure]
+
+
+@dataclass
+class Report:
+    """An ordered list of blocks under a title."""
+
+    title: str
+    subtitle: str = ""
+    blocks: list[Block] = field(default_factory=list)
+
+    def add(self, *blocks: Block) -> "Report":
+        self.blocks.extend(blocks)
+        return self
+
+    def figures(self) -> list[Figure]:
+        return [block for block in self.blocks if isinstance(block, Figure)]
+
+    def write(self, out: Path, stem: str = "report") -> Path:
+        """Write ``<stem>.html``, ``<stem>.md`` and ``figures/`` into ``out``; return the HTML path."""
+        names = [figure.name for figure in self.figures()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate figure names in report: {duplicates}")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=out))
+        try:
+            (staging / "figures").mkdir()
+            for figure in self.figures():
+                (staging / "figures" / f"{figure.name}.png").write_bytes(figure.png)
+            (staging / f"{stem}.html").write_text(render_html(self), encoding="utf-8")
+            (staging / f"{stem}.md").write_text(render_markdown(self), encoding="utf-8")
+            _replace_dir(staging / "figures", out / "figures", keep_other_stems=stem != "report")
+            for suffix in (".md", ".html"):  # the HTML last: its presence means the report is complete
+                os.replace(staging / f"{stem}{suffix}", out / f"{stem}{suffix}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out / f"{stem}.html"
+
+
+def _replace_dir(new: Path, target: Path, keep_other_stems: bool) -> None:
+    """Move the figures of ``new`` into ``target``, replacing a previous report's figures."""
+    if target.exists() and not keep_other_stems:
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    target.mkdir(exist_ok=True)
+    for png in new.iterdir():
+        os.replace(png, target / png.name)
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+:root { --ink:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg-note:#fff8e6; --accent:#0072B2; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.55 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif;
+       color: var(--ink); background: #f6f8fa; }
+main { max-width: 1080px; margin: 0 auto; padding: 28px 32px 48px; background: #fff; min-height: 100vh; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+.subtitle { color: var(--muted); margin: 0 0 18px; }
+h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 22px 0 8px; }
+p { margin: 8px 0; }
+.note { background: var(--bg-note); border-left: 4px solid #E69F00; padding: 8px 12px; margin: 10px 0; }
+table { border-collapse: collapse; margin: 8px 0 4px; font-size: 13.5px; font-variant-numeric: tabular-nums; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+thead th { border-bottom: 2px solid var(--ink); font-weight: 600; }
+tbody tr:nth-child(even) { background: #f6f8fa; }
+.table-wrap { overflow-x: auto; }
+figure { margin: 16px 0 22px; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eef0f2; }
+figcaption, .caption { color: var(--muted); font-size: 13px; margin-top: 6px; }
+footer { color: var(--muted); font-size: 12px; margin-top: 40px; border-top: 1px solid var(--line); padding-top: 8px; }
+"""
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML document (inline CSS, data-URI images, no scripts)."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # Nothing in the page may load from elsewhere: the report must work offline.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        "img-src data:; style-src 'unsafe-inline'\">",
+        f"<title>{_esc(report.title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body><main>",
+        f"<h1>{_esc(report.title)}</h1>",
+    ]
+    if report.subtitle:
+        parts.append(f'<p class="subtitle">{_inline_html(report.subtitle)}</p>')
+    for block in report.blocks:
+        parts.append(_block_html(block))
+    parts.append("<footer>Written by embedstore report from the files on disk; no model was re-run.</footer>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _block_html(block: Block) -> str:
+    if isinstance(block, Heading):
+        level = min(max(block.level, 2), 4)
+        return f'<h{level} id="{_slug(block.text)}">{_esc(block.text)}</h{level}>'
+    if isinstance(block, Paragraph):
+        return f"<p>{_inline_html(block.text)}</p>"
+    if isinstance(block, Note):
+        return f'<p class="note">{_inline_html(block.text)}</p>'
+    if isinstance(block, Table):
+        head = "".join(f"<th>{_esc(c)}</th>" for c in block.columns)
+        body = "\n".join(
+            "<tr>" + "".join(_cell_html(cell) for cell in row) + "</tr>" for row in block.rows
+        )
+        caption = f'<p class="caption">{_inline_html(block.caption)}</p>' if block.caption else ""
+        return (
+            f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>\n{body}\n</tbody></table></div>{caption}"
+        )
+    if isinstance(block, Figure):
+        data = base64.b64encode(block.png).decode("ascii")
+        alt = _esc(block.alt or block.caption)
+        return (
+            f'<figure id="fig-{block.name}"><img src="data:image/png;base64,{data}" alt="{alt}">'
+            f"<figcaption>{_inline_html(block.caption)}</figcaption></figure>"
+        )
+    raise TypeError(f"unknown report block: {block!r}")
+
+
+def _cell_html(cell: Union[str, Cell]) -> str:
+    cell = cell if isinstance(cell, Cell) else Cell(str(cell))
+    text = _esc(cell.text)
+    return f"<td><strong>{text}</strong></td>" if cell.bold else f"<td>{text}</td>"
+
+
+def _esc(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _inline_html(text: str) -> str:
+    """Escape ``text`` and turn Markdown ``**bold**`` and ```code``` spans into HTML."""
+    escaped = _esc(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------- Markdown
+
+
+def render_markdown(report: Report) -> str:
+    """The report as Markdown; figures are referenced as ``figures/<name>.png``."""
+    lines = [f"# {report.title}", ""]
+    if report.subtitle:
+        lines += [report.subtitle, ""]
+    for block in report.blocks:
+        lines += _block_markdown(block) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _block_markdown(block: Block) -> list[str]:
+    if isinstance(block, Heading):
+        return ["#" * min(max(block.level, 2), 4) + " " + block.text]
+    if isinstance(block, Paragraph):
+        return [block.text]
+    if isinstance(block, Note):
+        return [f"> **Note:** {block.text}"]
+    if isinstance(block, Table):
+        header = "| " + " | ".join(_md_cell(c) for c in block.columns) + " |"
+        rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(block.columns))) + "|"
+        rows = ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+        return [header, rule, *rows] + ([""] + [f"*{block.caption}*"] if block.caption else [])
+    if isinstance(block, Figure):
+        return [f"![{block.alt or block.name}](figures/{block.name}.png)", "", f"*{block.caption}*"]
+    raise TypeError(f"unknown report block: {block!r}")
+
+
+def _md_cell(cell: Union[str, Cell]) -> str:
+    cell = cell if isinstance(cell, Cell) else Cell(str(cell))
+    text = cell.text.replace("|", "\\|")
+    return f"**{text}**" if cell.bold and text else text
