@@ -43,7 +43,6 @@ from embedstore.progress import progress_bar
 from embedstore.sources import Source
 from embedstore.store import DONE, FAILED, FeatureStore, fingerprint
 
-MAX_IMAGE_PIXELS = 100_000_000  # larger images are recorded as failures, not decoded
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
 
@@ -54,13 +53,14 @@ def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
 
     JPEGs are decoded at the smallest DCT scale that still covers the resize
     target (PIL's draft mode), which makes large images cheap; images over
-    :data:`MAX_IMAGE_PIXELS` raise rather than exhaust memory.
+    PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 megapixels)
+    raise rather than exhaust memory.
     """
     if not data:
         raise ValueError("empty file")
-    img = Image.open(io.BytesIO(data))
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image too large ({img.width}x{img.height} pixels > {MAX_IMAGE_PIXELS:,})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
     img.draft("RGB", (prep.resize, prep.resize))
     img = img.convert("RGB")
     img = TF.resize(img, prep.resize, interpolation=_INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR))
@@ -76,6 +76,8 @@ def failure_reason(exc: BaseException) -> str:
         return "missing in source"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image"
+    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return f"image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if "truncated" in text:
         return "truncated image"
@@ -93,9 +95,7 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return i, decode(self.source.read_bytes(self.paths[i]), self.prep), ""
+            return i, decode(self.source.read_bytes(self.paths[i]), self.prep), ""
         except Exception as exc:  # noqa: BLE001 - any unreadable image is recorded, never fatal
             return i, None, failure_reason(exc)
 
@@ -250,12 +250,12 @@ def extract(
     if isinstance(encoder, str):
         encoder = create_encoder(encoder, weights=weights)
     dev = resolve_device(device)
+    table = source.table  # validates the source before anything is written
     store = store if isinstance(store, FeatureStore) else FeatureStore.create_or_open(store)
     config = feature_set_config(encoder, tta, dtype)
     key = fingerprint(config)
     name = name or default_name(encoder, tta, dtype)
 
-    table = source.table
     with progress_bar("hashing", len(table), enabled=progress) as advance:
         hashes = source.content_hashes(progress=advance)
     update = store.update_manifest(table, hashes, source.describe())

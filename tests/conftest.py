@@ -65,3 +65,20 @@ def ham_store(ham_root, ham_subset_csv, tmp_path_factory) -> Path:
         result = extract(source, encoder, path, progress=False)
         assert result.n_failed == 0
     return path
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``embedstore ARGS...`` in-process (as the console script does); returns (exit code, stdout, stderr)."""
+    from embedstore.cli import main
+
+    def run(*args, cwd: Path | None = None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr("sys.argv", ["embedstore", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run

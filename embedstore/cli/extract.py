@@ -9,9 +9,6 @@ import typer
 from rich.console import Console
 
 from embedstore.cli.app import app
-from embedstore.encoders import create_encoder
-from embedstore.extract import extract as run_extract
-from embedstore.sources import open_source
 
 _err = Console(stderr=True)
 
@@ -46,6 +43,10 @@ def extract(
     stopped. Unreadable images are recorded (see `embedstore ls --failures`),
     not fatal.
     """
+    from embedstore.encoders import create_encoder
+    from embedstore.extract import extract as run_extract
+    from embedstore.sources import open_source
+
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
     enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling)

