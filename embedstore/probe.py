@@ -39,6 +39,7 @@ import pandas as pd
 import yaml
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from embedstore import __version__
 from embedstore.errors import ConfigError, EmbedstoreError, StoreError
@@ -63,7 +64,8 @@ class ProbeConfig:
     out: str = "runs/probe"
     groups: str | None = None
     heads: list[str] = field(default_factory=lambda: ["logreg"])
-    stack_heads: list[str] = field(default_factory=lambda: ["logreg"])
+    stack_heads: list[str] = field(default_factory=lambda: ["logreg"])  # stack bases, one per feature set each
+    stack_joint: list[str] = field(default_factory=list)  # stack bases on all feature sets of the entry at once
     metadata: list[str] = field(default_factory=list)
     positive: str | None = None  # makes a binary "positive vs rest" problem of the target
     folds: int = 5
@@ -78,6 +80,7 @@ class ProbeConfig:
     seed: int = 0
     n_boot: int = 1000
     tsne_max: int = 3000
+    blas_threads: int = 1  # BLAS threads; one is fastest for these small solves on a shared CPU
     report: bool = True
 
     @classmethod
@@ -90,7 +93,7 @@ class ProbeConfig:
         if missing:
             raise ConfigError(f"probe needs {', '.join(missing)} (on the command line or in the config file)")
         raw = dict(raw)
-        for key in ("features", "heads", "stack_heads", "metadata"):
+        for key in ("features", "heads", "stack_heads", "stack_joint", "metadata"):
             if isinstance(raw.get(key), str):
                 raw[key] = [s.strip() for s in raw[key].split(",") if s.strip()]
         cfg = cls(**raw)
@@ -98,11 +101,11 @@ class ProbeConfig:
         return cfg
 
     def validate(self) -> None:
-        for head in [*self.heads, *self.stack_heads]:
+        for head in [*self.heads, *self.stack_heads, *self.stack_joint]:
             if head not in HEADS and head != "stack":
                 raise ConfigError(f"unknown head {head!r}: choose from {', '.join([*HEADS, 'stack'])}")
-        if "stack" in self.stack_heads:
-            raise ConfigError("stack_heads lists the base heads of a stack; it cannot contain 'stack'")
+        if "stack" in [*self.stack_heads, *self.stack_joint]:
+            raise ConfigError("stack_heads and stack_joint list the base heads of a stack; they cannot contain 'stack'")
         if self.folds < 2 or self.inner_folds < 2:
             raise ConfigError("folds and inner_folds must be at least 2")
         if self.trials < 0:
@@ -237,12 +240,16 @@ def build_model(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec, tuned: dict[
     if spec.head != "stack":
         return _single(cfg, data, sets, spec.head, tuned.get(spec.head, {}))
     bases = []
-    for name in sets:
-        for head in cfg.stack_heads:
-            base_name = f"{name} × {head}"
-            est = _single(cfg, data, [name], head, tuned.get(base_name, {}))
-            bases.append((base_name, est.head, est.columns))
+    for base_name, base_sets, head in _stack_bases(cfg, sets):
+        est = _single(cfg, data, base_sets, head, tuned.get(base_name, {}))
+        bases.append((base_name, est.head, est.columns))
     return StackHead(bases=bases, n_splits=cfg.inner_folds, seed=cfg.seed, **cfg.params.get("stack", {}))
+
+
+def _stack_bases(cfg: ProbeConfig, sets: list[str]) -> list[tuple[str, list[str], str]]:
+    """(name, feature sets, head) of each base of a stack over ``sets``."""
+    bases = [(f"{name} × {head}", [name], head) for name in sets for head in cfg.stack_heads]
+    return bases + [(f"{'+'.join(sets)} × {head}", sets, head) for head in cfg.stack_joint]
 
 
 def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned: dict) -> ColumnsHead:
@@ -258,7 +265,7 @@ def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[s
     """(tuned-parameter key, estimator, head name) of every part of ``spec`` that has hyperparameters to tune."""
     if spec.head != "stack":
         return [(spec.head, _single(cfg, data, spec.entry.split("+"), spec.head, {}), spec.head)]
-    return [(f"{n} × {h}", _single(cfg, data, [n], h, {}), h) for n in spec.entry.split("+") for h in cfg.stack_heads]
+    return [(name, _single(cfg, data, sets, h, {}), h) for name, sets, h in _stack_bases(cfg, spec.entry.split("+"))]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -284,7 +291,7 @@ class Probe:
 
     def __init__(self, cfg: ProbeConfig, progress=None):
         self.cfg = cfg
-        self.progress = progress or (lambda message: None)
+        self.progress = progress or (lambda event, message: None)  # event: "fold", "tuned" or "step"
         self.store = FeatureStore.open(cfg.store)
         self.data = load_data(cfg, self.store)
         self.metric_name, self.metric = _tune_metric(cfg, len(self.data.classes))
@@ -331,7 +338,7 @@ class Probe:
                 self.storage, self._study_name(spec, key, scope), self.cfg.seed, prefix="head__",
                 fixed=frozenset(self.cfg.params.get(head, {})),
             )
-            self.progress(f"tuned {key} ({scope}): {tuned[key]}")
+            self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
         return tuned
 
     def evaluate_model(self, spec: ModelSpec) -> dict:
@@ -354,7 +361,7 @@ class Probe:
             scores = evaluate(d.y[test], oof[test])
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
                               **scores, "seconds": round(time.perf_counter() - t0, 2)})
-            self.progress(f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
+            self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.train, self.folds, "final")
         final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
@@ -567,15 +574,22 @@ def _predictions(probe: Probe, result: dict) -> pd.DataFrame:
 
 
 def run_probe(cfg: ProbeConfig, progress=None) -> dict:
-    """Run the probe ``cfg`` describes and write its run folder; returns the summary (out, headline, metrics)."""
+    """Run the probe ``cfg`` describes and write its run folder; returns the summary (out, headline, metrics).
+
+    ``progress(event, message)`` is called after every fold (``"fold"``), tuned
+    model (``"tuned"``) and writing step (``"step"``).
+    """
     t0 = time.perf_counter()
     probe = Probe(cfg, progress)
     specs = [ModelSpec(entry, head) for entry in cfg.features for head in cfg.heads]
-    results = [probe.evaluate_model(spec) for spec in specs]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary = _write_run(probe, results, out, time.perf_counter() - t0)
+    with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
+        results = [probe.evaluate_model(spec) for spec in specs]
+        probe.progress("step", "writing the run folder (bootstrap CIs, t-SNE)")
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        summary = _write_run(probe, results, out, time.perf_counter() - t0)
     if cfg.report:
+        probe.progress("step", "writing the report")
         summary["report"] = _write_report(out)
     return summary
 

@@ -16,6 +16,8 @@ from embedstore.cli import extract as _extract  # noqa: F401,E402
 from embedstore.cli import ls as _ls  # noqa: F401,E402
 from embedstore.cli import demo as _demo  # noqa: F401,E402
 from embedstore.cli import report as _report  # noqa: F401,E402
+from embedstore.cli import probe as _probe  # noqa: F401,E402
+from embedstore.cli import match as _match  # noqa: F401,E402
 
 
 def main() -> None:
