@@ -61,7 +61,7 @@ class Grouper:
         if method == "agglomerative":
             if Xn is None:
                 raise ValueError("agglomerative grouping needs the normalised vectors")
-            self._tree = average_linkage_tree(Xn, pairs)
+            self._trees = average_linkage_trees(Xn, pairs)
         if method == "dbscan":
             d = np.maximum(1.0 - pairs.sim.astype(np.float64), 1e-9)  # explicit entries, never dropped
             both = (np.r_[pairs.i, pairs.j], np.r_[pairs.j, pairs.i])
@@ -78,34 +78,57 @@ class Grouper:
             noise = labels < 0
             labels[noise] = labels.max() + 1 + np.arange(noise.sum())
             return labels
-        children, distances = self._tree
-        return cut_tree(children, distances, n, 1.0 - value)
+        return cut_trees(self._trees, n, 1.0 - value)
 
 
-def average_linkage_tree(Xn: np.ndarray, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Average-linkage merge tree on cosine distance, merges restricted to the candidate graph.
+def average_linkage_trees(Xn: np.ndarray, pairs: Pairs) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Average-linkage merge trees on cosine distance, one per connected part of the candidate graph.
 
-    Disconnected parts of the graph are joined by scikit-learn at the top of the tree (with a
-    warning we silence: those merges lie far above any useful cut).
+    Returns ``(members, children, distances)`` per part with two or more images. Merges are
+    restricted to candidate pairs; parts of the graph never merge (their pairs all lie below the
+    similarity floor, far beyond any useful cut).
     """
     n = pairs.n
-    if n < 2:
-        return np.empty((0, 2), np.int64), np.empty(0)
-    conn = sp.coo_matrix((np.ones(len(pairs.i)), (pairs.i, pairs.j)), shape=(n, n))
-    conn = (conn + conn.T).tocsr()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        children, _, _, _, distances = linkage_tree(
-            Xn, connectivity=conn, linkage="average", affinity="cosine", return_distance=True
-        )
-    return np.asarray(children), np.asarray(distances)
+    part = components(n, pairs.i, pairs.j)
+    order = np.argsort(part, kind="stable")
+    _, starts, counts = np.unique(part[order], return_index=True, return_counts=True)
+    position = np.empty(n, dtype=np.int64)
+    pair_order = np.argsort(part[pairs.i], kind="stable")
+    pair_bounds = np.searchsorted(part[pairs.i][pair_order], np.arange(part.max() + 2))
+    trees = []
+    for start, count in zip(starts[counts > 1], counts[counts > 1]):
+        members = order[start:start + count]
+        position[members] = np.arange(count)
+        p = part[members[0]]
+        inside = pair_order[pair_bounds[p]:pair_bounds[p + 1]]
+        a, b = position[pairs.i[inside]], position[pairs.j[inside]]
+        conn = sp.coo_matrix((np.ones(len(a)), (a, b)), shape=(count, count))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn warns about a constrained tree on tiny parts
+            children, _, _, _, distances = linkage_tree(
+                Xn[members], connectivity=(conn + conn.T).tocsr(), linkage="average",
+                affinity="cosine", return_distance=True,
+            )
+        trees.append((members, np.asarray(children), np.asarray(distances)))
+    return trees
 
 
-def cut_tree(children: np.ndarray, distances: np.ndarray, n: int, max_distance: float) -> np.ndarray:
-    """Leaf labels after applying every merge of the tree whose distance is <= ``max_distance``."""
-    merged = np.flatnonzero(distances <= max_distance)
-    parents = n + merged
-    i = np.r_[parents, parents]
-    j = np.r_[children[merged, 0], children[merged, 1]]
-    labels = components(n + len(children), i, j)[:n]
+def cut_trees(trees, n: int, max_distance: float) -> np.ndarray:
+    """Image labels after applying every merge whose average distance is <= ``max_distance``.
+
+    Each tree's nodes get global ids (its members for the leaves, fresh ids above ``n`` for its
+    merges); an applied merge links its node to both children, and the connected components
+    of those links, read at the leaves, are the clusters.
+    """
+    edges_i, edges_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    offset = n
+    for members, children, distances in trees:
+        m = len(members)
+        node_ids = np.r_[members, offset + np.arange(m - 1)]
+        merged = np.flatnonzero(distances <= max_distance)
+        parents = node_ids[m + merged]
+        edges_i.append(np.r_[parents, parents])
+        edges_j.append(np.r_[node_ids[children[merged, 0]], node_ids[children[merged, 1]]])
+        offset += m - 1
+    labels = components(offset, np.concatenate(edges_i), np.concatenate(edges_j))[:n]
     return np.unique(labels, return_inverse=True)[1]

@@ -1,0 +1,350 @@
+"""The match run: lesion-grouped cross-validation of a grouping method (and projection head),
+the final refit on all lesions, and the run folder.
+
+Protocol (issue 4). The images of lesions with ``min_group_size`` or more images are split
+into lesion-grouped folds. For each fold:
+
+* frozen features: the method's parameter is swept over the training folds' images and the
+  value with the best pairwise F1 is applied to the held-out fold;
+* with a projection head: a lesion-grouped validation split of the training lesions scores each
+  head candidate (trained on the rest) together with the parameter sweep on the validation
+  projections; the best head is refit on all training lesions, projects the held-out fold,
+  and the chosen parameter groups it.
+
+Held-out folds are grouped on their own, so every reported figure comes from images whose
+lesions no choice was made on. The final model uses the fold parameters averaged (numbers)
+or most often chosen (head candidates), refit on all lesions; its projected features are
+written back to the store as a new feature set and its grouping of all images is the
+``cluster`` column of ``clusters.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedstore.errors import ConfigError
+from embedstore.match.cluster import Grouper, floor_similarity
+from embedstore.match.config import MatchConfig
+from embedstore.match.index import FeatureIndex, normalise
+from embedstore.match.pairs import candidate_pairs, decided_pairs_table, knn_graph
+from embedstore.match.projection import ProjectionHead
+from embedstore.metrics import (
+    bootstrap_ci,
+    pair_counts_by_group,
+    pairwise_prf,
+    pairwise_scores,
+    recall_at_k,
+    retrieval_average_precision,
+)
+from embedstore.splits import group_holdout, group_kfold
+
+HEADLINE = ["pairwise_f1", "recall@1", "mAP"]
+EXACT_RETRIEVAL_MAX = 20_000  # held-out sets up to this size are ranked in full for mAP
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def grouper_for(Z: np.ndarray, config: MatchConfig) -> Grouper:
+    """A :class:`Grouper` over unit vectors ``Z`` from their kNN candidate pairs."""
+    index = FeatureIndex.build(Z, np.arange(len(Z)), key="transient", kind=config.index,
+                               centre=False, seed=config.seed)
+    sims, rows = knn_graph(index, Z, min(config.neighbors, len(Z) - 1))
+    pairs = candidate_pairs(sims, rows, floor_similarity(config.method, config.sweep_grid))
+    return Grouper(config.method, pairs, Z, min_samples=config.min_samples)
+
+
+def sweep(Z: np.ndarray, groups: np.ndarray, config: MatchConfig) -> pd.DataFrame:
+    """Pairwise precision/recall/F1 and cluster count for every value of the method's grid."""
+    grouper = grouper_for(Z, config)
+    rows = []
+    for value in config.sweep_grid:
+        labels = grouper.labels(value)
+        rows.append({"value": value, **pairwise_prf(groups, labels), "n_clusters": int(labels.max()) + 1})
+    return pd.DataFrame(rows)
+
+
+def best_value(table: pd.DataFrame) -> tuple[float, float]:
+    """The swept value with the highest F1 (the first such value on ties) and that F1."""
+    row = table.loc[table["f1"].idxmax()]
+    return float(row["value"]), float(row["f1"])
+
+
+def retrieval(Z: np.ndarray, groups: np.ndarray, config: MatchConfig) -> dict[str, np.ndarray]:
+    """Per-image recall@1, recall@5 and average precision of ranking the other images by cosine.
+
+    NaN for images whose group has no other image in ``Z`` (nothing to retrieve).
+    """
+    n = len(Z)
+    depth = n - 1 if n <= EXACT_RETRIEVAL_MAX else min(n - 1, 100)
+    index = FeatureIndex.build(Z, np.arange(n), key="transient", kind=config.index, centre=False)
+    _, rows = knn_graph(index, Z, depth)
+    hits = (groups[np.maximum(rows, 0)] == groups[:, None]) & (rows >= 0)
+    codes, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    n_relevant = counts[inverse] - 1
+    has = n_relevant > 0
+    out = {
+        "recall@1": recall_at_k(hits, 1),
+        "recall@5": recall_at_k(hits, 5),
+        "AP": retrieval_average_precision(hits, n_relevant),
+    }
+    return {k: np.where(has, v, np.nan) for k, v in out.items()}
+
+
+def space(X: np.ndarray, head: ProjectionHead | None, mean: np.ndarray | None) -> np.ndarray:
+    """Unit vectors of raw features: through the head when there is one, else centred + normalised."""
+    return head.transform(X) if head is not None else normalise(X, mean)
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+
+@dataclass
+class CVResult:
+    """Everything the cross-validation produced, aligned to the rows it was given."""
+
+    folds: pd.DataFrame           # one row per fold
+    sweep: pd.DataFrame           # every swept value (and head candidate) per fold
+    fold_of: np.ndarray           # held-out fold of each row
+    cv_clusters: np.ndarray       # held-out cluster of each row (unique across folds)
+    retrieval: dict[str, np.ndarray]
+    pairs: pd.DataFrame           # decided and missed pairs of the held-out folds
+    values: list[float] = field(default_factory=list)
+    heads: list[dict] = field(default_factory=list)
+
+
+def choose_on_training(X, groups, config: MatchConfig, fold: int, progress=None) -> tuple[float, dict, pd.DataFrame]:
+    """Pick (parameter value, head candidate) using only the training rows given."""
+    if config.projection == "none":
+        mean = X.mean(axis=0) if config.centre else None
+        table = sweep(normalise(X, mean), groups, config).assign(candidate="")
+        value, _ = best_value(table)
+        return value, {}, table.assign(fold=fold, chosen=table["value"] == value)
+    inner_train, inner_val = group_holdout(np.zeros(len(groups)), groups, config.validation_size,
+                                           seed=config.seed + fold)
+    tables, best = [], None
+    for candidate in config.head_candidates:
+        head = make_head(config, candidate).fit(X[inner_train], groups[inner_train])
+        table = sweep(head.transform(X[inner_val]), groups[inner_val], config)
+        value, f1 = best_value(table)
+        if best is None or f1 > best[0]:
+            best = (f1, value, candidate)
+        tables.append(table.assign(candidate=json.dumps(candidate, sort_keys=True)))
+        if progress is not None:
+            progress()
+    _, value, candidate = best
+    table = pd.concat(tables, ignore_index=True).assign(fold=fold)
+    chosen_key = json.dumps(candidate, sort_keys=True)
+    table["chosen"] = (table["candidate"] == chosen_key) & (table["value"] == value)
+    return value, candidate, table
+
+
+def make_head(config: MatchConfig, candidate: dict) -> ProjectionHead:
+    return ProjectionHead(loss=config.projection, seed=config.seed, **(config.head | candidate))
+
+
+def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: MatchConfig,
+                   progress=None) -> CVResult:
+    """Lesion-grouped CV of the configured method on features ``X`` (rows of ``groups``)."""
+    folds = group_kfold(np.zeros(len(groups)), groups, n_splits=config.folds, seed=config.seed)
+    fold_of = np.full(len(groups), -1)
+    cv_clusters = np.full(len(groups), -1)
+    ret = {k: np.full(len(groups), np.nan) for k in ("recall@1", "recall@5", "AP")}
+    fold_rows, sweeps, pair_tables, values, heads = [], [], [], [], []
+    for k, (train, test) in enumerate(folds):
+        value, candidate, table = choose_on_training(X[train], groups[train], config, k, progress)
+        head = make_head(config, candidate).fit(X[train], groups[train]) if config.projection != "none" else None
+        mean = X[train].mean(axis=0) if config.centre else None
+        Z = space(X[test], head, mean)
+        labels = grouper_for(Z, config).labels(value)
+        fold_of[test] = k
+        cv_clusters[test] = labels + (cv_clusters.max() + 1)
+        r = retrieval(Z, groups[test], config)
+        for name in ret:
+            ret[name][test] = r[name]
+        prf = pairwise_prf(groups[test], labels)
+        fold_rows.append({
+            "fold": k, "n_train": len(train), "n_test": len(test),
+            "n_groups_test": len(np.unique(groups[test])), config.param_name: value,
+            "head": json.dumps(candidate, sort_keys=True) if candidate else "",
+            "pairwise_precision": prf["precision"], "pairwise_recall": prf["recall"], "pairwise_f1": prf["f1"],
+            "recall@1": float(np.nanmean(r["recall@1"])), "recall@5": float(np.nanmean(r["recall@5"])),
+            "mAP": float(np.nanmean(r["AP"])), "n_clusters": int(labels.max()) + 1,
+        })
+        sweeps.append(table)
+        pair_tables.append(decided_pairs_table(ids[test], groups[test], labels, Z).assign(fold=k))
+        values.append(value)
+        heads.append(candidate)
+        if progress is not None:
+            progress()
+    sweep_table = pd.concat(sweeps, ignore_index=True)
+    sweep_table.insert(2, "param", config.param_name)
+    return CVResult(
+        folds=pd.DataFrame(fold_rows),
+        sweep=sweep_table[["fold", "candidate", "param", "value", "precision", "recall", "f1",
+                           "n_clusters", "chosen"]],
+        fold_of=fold_of, cv_clusters=cv_clusters, retrieval=ret,
+        pairs=pd.concat(pair_tables, ignore_index=True), values=values, heads=heads,
+    )
+
+
+def summarise(result: CVResult, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Pooled held-out metrics with lesion-bootstrap CIs, in the run folder's metrics.json form."""
+    tp, positive, predicted = pair_counts_by_group(groups, result.cv_clusters)
+    metrics = {}
+    for name in ("precision", "recall", "f1"):
+        ci = bootstrap_ci(lambda a, b, c, _n=name: pairwise_scores(a.sum(), b.sum(), c.sum())[_n],
+                          tp, positive, predicted, n_boot=n_boot, seed=seed)
+        metrics[f"pairwise_{name}"] = ci
+    for name, key in (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("mAP", "AP")):
+        values = result.retrieval[key]
+        ok = np.isfinite(values)
+        metrics[name] = bootstrap_ci(np.mean, values[ok], groups=groups[ok], n_boot=n_boot, seed=seed)
+    out = {name: {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high} for name, ci in metrics.items()}
+    out["n_clusters"] = {"value": int(len(np.unique(result.cv_clusters))), "ci_low": None, "ci_high": None}
+    out["n_groups_true"] = {"value": int(len(np.unique(groups))), "ci_low": None, "ci_high": None}
+    return {"headline": HEADLINE, "metrics": out, "models": {}, "n": int(len(groups)),
+            "n_groups": int(len(np.unique(groups)))}
+
+
+def final_choice(result: CVResult, config: MatchConfig) -> tuple[float, dict]:
+    """The final parameter (fold values averaged, on the grid's 0.01 scale) and head candidate (mode)."""
+    value = round(float(np.mean(result.values)), 2)
+    keys = [json.dumps(h, sort_keys=True) for h in result.heads]
+    head = json.loads(Counter(keys).most_common(1)[0][0]) if keys else {}
+    return value, head
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def select_rows(table: pd.DataFrame, config: MatchConfig) -> np.ndarray:
+    """Row numbers of images with a group whose lesion has at least ``min_group_size`` images."""
+    if config.groups not in table.columns:
+        raise ConfigError(
+            f"the store has no column {config.groups!r} to group by; "
+            f"choose --groups from: {', '.join(c for c in table.columns if c not in ('sha256', 'path'))}"
+        )
+    groups = table[config.groups]
+    has = groups.notna().to_numpy()
+    sizes = groups.map(groups.value_counts()).fillna(0).to_numpy()
+    if not (sizes[has] >= 2).any():
+        raise ConfigError(
+            f"every {config.groups} value occurs once: matching needs groups with 2+ images "
+            "(is this the right --groups column?)"
+        )
+    rows = np.flatnonzero(has & (sizes >= config.min_group_size))
+    if len(np.unique(groups.to_numpy()[rows])) < config.folds:
+        raise ConfigError(f"only {len(np.unique(groups.to_numpy()[rows]))} groups for {config.folds} folds; "
+                          "use fewer --folds or a lower min_group_size")
+    return rows
+
+
+def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, progress=None) -> Path:
+    """Run the match protocol on a store and write the run folder ``out``; returns its path."""
+    from embedstore.store import FeatureStore  # the store module pulls in zarr; import when used
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
+    store = FeatureStore.open(config.store)
+    key = store.resolve(config.features)
+    info = store.info(key)
+    X_all, table_all = store.load(key)
+    rows = select_rows(table_all, config)
+    X = X_all[rows]
+    table = table_all.iloc[rows].reset_index(drop=True)
+    groups = table[config.groups].astype(str).to_numpy()
+    ids = table["id"].astype(str).to_numpy()
+
+    result = cross_validate(X, groups, ids, config, progress=progress)
+    metrics = summarise(result, groups, config.bootstrap, config.seed)
+    value, candidate = final_choice(result, config)
+
+    head, projected_key = None, None
+    if config.projection != "none":
+        head = make_head(config, candidate).fit(X, groups)
+        if config.write_features:
+            projected_key = write_projection(store, key, info, head, X_all, table_all, config, candidate)
+    Z = space(X, head, X.mean(axis=0) if config.centre else None)
+    final_labels = grouper_for(Z, config).labels(value)
+    if progress is not None:
+        progress()
+
+    clusters = pd.DataFrame({"id": ids, "group": groups, "fold": result.fold_of,
+                             "cv_cluster": result.cv_clusters, "cluster": final_labels})
+    run_info = {
+        "format": 1, "kind": "match", "embedstore_version": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "store": str(Path(config.store).resolve()), "features": [key], "feature_names": [info.name],
+        "method": config.method, "groups": config.groups, "seed": config.seed, "study": None,
+        "projection": config.projection, "parameter": {config.param_name: value},
+        "head": candidate or None, "projected_features": projected_key,
+    }
+    write_run_folder(out, overwrite, run_info, config, metrics, result, clusters, head)
+    if config.report:
+        render_report(out)
+    return out
+
+
+def write_projection(store, key, info, head, X_all, table_all, config, candidate) -> str:
+    """Project every row of the store with the final head and store it as a new feature set."""
+    from embedstore.match.query import head_path
+
+    name = f"{info.name}+{config.projection}"
+    new_key = store.put_features(
+        name, head.transform(X_all), table_all["id"].astype(str).tolist(), parent=key, overwrite=True,
+        config={"kind": config.projection, "head": head.get_params(), "groups": config.groups,
+                "min_group_size": config.min_group_size, "seed": config.seed},
+    )
+    head.save(head_path(store, new_key))
+    return new_key
+
+
+def write_run_folder(out: Path, overwrite: bool, run_info, config, metrics, result: CVResult,
+                     clusters: pd.DataFrame, head) -> None:
+    """Write every file into a temporary folder beside ``out`` and move it into place at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        (tmp / "run.json").write_text(json.dumps(run_info, indent=2))
+        (tmp / "config.yaml").write_text(config.to_yaml())
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        result.folds.to_csv(tmp / "folds.csv", index=False)
+        result.sweep.to_csv(tmp / "sweep.csv", index=False)
+        result.pairs.to_csv(tmp / "pairs.csv", index=False)
+        clusters.to_csv(tmp / "clusters.csv", index=False)
+        if head is not None:
+            head.save(tmp / "head")
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def render_report(run_dir: Path) -> None:
+    """Render the report with embedstore.report when that module offers ``write_report``."""
+    import embedstore.report
+
+    write_report = getattr(embedstore.report, "write_report", None)
+    if write_report is not None:
+        write_report(run_dir)
+
+
+def _version() -> str:
+    import embedstore
+
+    return embedstore.__version__
