@@ -1,0 +1,31 @@
+"""Shared by the benchmarks: where the real data is, and the full HAM10000 store (built once, reused)."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HAM = Path(os.environ.get("EMBEDSTORE_HAM", ROOT.parent / "shared" / "data" / "ham10000"))
+HAM_STORE = ROOT / "stores" / "ham10000.zarr"
+ENCODERS = ("mobilenet_v2", "efficientnet_lite0")
+
+
+def ham_store(path: Path = HAM_STORE, encoders=ENCODERS) -> Path:
+    """The store of all 10,015 HAM10000 images with the offline encoders; extracts only what is missing."""
+    from embedstore import extract, open_source
+
+    source = open_source(HAM / "HAM10000_metadata.csv", images=HAM / "images", id_col="image_id")
+    for encoder in encoders:
+        print(extract(source, encoder, path).summary())
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    ham_store()
