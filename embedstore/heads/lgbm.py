@@ -59,8 +59,10 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
         reduced = self.pca_.transform(emb) if self.pca_ is not None else emb
         design = pd.DataFrame(reduced, columns=[f"emb_{i}" for i in range(reduced.shape[1])])
         for col in meta.columns:
-            if col in self.categories_:
-                design[col] = pd.Categorical(meta[col].astype("string"), categories=self.categories_[col])
+            if col in self.categories_:  # values unseen in training become missing
+                values = meta[col].astype("string")
+                values = values.where(values.isin(self.categories_[col]))
+                design[col] = pd.Categorical(values, categories=self.categories_[col])
             else:
                 design[col] = pd.to_numeric(meta[col], errors="coerce").astype(np.float64)
         return design

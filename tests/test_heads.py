@@ -1,0 +1,136 @@
+"""Heads on real HAM10000 features: the scikit-learn contract, and each head against a direct computation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from embedstore.heads import HEADS, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, make_head
+from embedstore.heads.base import undersample_indices
+from embedstore.splits import group_holdout, group_kfold
+from embedstore.store import FeatureStore
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """Small solves run fastest single-threaded on a shared CPU (as the probe runs them)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+FAST = {"lgbm": {"n_estimators": 30, "pca": 16}, "mlp": {"max_iter": 50}}
+
+
+@pytest.fixture(scope="module")
+def ham(ham_store):
+    store = FeatureStore.open(ham_store)
+    X, table = store.load("mobilenet_v2")
+    X2, _ = store.load("efficientnet_lite0", ids=table["id"])
+    y, groups = table["dx"].to_numpy(), table["lesion_id"].to_numpy()
+    train, test = group_holdout(y, groups, 0.25, seed=0)
+    return {"X": X, "X2": X2, "y": y, "groups": groups, "table": table, "train": train, "test": test}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_follow_the_sklearn_contract(ham, name):
+    X, y, train, test = ham["X"], ham["y"], ham["train"], ham["test"]
+    head = make_head(name, **FAST.get(name, {}))
+    with pytest.raises(NotFittedError):
+        check_is_fitted(head)
+    fitted = clone(head).fit(X[train], y[train])
+    check_is_fitted(fitted)
+    proba = fitted.predict_proba(X[test])
+    assert proba.shape == (len(test), 7)
+    assert np.allclose(proba.sum(1), 1.0) and (proba >= 0).all()
+    assert list(fitted.classes_) == sorted(set(y))
+    assert np.array_equal(fitted.predict(X[test]), fitted.classes_[proba.argmax(1)])
+    # Better than always predicting the most frequent class: the head learned something from the features.
+    assert np.mean(fitted.predict(X[test]) == y[test]) > 0.3
+    again = clone(fitted)
+    assert again.get_params() == head.get_params()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(again)
+
+
+def test_logreg_is_the_plain_sklearn_probe(ham):
+    X, y, train, test = ham["X"], ham["y"], ham["train"], ham["test"]
+    ours = LogRegHead(C=0.5, norm="standard").fit(X[train], y[train]).predict_proba(X[test])
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000)).fit(X[train], y[train])
+    assert np.allclose(ours, ref.predict_proba(X[test]), atol=1e-5)
+
+
+def test_knn_is_dinos_temperature_weighted_vote(ham):
+    X, y, train, test = ham["X"], ham["y"], ham["train"], ham["test"]
+    k, T = 10, 0.07
+    proba = KNNHead(k=k, temperature=T).fit(X[train], y[train]).predict_proba(X[test])
+    bank = X[train] / np.linalg.norm(X[train], axis=1, keepdims=True)
+    query = X[test] / np.linalg.norm(X[test], axis=1, keepdims=True)
+    sims = query @ bank.T
+    classes, codes = np.unique(y[train], return_inverse=True)
+    for i in range(len(test)):
+        top = np.argsort(-sims[i])[:k]
+        votes = np.zeros(len(classes))
+        np.add.at(votes, codes[top], np.exp(sims[i, top] / T))
+        assert np.allclose(proba[i], votes / votes.sum(), atol=1e-4)
+
+
+def test_balanced_class_weights_shift_predictions_away_from_the_majority(ham):
+    X, y, train, test = ham["X"], ham["y"], ham["train"], ham["test"]
+    majority = pd.Series(y[train]).value_counts().index[0]
+    plain = LogRegHead(C=0.05).fit(X[train], y[train]).predict(X[test])
+    weighted = LogRegHead(C=0.05, class_weight="balanced").fit(X[train], y[train]).predict(X[test])
+    assert np.mean(weighted == majority) < np.mean(plain == majority)
+
+
+def test_undersampling_caps_every_class_at_ratio_times_the_smallest():
+    codes = np.repeat([0, 1, 2], [500, 40, 10])
+    kept = undersample_indices(codes, 3, seed=0)
+    assert np.bincount(codes[kept]).tolist() == [30, 30, 10]
+    assert np.array_equal(kept, undersample_indices(codes, 3, seed=0))
+    assert len(undersample_indices(codes, None)) == len(codes)
+
+
+def test_pca_whitening_decorrelates_the_features(ham):
+    Z = Preprocessor(norm="standard", pca=32, whiten=True).fit_transform(ham["X"])
+    assert Z.shape[1] == 32
+    assert np.allclose(np.cov(Z, rowvar=False), np.eye(32), atol=0.05)
+
+
+def test_lgbm_reads_metadata_with_missing_values_and_categories(ham):
+    table, train, test = ham["table"], ham["train"], ham["test"]
+    frame = pd.DataFrame(ham["X"], columns=[f"f{i}" for i in range(ham["X"].shape[1])])
+    frame["age"] = table["age"].astype(float).where(np.arange(len(table)) % 3 > 0)  # a third of the ages missing
+    frame["sex"] = table["sex"].astype("category")
+    frame["localization"] = table["localization"].astype(object)
+    head = LGBMHead(n_estimators=30, pca=16, passthrough=("age", "sex", "localization"))
+    head.fit(frame.iloc[train], ham["y"][train])
+    assert set(head.categories_) == {"sex", "localization"}
+    names = head.model_.booster_.feature_name()
+    assert {"age", "sex", "localization"} <= set(names) and sum(n.startswith("emb_") for n in names) == 16
+    unseen = frame.iloc[test].copy()
+    unseen["localization"] = "somewhere new"  # a category never seen in training becomes missing, not an error
+    assert np.allclose(head.predict_proba(unseen).sum(1), 1.0)
+
+
+def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
+    X, X2, y, groups, train = ham["X"], ham["X2"], ham["y"], ham["groups"], ham["train"]
+    frame = pd.concat([pd.DataFrame(X, columns=[f"a{i}" for i in range(X.shape[1])]),
+                       pd.DataFrame(X2, columns=[f"b{i}" for i in range(X2.shape[1])])], axis=1).iloc[train]
+    cols_a, cols_b = [f"a{i}" for i in range(X.shape[1])], [f"b{i}" for i in range(X2.shape[1])]
+    stack = StackHead(bases=[("a", LogRegHead(C=0.1), cols_a), ("b", KNNHead(k=10), cols_b)], n_splits=3, seed=0)
+    stack.fit(frame, y[train], groups=groups[train])
+    # Rebuild base "a"'s out-of-fold probabilities by hand on the same group folds.
+    codes = np.unique(y[train], return_inverse=True)[1]
+    expected = np.zeros_like(stack.oof_["a"])
+    for tr, te in group_kfold(codes, groups[train], n_splits=3, seed=0):
+        assert not set(groups[train][tr]) & set(groups[train][te])
+        expected[te] = LogRegHead(C=0.1).fit(X[train][tr], codes[tr]).predict_proba(X[train][te])
+    assert np.allclose(stack.oof_["a"], expected, atol=1e-6)
+    assert stack.meta_.coef_.shape[1] == 2 * 7  # log-probabilities of both bases
+    assert set(stack.base_probas(frame.iloc[:5])) == {"a", "b"}
+    assert stack.predict_proba(frame.iloc[:5]).shape == (5, 7)
