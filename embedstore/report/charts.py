@@ -53,9 +53,17 @@ def models_table(models: Mapping[str, Mapping[str, Estimate]], names: Sequence[s
         row: list = [model]
         for name in names:
             est = models[model].get(name)
-            row.append(Cell(est.format() if est else "–", bold=i in best[name]))
+            row.append(estimate_cell(est, bold=i in best[name]))
         rows.append(row)
     return Table(["model", *[pretty(n) for n in names]], rows, caption)
+
+
+def estimate_cell(est: Estimate | None, bold: bool = False) -> Cell:
+    """A table cell with the point estimate (bold if best) and its CI as a note."""
+    if est is None:
+        return Cell("–")
+    value, _, ci = est.format().partition(" ")
+    return Cell(value, bold=bold, note=ci)
 
 
 def best_rows(estimates: Sequence[Estimate | None], metric: str) -> set[int]:
@@ -123,8 +131,8 @@ def interval_figure(
         return None
     labels = list(series)
     with style.styled():
-        height = 1.0 + 0.42 * len(names) * max(1, len(labels)) ** 0.75
-        fig = style.new_figure(7.2, min(max(2.6, height), 11))
+        height = 1.0 + 0.42 * len(names) * max(1, len(labels)) ** 0.75 + (0.3 * len(labels) if len(labels) > 1 else 0)
+        fig = style.new_figure(7.2, min(max(2.6, height), 13))
         ax = fig.add_subplot()
         step = 0.8 / max(1, len(labels))
         for j, label in enumerate(labels):
@@ -147,5 +155,5 @@ def interval_figure(
         ax.set_title(title)
         ax.grid(axis="y", visible=False)
         if len(labels) > 1:
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(labels)))
+            fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=1)
         return style.to_png(fig)

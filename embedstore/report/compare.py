@@ -15,8 +15,8 @@ from typing import Sequence
 import pandas as pd
 
 from embedstore.errors import EmbedstoreError
-from embedstore.report.charts import best_rows, interval_figure, pretty
-from embedstore.report.document import Cell, Figure, Heading, Paragraph, Report, Table
+from embedstore.report.charts import best_rows, estimate_cell, interval_figure, pretty
+from embedstore.report.document import Figure, Heading, Paragraph, Report, Table
 from embedstore.report.runs import Estimate, Run
 
 
@@ -64,8 +64,7 @@ def comparison_table(runs: list[Run], caption: str = "") -> Table:
     for i, (label, run) in enumerate(zip(_labels(runs), runs)):
         row: list = [run.features_label, run.model_label if label == run.label else f"{run.model_label} ({run.name})"]
         for name in names:
-            est = run.metrics.get(name)
-            row.append(Cell(est.format() if est else "–", bold=i in best[name]))
+            row.append(estimate_cell(run.metrics.get(name), bold=i in best[name]))
         rows.append(row)
     return Table(["features", "head / method", *[pretty(n) for n in names]], rows, caption)
 

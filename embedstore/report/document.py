@@ -22,10 +22,12 @@ from typing import Sequence, Union
 
 @dataclass(frozen=True)
 class Cell:
-    """A table cell; ``bold`` marks e.g. the best value of a column."""
+    """A table cell; ``bold`` marks e.g. the best value of a column; ``note`` (e.g. a CI) follows
+    the text in smaller type on its own line in HTML, after a space in Markdown."""
 
     text: str
     bold: bool = False
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,9 @@ h3 { font-size: 16px; margin: 22px 0 8px; }
 p { margin: 8px 0; }
 .note { background: var(--bg-note); border-left: 4px solid #E69F00; padding: 8px 12px; margin: 10px 0; }
 table { border-collapse: collapse; margin: 8px 0 4px; font-size: 13.5px; font-variant-numeric: tabular-nums; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+td { overflow-wrap: anywhere; }
+.ci { color: var(--muted); font-size: 12px; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-bottom: 2px solid var(--ink); font-weight: 600; }
 tbody tr:nth-child(even) { background: #f6f8fa; }
@@ -200,8 +204,10 @@ def _block_html(block: Block) -> str:
 
 def _cell_html(cell: Union[str, Cell]) -> str:
     cell = cell if isinstance(cell, Cell) else Cell(str(cell))
-    text = _esc(cell.text)
-    return f"<td><strong>{text}</strong></td>" if cell.bold else f"<td>{text}</td>"
+    text = f"<strong>{_esc(cell.text)}</strong>" if cell.bold else _esc(cell.text)
+    if cell.note:
+        text += f'<br><span class="ci">{_esc(cell.note)}</span>'
+    return f"<td>{text}</td>"
 
 
 def _esc(text: str) -> str:
@@ -252,4 +258,5 @@ def _block_markdown(block: Block) -> list[str]:
 def _md_cell(cell: Union[str, Cell]) -> str:
     cell = cell if isinstance(cell, Cell) else Cell(str(cell))
     text = cell.text.replace("|", "\\|")
-    return f"**{text}**" if cell.bold and text else text
+    text = f"**{text}**" if cell.bold and text else text
+    return f"{text} {cell.note}" if cell.note else text

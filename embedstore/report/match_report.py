@@ -17,7 +17,7 @@ from embedstore.report import style
 from embedstore.report.charts import folds_table, interval_figure, metrics_table, pretty
 from embedstore.report.document import Figure, Heading, Note, Report
 from embedstore.report.runs import Run
-from embedstore.report.thumbnails import load_thumbnails
+from embedstore.report.thumbnails import Header, Tile, draw_sheet, load_thumbnails
 
 PAIR_COLUMNS = {
     "id_a": ("id_a", "a", "id1", "image_a"),
@@ -115,7 +115,7 @@ def _is_number(column: pd.Series) -> bool:
 
 def _chosen_candidates(sweep: pd.DataFrame) -> pd.DataFrame:
     """With projection-head candidates, keep per fold only the candidate that was chosen."""
-    if not {"candidate", "chosen"} <= set(sweep.columns) or sweep["candidate"].fillna("").nunique() <= 1:
+    if not {"candidate", "chosen"} <= set(sweep.columns) or sweep["candidate"].astype(str).replace("nan", "").nunique() <= 1:
         return sweep
     chosen = sweep[sweep["chosen"].astype(bool)][["fold", "candidate"]].drop_duplicates("fold")
     return sweep.merge(chosen, on=["fold", "candidate"])
@@ -192,8 +192,7 @@ def _pair_sheet(report: Report, run: Run) -> None:
     if pairs is None:
         report.add(Note(f"pairs.csv has columns {list(raw.columns)}; the report needs id_a, id_b, score and an outcome."))
         return
-    false_matches = pairs[pairs["outcome"] == "fp"].nlargest(SHEET_PAIRS, "score")
-    missed = pairs[pairs["outcome"] == "fn"].nsmallest(SHEET_PAIRS, "score")
+    false_matches, missed = worst_pairs(pairs)
     if false_matches.empty and missed.empty:
         report.add(Note("no false or missed matches in pairs.csv."))
         return
@@ -209,31 +208,27 @@ def _pair_sheet(report: Report, run: Run) -> None:
     ))
 
 
+def worst_pairs(pairs: pd.DataFrame, n: int = SHEET_PAIRS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``n`` most similar false matches and the ``n`` least similar missed matches."""
+    false_matches = pairs[pairs["outcome"] == "fp"].nlargest(n, "score")
+    missed = pairs[pairs["outcome"] == "fn"].nsmallest(n, "score")
+    return false_matches, missed
+
+
 def pair_sheet_figure(false_matches: pd.DataFrame, missed: pd.DataFrame, thumbs: dict) -> bytes:
-    rows = max(len(false_matches), len(missed), 1)
-    with style.styled():
-        fig = style.new_figure(9.6, 1.9 * rows + 0.6)
-        halves = fig.subfigures(1, 2, wspace=0.06)
-        for half, (frame, title, edge) in zip(halves, (
-            (false_matches, "✗ false matches (different lesions)", style.WRONG),
-            (missed, "○ missed matches (same lesion)", style.color(0)),
-        )):
-            axes = np.atleast_2d(half.subplots(rows, 2))
-            for r in range(rows):
-                for k in range(2):
-                    ax = axes[r, k]
-                    ax.axis("off")
-                    if r >= len(frame):
-                        continue
-                    pair = frame.iloc[r]
-                    image_id = pair["id_a"] if k == 0 else pair["id_b"]
-                    if image_id in thumbs:
-                        ax.imshow(thumbs[image_id])
-                    else:
-                        ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=8, color=style.MUTED)
-                    ax.set_title(str(image_id), fontsize=7.5, color="#333")
-                    if k == 0:
-                        ax.text(1.04, -0.06, f"similarity {pair['score']:.3f}", transform=ax.transAxes,
-                                ha="center", va="top", fontsize=8.5, color=edge, fontweight="bold")
-            half.suptitle(title, fontsize=11.5, fontweight="bold", color=edge)
-        return style.to_png(fig)
+    """Two columns of pairs: false matches (most similar first) and missed matches (least similar first)."""
+    grid = []
+    for r in range(max(len(false_matches), len(missed))):
+        row = []
+        for frame, color in ((false_matches, style.WRONG), (missed, style.color(0))):
+            if r >= len(frame):
+                row += [None, None]
+            else:
+                pair = frame.iloc[r]
+                row += [Tile(thumbs.get(pair["id_a"]), (str(pair["id_a"]), f"similarity {pair['score']:.3f}"), color),
+                        Tile(thumbs.get(pair["id_b"]), (str(pair["id_b"]), ""), color)]
+            row.append(None)
+        grid.append(row[:-1])
+    headers = [Header("✗ false matches (different lesions)", 0, 2, style.WRONG),
+               Header("○ missed matches (same lesion)", 3, 2, style.color(0))]
+    return draw_sheet(grid, "Worst false and missed matches", headers, gaps=(2,))

@@ -14,7 +14,7 @@ from embedstore.report import style
 from embedstore.report.charts import folds_table, interval_figure, metrics_table, models_table
 from embedstore.report.document import Figure, Heading, Note, Paragraph, Report
 from embedstore.report.runs import Run
-from embedstore.report.thumbnails import load_thumbnails
+from embedstore.report.thumbnails import Tile, draw_sheet, load_thumbnails
 
 SAMPLE_GRID = (4, 6)  # rows x columns of the sample-prediction grid
 
@@ -113,7 +113,7 @@ def _headline(report: Report, run: Run) -> None:
     if n is not None:
         caption += f"; {n} images" + (f" in {groups} groups" if groups is not None else "")
     names = run.headline + [n for n in run.metrics if n not in run.headline]
-    report.add(metrics_table(run.metrics, names, caption + " Headline metrics first."))
+    report.add(metrics_table(run.metrics, names, caption + ". Headline metrics first."))
     png = interval_figure({run.model_label: run.metrics}, run.headline, "Headline metrics with 95% CIs")
     if png:
         report.add(Figure("headline", png, "Point estimates and 95% bootstrap confidence intervals."))
@@ -342,31 +342,16 @@ def _sample_grid(report: Report, run: Run, pred: Predictions) -> None:
 
 
 def sample_grid_figure(pred: Predictions, rows: list[int], thumbs: dict, cols: int) -> bytes:
-    n_rows = max(1, -(-len(rows) // cols))
-    with style.styled():
-        fig = style.new_figure(1.75 * cols, 1.95 * n_rows + 0.4)
-        axes = np.atleast_1d(fig.subplots(n_rows, cols)).ravel()
-        for ax in axes:
-            ax.axis("off")
-        for ax, r in zip(axes, rows):
-            ok = pred.y_true[r] == pred.y_pred[r]
-            edge = style.CORRECT if ok else style.WRONG
-            ax.axis("on")
-            ax.imshow(thumbs[pred.ids[r]])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_edgecolor(edge)
-                spine.set_linewidth(4)
-            prob = ""
-            if pred.proba is not None and pred.y_pred[r] in pred.classes:
-                prob = f" {pred.proba[r, pred.classes.index(pred.y_pred[r])]:.2f}"
-            mark = "✓" if ok else "✗"
-            ax.set_title(f"{mark} true {pred.y_true[r]}\npred {pred.y_pred[r]}{prob}", fontsize=8.5, color=edge, fontweight="bold")
-        fig.suptitle("Sample predictions", fontsize=12, fontweight="bold")
-        return style.to_png(fig)
+    tiles = []
+    for r in rows:
+        ok = pred.y_true[r] == pred.y_pred[r]
+        prob = ""
+        if pred.proba is not None and pred.y_pred[r] in pred.classes:
+            prob = f" ({pred.proba[r, pred.classes.index(pred.y_pred[r])]:.2f})"
+        tiles.append(Tile(thumbs[pred.ids[r]], (f"{'✓' if ok else '✗'} true {pred.y_true[r]}", f"pred {pred.y_pred[r]}{prob}"),
+                          style.CORRECT if ok else style.WRONG, border=5))
+    grid = [tiles[i:i + cols] for i in range(0, len(tiles), cols)]
+    return draw_sheet(grid, "Sample predictions")
 
 
 def _study_pointer(report: Report, run: Run) -> None:

@@ -1,0 +1,260 @@
+"""`embedstore report` on real runs and studies: contents, exports, errors, atomic writes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from embedstore.errors import EmbedstoreError
+from embedstore.report import write_comparison, write_report
+from embedstore.report.match_report import SHEET_PAIRS, normalise_pairs, worst_pairs
+from embedstore.report.runs import Estimate
+from test_report_support import match_run, probe_run, sklearn_probe_run, states_study, tuned_study
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "report-inputs"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a shared run folder, so a test can write its report into it."""
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def _figures_embedded(html: Path) -> None:
+    """Every figure of the Markdown twin exists and is embedded in the HTML; nothing loads from elsewhere."""
+    text = html.read_text()
+    md = html.with_suffix(".md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
+    assert linked, "the report has no figure"
+    for rel in linked:
+        assert (html.parent / rel).stat().st_size > 1000, rel
+    assert text.count('src="data:image/png;base64,') == len(linked)
+    assert "<script" not in text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), "the report loads something from the network"
+
+
+# ------------------------------------------------------------------------------------- studies
+
+
+def test_study_report_shows_history_importances_best_trial_and_folds(ham_store, inputs, tmp_path):
+    storage, name = tuned_study(ham_store, inputs)
+    study = optuna.load_study(study_name=name, storage=storage)
+    html = write_report(storage, out=tmp_path, study=name)
+    _figures_embedded(html)
+    figures = {p.stem for p in (tmp_path / "figures").iterdir()}
+    assert {"history", "importances", "parallel", "slices", "durations"} <= figures
+    md = html.with_suffix(".md").read_text()
+    best = study.best_trial
+    assert f"## Best trial (#{best.number})" in md
+    # The per-fold table repeats each fold score the probe's tuning recorded for the best trial.
+    for k in range(3):
+        value = best.user_attrs[f"fold_{k}"]
+        assert re.search(rf"^\| {k} \| {re.escape(f'{value:.4f}'.rstrip('0').rstrip('.'))} ", md, re.M), (k, value)
+    n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert re.search(rf"^\| complete \| {n_complete} \|", md, re.M)
+
+
+def test_study_report_beside_sqlite_file_covers_every_study(ham_store, inputs):
+    storage, _ = tuned_study(ham_store, inputs)
+    states_study(ham_store, inputs)
+    html = write_report(Path(storage.removeprefix("sqlite:///")))
+    assert html == inputs / "studies-report" / "report.html"
+    md = html.with_suffix(".md").read_text()
+    assert "## Overview" in md and "## Study: ham:dx:logreg" in md and "## Study: states" in md
+    _figures_embedded(html)
+
+
+def test_study_with_failed_and_pruned_trials(ham_store, inputs, tmp_path):
+    storage, name = states_study(ham_store, inputs)
+    study = optuna.load_study(study_name=name, storage=storage)
+    md = write_report(storage, out=tmp_path, study=name).with_suffix(".md").read_text()
+    states = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    assert states[optuna.trial.TrialState.FAIL] == 1 and states[optuna.trial.TrialState.PRUNED] == 2
+    for state in ("complete", "pruned", "fail"):
+        count = states[optuna.trial.TrialState[state.upper()]]
+        assert re.search(rf"^\| {state} \| {count} \|", md, re.M)
+    # The per-fold dicts the best trial recorded become its per-fold table.
+    best = study.best_trial
+    assert re.search(r"^\| fold \| log loss", md, re.M)
+    assert f"{best.user_attrs['folds'][0]['log_loss']:.4f}".rstrip("0") in md
+
+
+def test_study_too_small_for_importances_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'one.db'}"
+    study = optuna.create_study(study_name="one", storage=storage)
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.3) ** 2, n_trials=1)
+    html = write_report(storage, out=tmp_path / "out")
+    md = html.with_suffix(".md").read_text()
+    assert "importances need at least 2 completed trials; this study has 1" in md
+    assert not (tmp_path / "out" / "figures" / "importances.png").exists()
+    assert (tmp_path / "out" / "figures" / "history.png").exists()
+
+
+def test_study_errors_are_one_clear_line(ham_store, inputs, tmp_path):
+    storage, name = tuned_study(ham_store, inputs)
+    with pytest.raises(EmbedstoreError, match=r"no study named 'nope'.*it holds: .*ham:dx:logreg"):
+        write_report(storage, out=tmp_path, study="nope")
+    empty = tmp_path / "empty.db"
+    optuna.storages.RDBStorage(f"sqlite:///{empty}")  # the Optuna schema, no study
+    with pytest.raises(EmbedstoreError, match="holds no studies"):
+        write_report(empty, out=tmp_path)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    with pytest.raises(EmbedstoreError, match="not an Optuna storage"):
+        write_report(other, out=tmp_path)
+    assert [r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == ["t"]
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(EmbedstoreError, match="neither a run folder nor an Optuna"):
+        write_report(text)
+    with pytest.raises(EmbedstoreError, match="does not exist"):
+        write_report(tmp_path / "missing")
+    with pytest.raises(EmbedstoreError, match="folder without run.json"):
+        write_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- probe runs
+
+
+def test_probe_report_of_a_real_probe_run(ham_store, inputs, tmp_path):
+    run = _copy(probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    html = write_report(run)
+    assert html == run / "report.html"
+    _figures_embedded(html)
+    figures = {p.stem for p in (run / "figures").iterdir()}
+    assert {"headline", "confusion", "roc_pr", "calibration", "embedding", "samples"} <= figures
+    md = html.with_suffix(".md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in metrics["headline"]:
+        est = Estimate.parse(metrics["metrics"][name])
+        assert f"| {est.value:.3f} | [{est.ci_low:.3f}, {est.ci_high:.3f}] |" in md, name
+    folds = pd.read_csv(run / "folds.csv")
+    first = metrics["headline"][0]
+    for value in folds[first]:
+        assert f"| {value:.3f} |" in md
+    assert "Tuning" not in md  # the run was not tuned: no study pointer
+
+
+def test_binary_probe_report_and_missing_store(ham_store, inputs, tmp_path):
+    run = _copy(sklearn_probe_run(ham_store, inputs, "efficientnet_lite0", positive="mel"), tmp_path)
+    html = write_report(run)
+    md = html.with_suffix(".md").read_text()
+    assert "Positive class `mel`" in md and "predicted probability of `mel`" in md
+    assert (run / "figures" / "samples.png").exists()
+    # The store is gone: the report still renders, with a note instead of the sample grid.
+    info = json.loads((run / "run.json").read_text())
+    info["store"] = str(tmp_path / "moved-away.zarr")
+    (run / "run.json").write_text(json.dumps(info))
+    md = write_report(run).with_suffix(".md").read_text()
+    assert "No sample grid: the feature store" in md and "is gone" in md
+    assert not (run / "figures" / "samples.png").exists()
+    assert (run / "figures" / "roc_pr.png").exists()
+
+
+def test_run_folder_of_another_format_is_refused(ham_store, inputs, tmp_path):
+    run = _copy(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "format": 2}))
+    with pytest.raises(EmbedstoreError, match="format 2; this embedstore reads format 1"):
+        write_report(run)
+    assert not (run / "report.html").exists()
+
+
+def test_rewriting_a_report_replaces_it_whole(ham_store, inputs, tmp_path):
+    run = _copy(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    write_report(run)
+    (run / "figures" / "stale.png").write_bytes(b"old")
+    write_report(run)
+    assert not (run / "figures" / "stale.png").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+# ---------------------------------------------------------------------------------- match runs
+
+
+def test_match_report_of_a_real_match_run(ham_store, inputs, tmp_path):
+    run = _copy(match_run(ham_store, inputs), tmp_path)
+    html = write_report(run)
+    _figures_embedded(html)
+    figures = {p.stem for p in (run / "figures").iterdir()}
+    assert {"headline", "sweep", "clusters", "pairs"} <= figures
+    md = html.with_suffix(".md").read_text()
+    f1 = Estimate.parse(json.loads((run / "metrics.json").read_text())["metrics"]["pairwise_f1"])
+    assert f"| pairwise F1 | {f1.value:.3f} | [{f1.ci_low:.3f}, {f1.ci_high:.3f}] |" in md
+
+
+def test_pair_sheet_takes_the_worst_pairs_of_each_kind(ham_store, inputs):
+    raw = pd.read_csv(match_run(ham_store, inputs) / "pairs.csv")
+    pairs = normalise_pairs(raw)
+    false_matches, missed = worst_pairs(pairs)
+    assert 0 < len(false_matches) <= SHEET_PAIRS and 0 < len(missed) <= SHEET_PAIRS
+    fp = raw[(raw["same_cluster"]) & (~raw["same_group"])]
+    fn = raw[(~raw["same_cluster"]) & (raw["same_group"])]
+    assert math.isclose(false_matches["score"].iloc[0], fp["similarity"].max(), rel_tol=1e-6)
+    assert math.isclose(missed["score"].iloc[0], fn["similarity"].min(), rel_tol=1e-6)
+    assert list(false_matches["score"]) == sorted(false_matches["score"], reverse=True)
+    assert set(false_matches["id_a"]) <= set(fp["id_a"])
+
+
+# --------------------------------------------------------------------------------- comparison
+
+
+def test_comparison_marks_the_best_run_per_metric_and_exports_latex_and_csv(ham_store, inputs, tmp_path):
+    runs = [
+        probe_run(ham_store, inputs, "mobilenet_v2"),
+        sklearn_probe_run(ham_store, inputs, "mobilenet_v2"),
+        sklearn_probe_run(ham_store, inputs, "efficientnet_lite0"),
+    ]
+    html = write_comparison(runs, tmp_path / "cmp")
+    _figures_embedded(html)
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    latex = (tmp_path / "cmp" / "comparison.tex").read_text()
+    assert latex.count("\\toprule") == latex.count("\\midrule") == latex.count("\\bottomrule") == 1
+    body = latex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+    assert len(body) == len(runs) == len(table)
+    for metric in ("balanced_accuracy", "roc_auc", "accuracy"):
+        values = [json.loads((r / "metrics.json").read_text())["metrics"][metric]["value"] for r in runs]
+        assert table[metric].tolist() == pytest.approx(values)
+        best = [math.isclose(v, max(values), abs_tol=1e-12) for v in values]  # ties are all marked
+        assert table[f"{metric}_best"].tolist() == best
+        column = 2 + list(json.loads((runs[0] / "metrics.json").read_text())["headline"]).index(metric)
+        cells = [row.split(" & ")[column] for row in body]
+        assert [c.startswith("\\textbf{") for c in cells] == best
+    assert "mobilenet\\_v2" in latex and "$\\times$" not in latex.split("\\midrule")[1]
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from embedstore.cli import main; main()", "report", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, inputs, tmp_path):
+    storage, _ = tuned_study(ham_store, inputs)
+    done = _cli(storage, "--study", "nope", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no study named 'nope'" in done.stderr
+    runs = [str(sklearn_probe_run(ham_store, inputs, f)) for f in ("mobilenet_v2", "efficientnet_lite0")]
+    done = _cli("--compare", *runs, "--out", str(tmp_path / "cmp"))
+    assert done.returncode == 0, done.stderr
+    assert {"comparison.html", "comparison.md", "comparison.tex", "comparison.csv"} <= {
+        p.name for p in (tmp_path / "cmp").iterdir()}
+    done = _cli(*runs)
+    assert done.returncode == 2 and "--compare" in done.stderr
