@@ -258,17 +258,17 @@ def extract(
 
     with progress_bar("hashing", len(table), enabled=progress) as advance:
         hashes = source.content_hashes(progress=advance)
-    update = store.update_manifest(table, hashes, source.describe())
     attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
              "pooling": encoder.pooling, "tta": tta, "dim": encoder.dim, "dtype": dtype, "config": config,
              "rows_per_chunk": rows_per_chunk}
-    fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
+    with store.preparing():
+        update = store.update_manifest(table, hashes, source.describe())
+        fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
     result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
                            new=update.new, changed=update.changed, removed=update.removed)
 
     with store.lock(key, "all" if shard_count == 1 else f"{shard_index}-of-{shard_count}"):
-        fs.resize(len(store.manifest))
         rows = update.rows
         status = fs.status.get_orthogonal_selection(rows)
         same = fs.sha256.get_orthogonal_selection(rows) == np.asarray(hashes, dtype=object)

@@ -328,6 +328,16 @@ class FeatureStore:
         return fs
 
     @contextmanager
+    def preparing(self):
+        """Serialise the short set-up step of concurrent writers (manifest merge, feature-set creation)."""
+        lock_dir = self.path / ".locks"
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / "prepare", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: the step takes a moment
+            self.__dict__.pop("manifest", None)  # another process may have changed it
+            yield
+
+    @contextmanager
     def lock(self, key: str, shard: str = "all"):
         """Hold an exclusive lock on writing ``shard`` of feature set ``key`` (released when the process dies)."""
         lock_dir = self.path / ".locks"
