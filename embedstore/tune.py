@@ -115,8 +115,8 @@ def tune(
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
             load_if_exists=True,
         )
-    except (ValueError, ImportError) as exc:  # a malformed URL or a missing database driver
-        raise ConfigError(f"cannot open Optuna storage {storage!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed URL, unknown dialect or missing driver is the user's input
+        raise ConfigError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
     def objective(trial: optuna.Trial) -> float:

@@ -1,0 +1,75 @@
+"""Optuna tuning on real HAM10000 features: per-fold reports, pruning, resumable sqlite studies."""
+
+import numpy as np
+import optuna
+import pytest
+from threadpoolctl import threadpool_limits
+
+from embedstore.errors import ConfigError
+from embedstore.heads import HEADS, KNNHead, make_head
+from embedstore.metrics import balanced_accuracy
+from embedstore.splits import group_kfold
+from embedstore.store import FeatureStore
+from embedstore.tune import SEARCH_SPACES, cv_score, default_storage, tune
+
+
+@pytest.fixture(scope="module")
+def ham(ham_store):
+    X, table = FeatureStore.open(ham_store).load("mobilenet_v2")
+    y = np.unique(table["dx"], return_inverse=True)[1]
+    folds = group_kfold(y, table["lesion_id"].to_numpy(), n_splits=3, seed=0)
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield X, y, folds
+
+
+def test_every_head_has_a_search_space_its_head_accepts():
+    study = optuna.create_study()
+    for name in HEADS:
+        params = SEARCH_SPACES[name](study.ask())
+        head = make_head(name, **params)
+        assert {k: head.get_params()[k] for k in params} == params
+
+
+def test_study_records_fold_scores_and_resumes_from_sqlite(ham, tmp_path):
+    X, y, folds = ham
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    best, study = tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 4, storage, "knn-test", seed=0)
+    assert len(study.trials) == 4
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in done:  # the value is the mean of the per-fold scores kept as user attributes
+        assert t.value == pytest.approx(np.mean([t.user_attrs[f"fold_{k}"] for k in range(3)]))
+    assert set(best) == {"k", "temperature", "class_weight"}
+    first = [t.params for t in study.trials]
+    # Rerunning asks for 6 in all: the stored 4 are kept and only 2 run (an interrupted study resumes).
+    _, again = tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 6, storage, "knn-test", seed=0)
+    assert len(again.trials) == 6
+    assert [t.params for t in again.trials[:4]] == first
+    # A finished study runs nothing more.
+    _, same = tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 6, storage, "knn-test", seed=0)
+    assert len(same.trials) == 6
+
+
+def test_a_bad_trial_is_pruned_after_its_first_fold(ham):
+    X, y, folds = ham
+    # A pruner that prunes any running mean below 2.0 (so every trial) shows where cv_score stops.
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        cv_score(KNNHead(), X, y, folds, balanced_accuracy, trial)
+    assert list(trial.user_attrs) == ["fold_0"]  # only one fold was paid for
+    assert cv_score(KNNHead(), X, y, folds, balanced_accuracy) == pytest.approx(
+        np.mean([balanced_accuracy(y[te], KNNHead().fit(X[tr], y[tr]).predict_proba(X[te])) for tr, te in folds])
+    )
+
+
+def test_fixed_parameters_stay_out_of_the_search(ham, tmp_path):
+    X, y, folds = ham
+    best, study = tune(KNNHead(k=7), "knn", X, y, folds, balanced_accuracy, 2, f"sqlite:///{tmp_path / 's.db'}",
+                       "fixed", fixed=frozenset({"k"}))
+    assert "k" not in best
+
+
+def test_default_storage_sits_beside_the_store_and_bad_urls_are_one_line(tmp_path):
+    assert default_storage(tmp_path / "ham.zarr") == f"sqlite:///{tmp_path / 'ham.optuna.db'}"
+    with pytest.raises(ConfigError, match="cannot open Optuna storage"):
+        tune(KNNHead(), "knn", np.zeros((4, 2)), np.array([0, 1, 0, 1]), [], balanced_accuracy, 1, "nosuchdb://x", "s")
