@@ -42,7 +42,7 @@ def match(
     """Group images of the same lesion (FAISS kNN graph + threshold, DBSCAN or average linkage),
     optionally through a trained projection head, with lesion-grouped CV."""
     from embedstore.match.config import MatchConfig
-    from embedstore.match.run import run_match
+    from embedstore.match.run import check_out, load_inputs, run_match
 
     head = None
     if epochs is not None or device is not None:
@@ -57,9 +57,11 @@ def match(
         cfg.head = cfg.head | head
     if not cfg.store or not cfg.features:
         raise ConfigError("give a STORE and --features (or store: and features: in --config)")
+    check_out(out, overwrite)
+    inputs = load_inputs(cfg)
     steps = cfg.folds * (len(cfg.head_candidates) + 1 if cfg.projection != "none" else 1) + 1
     with progress_bar(f"match {cfg.method}", steps, unit="steps") as advance:
-        run_dir = run_match(cfg, out, overwrite=overwrite, progress=advance)
+        run_dir = run_match(cfg, out, overwrite=overwrite, progress=advance, inputs=inputs)
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     run = json.loads((run_dir / "run.json").read_text())
     figures = ", ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci_low']:.3f}, {metrics[m]['ci_high']:.3f}]"

@@ -232,7 +232,7 @@ def select_rows(table: pd.DataFrame, config: MatchConfig) -> np.ndarray:
     if config.groups not in table.columns:
         raise ConfigError(
             f"the store has no column {config.groups!r} to group by; "
-            f"choose --groups from: {', '.join(c for c in table.columns if c not in ('sha256', 'path'))}"
+            f"choose --groups from: {', '.join(c for c in table.columns if not c.startswith('_') and c != 'sha256')}"
         )
     groups = table[config.groups]
     has = groups.notna().to_numpy()
@@ -249,20 +249,43 @@ def select_rows(table: pd.DataFrame, config: MatchConfig) -> np.ndarray:
     return rows
 
 
-def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, progress=None) -> Path:
-    """Run the match protocol on a store and write the run folder ``out``; returns its path."""
+@dataclass
+class MatchInputs:
+    """The store rows a match run works on, read and checked before any work starts."""
+
+    store: object
+    key: str
+    name: str
+    X_all: np.ndarray        # every row with features (projected features are written for all)
+    table_all: pd.DataFrame
+    rows: np.ndarray         # the rows of lesions with min_group_size+ images
+
+
+def load_inputs(config: MatchConfig) -> MatchInputs:
+    """Open the store, resolve the feature set and select the rows; every input error surfaces here."""
     from embedstore.store import FeatureStore  # the store module pulls in zarr; import when used
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
     store = FeatureStore.open(config.store)
     key = store.resolve(config.features)
-    info = store.info(key)
     X_all, table_all = store.load(key)
     rows = select_rows(table_all, config)
-    X = X_all[rows]
-    table = table_all.iloc[rows].reset_index(drop=True)
+    return MatchInputs(store, key, store.info(key).name, X_all, table_all, rows)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
+
+
+def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, progress=None,
+              inputs: MatchInputs | None = None) -> Path:
+    """Run the match protocol on a store and write the run folder ``out``; returns its path."""
+    out = Path(out)
+    check_out(out, overwrite)
+    inputs = inputs or load_inputs(config)
+    store, key, X_all, table_all = inputs.store, inputs.key, inputs.X_all, inputs.table_all
+    X = X_all[inputs.rows]
+    table = table_all.iloc[inputs.rows].reset_index(drop=True)
     groups = table[config.groups].astype(str).to_numpy()
     ids = table["id"].astype(str).to_numpy()
 
@@ -274,7 +297,7 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
     if config.projection != "none":
         head = make_head(config, candidate).fit(X, groups)
         if config.write_features:
-            projected_key = write_projection(store, key, info, head, X_all, table_all, config, candidate)
+            projected_key = write_projection(store, key, inputs.name, head, X_all, table_all, config)
     Z = space(X, head, X.mean(axis=0) if config.centre else None)
     final_labels = grouper_for(Z, config).labels(value)
     if progress is not None:
@@ -285,7 +308,7 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
     run_info = {
         "format": 1, "kind": "match", "embedstore_version": _version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "store": str(Path(config.store).resolve()), "features": [key], "feature_names": [info.name],
+        "store": str(Path(config.store).resolve()), "features": [key], "feature_names": [inputs.name],
         "method": config.method, "groups": config.groups, "seed": config.seed, "study": None,
         "projection": config.projection, "parameter": {config.param_name: value},
         "head": candidate or None, "projected_features": projected_key,
@@ -296,13 +319,12 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
     return out
 
 
-def write_projection(store, key, info, head, X_all, table_all, config, candidate) -> str:
+def write_projection(store, key, name, head, X_all, table_all, config) -> str:
     """Project every row of the store with the final head and store it as a new feature set."""
     from embedstore.match.query import head_path
 
-    name = f"{info.name}+{config.projection}"
     new_key = store.put_features(
-        name, head.transform(X_all), table_all["id"].astype(str).tolist(), parent=key, overwrite=True,
+        f"{name}+{config.projection}", head.transform(X_all), table_all["id"].astype(str).tolist(), parent=key, overwrite=True,
         config={"kind": config.projection, "head": head.get_params(), "groups": config.groups,
                 "min_group_size": config.min_group_size, "seed": config.seed},
     )

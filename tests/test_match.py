@@ -1,0 +1,136 @@
+"""`embedstore match` end to end on a real HAM10000 store: the run folder and what it claims."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from embedstore.metrics import pairwise_prf
+from embedstore.store import FeatureStore
+
+
+@pytest.fixture
+def store_copy(ham_store, tmp_path):
+    """A private copy of the subset store (projection runs write a feature set into it)."""
+    path = tmp_path / "ham.zarr"
+    shutil.copytree(ham_store, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def threshold_run(ham_store, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from embedstore.cli.app import app
+
+    out = tmp_path_factory.mktemp("runs") / "threshold"
+    result = CliRunner().invoke(app, ["match", str(ham_store), "--features", "mobilenet_v2", "--groups", "lesion_id",
+                                      "--method", "threshold", "--n-boot", "200", "--no-report", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_run_folder_has_every_file_and_the_contract_fields(threshold_run, ham_store):
+    out, printed = threshold_run
+    for name in ("run.json", "config.yaml", "metrics.json", "folds.csv", "clusters.csv", "pairs.csv", "sweep.csv"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["format"] == 1 and run["kind"] == "match" and run["method"] == "threshold"
+    assert run["groups"] == "lesion_id" and run["feature_names"] == ["mobilenet_v2"]
+    assert run["features"] == [FeatureStore.open(ham_store).resolve("mobilenet_v2")]
+    assert "pairwise_f1" in printed and str(out) in printed
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == "threshold" and config["folds"] == 5
+
+
+def test_reported_metrics_are_those_of_the_held_out_clusters(threshold_run, ham_store):
+    out, _ = threshold_run
+    clusters = pd.read_csv(out / "clusters.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    prf = pairwise_prf(clusters["group"], clusters["cv_cluster"])
+    m = metrics["metrics"]
+    assert m["pairwise_f1"]["value"] == pytest.approx(prf["f1"])
+    assert m["pairwise_precision"]["value"] == pytest.approx(prf["precision"])
+    for name in ("pairwise_f1", "recall@1", "recall@5", "mAP"):
+        assert 0 <= m[name]["ci_low"] <= m[name]["value"] <= m[name]["ci_high"] <= 1
+    assert m["recall@1"]["value"] <= m["recall@5"]["value"]
+    assert metrics["n"] == len(clusters) and metrics["n_groups"] == clusters["group"].nunique()
+    # only lesions with 2+ images, each wholly inside one held-out fold, clusters never across folds
+    _, table = FeatureStore.open(ham_store).load("mobilenet_v2")
+    sizes = table["lesion_id"].value_counts()
+    assert set(clusters["group"]) == set(sizes[sizes >= 2].index)
+    assert (clusters.groupby("group")["fold"].nunique() == 1).all()
+    assert (clusters.groupby("cv_cluster")["fold"].nunique() == 1).all()
+
+
+def test_each_fold_applies_the_value_chosen_on_its_training_folds(threshold_run):
+    out, _ = threshold_run
+    folds = pd.read_csv(out / "folds.csv")
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert len(folds) == 5
+    for fold in folds.itertuples():
+        curve = sweep[sweep["fold"] == fold.fold]
+        assert curve["value"].min() == pytest.approx(0.50) and curve["value"].max() == pytest.approx(0.99)
+        assert fold.threshold == pytest.approx(curve.loc[curve["f1"].idxmax(), "value"])
+        assert curve.loc[curve["chosen"], "value"].tolist() == [fold.threshold]
+    run = json.loads((out / "run.json").read_text())
+    assert run["parameter"]["threshold"] == pytest.approx(round(folds["threshold"].mean(), 2))
+
+
+def test_pairs_list_decided_and_missed_pairs_with_their_scores(threshold_run):
+    out, _ = threshold_run
+    pairs = pd.read_csv(out / "pairs.csv")
+    clusters = pd.read_csv(out / "clusters.csv").set_index("id")
+    assert set(pairs["outcome"]) <= {"TP", "FP", "FN"}
+    a, b = clusters.loc[pairs["id_a"]], clusters.loc[pairs["id_b"]]
+    np.testing.assert_array_equal(pairs["same_cluster"], a["cv_cluster"].to_numpy() == b["cv_cluster"].to_numpy())
+    np.testing.assert_array_equal(pairs["same_group"], a["group"].to_numpy() == b["group"].to_numpy())
+    n_pos = sum(n * (n - 1) // 2 for n in clusters["group"].value_counts())
+    assert pairs["same_group"].sum() == n_pos  # every true pair is listed: found or missed
+    fp, fn = pairs[pairs.outcome == "FP"], pairs[pairs.outcome == "FN"]
+    threshold = json.loads((out / "run.json").read_text())["parameter"]["threshold"]
+    assert pairs["similarity"].between(-1.0001, 1.0001).all()
+    assert len(fn) == 0 or fn["similarity"].min() < threshold + 0.05
+
+
+@pytest.mark.parametrize("method", ["dbscan", "agglomerative"])
+def test_other_methods_run_through_the_cli(cli, ham_store, tmp_path, method):
+    code, out, err = cli("match", ham_store, "-f", "mobilenet_v2", "--method", method, "--folds", "3",
+                         "--grid", "0.2,0.4,0.6" if method == "dbscan" else "0.6,0.8",
+                         "--n-boot", "50", "--no-report", "--out", tmp_path / method)
+    assert code == 0, err
+    sweep = pd.read_csv(tmp_path / method / "sweep.csv")
+    assert set(sweep["param"]) == {"eps" if method == "dbscan" else "threshold"}
+
+
+def test_projection_run_writes_a_feature_set_that_match_can_reuse(cli, store_copy, tmp_path):
+    config = tmp_path / "match.yaml"
+    config.write_text(yaml.safe_dump({"projection": "infonce", "folds": 3, "bootstrap": 50, "report": False,
+                                      "head": {"epochs": 5, "hidden_dim": 128, "out_dim": 32},
+                                      "head_grid": [{"temperature": 0.1}, {"temperature": 0.2}]}))
+    code, out, err = cli("match", store_copy, "-c", config, "-f", "mobilenet_v2", "--out", tmp_path / "nce")
+    assert code == 0, err
+    run = json.loads((tmp_path / "nce" / "run.json").read_text())
+    store = FeatureStore.open(store_copy)
+    info = store.info(run["projected_features"])
+    assert info.name == "mobilenet_v2+infonce" and info.dim == 32
+    assert info.n_done == store.info("mobilenet_v2").n_done
+    assert (tmp_path / "nce" / "head" / "projection.safetensors").is_file()
+    sweep = pd.read_csv(tmp_path / "nce" / "sweep.csv")
+    assert sweep["candidate"].nunique() == 2 and sweep.groupby("fold")["chosen"].sum().eq(1).all()
+    code, _, err = cli("match", store_copy, "-f", "mobilenet_v2+infonce", "--folds", "3", "--n-boot", "20",
+                       "--no-report", "--out", tmp_path / "again")
+    assert code == 0, err
+
+
+def test_bad_input_gets_one_line(cli, ham_store, tmp_path):
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--groups", "patient", "--out", tmp_path / "a")
+    assert code == 2 and "no column 'patient'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--groups", "id", "--out", tmp_path / "b")
+    assert code == 2 and "occurs once" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--method", "kmeans", "--out", tmp_path / "c")
+    assert code == 2 and "--method" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
