@@ -1,0 +1,186 @@
+"""Probe benchmarks on the full HAM10000 store (10,015 images, offline MobileNetV2 + EfficientNet-Lite0).
+
+Protocol everywhere: 5-fold StratifiedGroupKFold by lesion_id, seed 0, out-of-fold metrics with
+grouped bootstrap 95% CIs (1000 resamples by lesion).
+
+    python benchmarks/bench_probe.py                      # every part
+    python benchmarks/bench_probe.py --parts plain,study  # some of them
+
+Parts:
+  plain  logistic regression (C=1) and kNN (k=20) per encoder through `embedstore probe`, beside the same
+         protocol written directly in scikit-learn; wall time against re-extracting the features
+  tuned  logistic regression with class weights, C tuned by nested Optuna studies (inner group folds)
+  stack  both encoders' logistic probes + LightGBM on both encoders and age/sex/localization, stacked
+  mel    melanoma vs rest: the stack and its bases, ROC AUC and partial AUC above 80% TPR
+  study  wall time of one 50-trial Optuna study (kNN on MobileNetV2, median pruning across folds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HAM, HAM_STORE, ham_store  # noqa: E402
+import common  # noqa: E402
+
+from embedstore.probe import ProbeConfig, run_probe  # noqa: E402
+from embedstore.store import FeatureStore  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "probe"
+ENCODERS = list(common.ENCODERS)  # --encoders narrows it
+BOOT = 1000
+
+
+def _store() -> FeatureStore:
+    store = FeatureStore.open(HAM_STORE) if (HAM_STORE / "zarr.json").is_file() else None
+    if store is None or any(store.info(e).n_done < len(store.manifest) for e in ENCODERS):
+        ham_store(encoders=ENCODERS)
+        store = FeatureStore.open(HAM_STORE)
+    return store
+
+
+def _show(title: str, models: dict, names: list[str]) -> None:
+    print(f"\n{title}")
+    for model, metrics in models.items():
+        cells = "  ".join(f"{n} {metrics[n]['value']:.3f} [{metrics[n]['ci_low']:.3f}, {metrics[n]['ci_high']:.3f}]"
+                          for n in names)
+        print(f"  {model:<70} {cells}")
+
+
+def _probe(name: str, **options) -> tuple[dict, float]:
+    cfg = ProbeConfig.from_dict({"store": str(HAM_STORE), "target": "dx", "groups": "lesion_id", "folds": 5,
+                                 "seed": 0, "n_boot": BOOT, "report": False, "out": str(OUT / name),
+                                 "storage": f"sqlite:///{OUT / 'studies.db'}", **options})
+    t0 = time.perf_counter()
+    summary = run_probe(cfg)
+    return summary, time.perf_counter() - t0
+
+
+def sklearn_direct(store: FeatureStore, encoder: str) -> dict:
+    """The plain probe written directly in scikit-learn: same folds, scaler and solver, nothing of embedstore."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, table = store.load(encoder)
+    y, groups = table["dx"].to_numpy(), table["lesion_id"].to_numpy()
+    classes = np.unique(y)
+    oof = np.zeros((len(y), len(classes)))
+    t0 = time.perf_counter()
+    for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, groups):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[train], y[train])
+        oof[test] = model.predict_proba(X[test])
+    return {"balanced_accuracy": balanced_accuracy_score(y, classes[oof.argmax(1)]),
+            "roc_auc": roc_auc_score(y, oof, multi_class="ovr", average="macro"),
+            "seconds": time.perf_counter() - t0}
+
+
+def reextract_seconds(store: FeatureStore, encoder: str, n: int = 256) -> float:
+    """Seconds to re-extract ``encoder`` features of all images, from a timed sample of ``n`` (CPU, this machine)."""
+    from embedstore.encoders import create_encoder
+    from embedstore.extract import embed_images
+
+    enc = create_encoder(encoder)
+    paths = [HAM / "images" / f"{i}.jpg" for i in store.manifest["id"].iloc[:n]]
+    embed_images(enc, paths[:16], device="cpu")  # warm-up
+    t0 = time.perf_counter()
+    embed_images(enc, paths, device="cpu")
+    return (time.perf_counter() - t0) / n * len(store.manifest)
+
+
+def part_plain(store: FeatureStore) -> None:
+    summary, seconds = _probe("plain", features=list(ENCODERS), heads=["logreg", "knn"],
+                              params={"logreg": {"C": 1.0, "norm": "standard"}, "knn": {"k": 20}})
+    _show(f"plain probes, 5-fold OOF ({seconds:.0f} s for {len(summary['models'])} models, incl. CIs and t-SNE)",
+          summary["models"], ["balanced_accuracy", "roc_auc"])
+    print("\nsame protocol directly in scikit-learn (logistic regression, C=1, standardised):")
+    for encoder in ENCODERS:
+        ref = sklearn_direct(store, encoder)
+        ours = summary["models"][f"{encoder} × logreg"]
+        diffs = {m: abs(ours[m]["value"] - ref[m]) for m in ("balanced_accuracy", "roc_auc")}
+        print(f"  {encoder:<20} sklearn bal.acc {ref['balanced_accuracy']:.4f} AUC {ref['roc_auc']:.4f} "
+              f"| embedstore {ours['balanced_accuracy']['value']:.4f} / {ours['roc_auc']['value']:.4f} "
+              f"| max |diff| {max(diffs.values()):.2e} | sklearn fits {ref['seconds']:.0f} s")
+    _, one = _probe("plain_one", features=[ENCODERS[0]], heads=["logreg"], params={"logreg": {"C": 1.0}})
+    extract = reextract_seconds(store, ENCODERS[0])
+    print(f"\nwall time, {ENCODERS[0]} 5-fold logreg probe from the store: {one:.0f} s; re-extracting its features "
+          f"(estimated from 256 images): {extract:.0f} s; extract+probe / probe = {(extract + one) / one:.1f}x")
+
+
+def part_tuned(store: FeatureStore, trials: int) -> None:
+    for encoder in ENCODERS:
+        summary, seconds = _probe(f"tuned_{encoder}", features=[encoder], heads=["logreg"], trials=trials,
+                                  inner_folds=3, params={"logreg": {"class_weight": "balanced"}})
+        _show(f"tuned logreg ({trials} trials per nested study, {seconds:.0f} s)", summary["models"],
+              ["balanced_accuracy", "roc_auc"])
+
+
+def _stack_options() -> dict:
+    return {"features": ["+".join(ENCODERS)], **STACK}
+
+
+STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
+         "metadata": ["age", "sex", "localization"], "inner_folds": 3,
+         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"}}}
+
+
+def part_stack(store: FeatureStore) -> None:
+    summary, seconds = _probe("stack", **_stack_options())
+    _show(f"stack: both encoders (logreg) + LightGBM on both with age/sex/localization ({seconds:.0f} s)",
+          summary["models"], ["balanced_accuracy", "roc_auc"])
+
+
+def part_mel(store: FeatureStore) -> None:
+    summary, seconds = _probe("mel", positive="mel", metric="pauc_80", **_stack_options())
+    _show(f"melanoma vs rest ({seconds:.0f} s)", summary["models"], ["roc_auc", "pauc_80"])
+
+
+def part_study(store: FeatureStore) -> None:
+    from embedstore.heads import KNNHead
+    from embedstore.metrics import balanced_accuracy
+    from embedstore.splits import group_kfold
+    from embedstore.tune import tune
+
+    X, table = store.load(ENCODERS[0])
+    y = np.unique(table["dx"], return_inverse=True)[1]
+    folds = group_kfold(y, table["lesion_id"].to_numpy(), 5, seed=0)
+    t0 = time.perf_counter()
+    best, study = tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 50, f"sqlite:///{OUT / 'study50.db'}",
+                       f"knn50-{time.time():.0f}", seed=0)
+    seconds = time.perf_counter() - t0
+    pruned = sum(t.state.name == "PRUNED" for t in study.trials)
+    print(f"\n50-trial Optuna study (kNN, {ENCODERS[0]}, 5 group folds): {seconds:.0f} s, {pruned} trials pruned, "
+          f"best balanced accuracy {study.best_value:.3f} with {best}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="plain,tuned,stack,mel,study")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--encoders", default=",".join(common.ENCODERS))
+    args = parser.parse_args()
+    ENCODERS[:] = args.encoders.split(",")
+    OUT.mkdir(parents=True, exist_ok=True)
+    from threadpoolctl import threadpool_limits
+
+    store = _store()
+    print(f"store {HAM_STORE}: {len(store.manifest)} images; encoders {', '.join(ENCODERS)}")
+    with threadpool_limits(limits=1, user_api="blas"):  # as the probe runs, so the sklearn baseline is comparable
+        for part in args.parts.split(","):
+            t0 = time.perf_counter()
+            if part == "tuned":
+                part_tuned(store, args.trials)
+            else:
+                globals()[f"part_{part}"](store)
+            print(f"[{part}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

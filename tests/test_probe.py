@@ -1,0 +1,177 @@
+"""`embedstore probe` and `embedstore predict` end to end on the real HAM10000 subset store."""
+
+import json
+import shutil
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from typer.testing import CliRunner
+
+from embedstore.cli import app
+from embedstore.errors import ConfigError
+from embedstore.probe import ProbeConfig, load_data, run_probe
+from embedstore.store import FeatureStore
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output, result.exception
+
+
+@pytest.fixture(scope="module")
+def plain_run(ham_store, tmp_path_factory):
+    """A plain logreg probe (C=1) written through the CLI, shared by the tests that read its folder."""
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    code, output, exc = _cli("probe", ham_store, "--features", "mobilenet_v2", "--target", "dx", "--groups",
+                             "lesion_id", "--head", "logreg", "--param", "logreg.C=1", "--n-boot", "200",
+                             "--no-report", "--out", out)
+    assert code == 0, (output, exc)
+    assert "mobilenet_v2 × logreg: balanced_accuracy" in output
+    return out
+
+
+def test_run_folder_has_the_documented_format(plain_run, ham_store):
+    run = json.loads((plain_run / "run.json").read_text())
+    assert run["format"] == 1 and run["kind"] == "probe" and run["head"] == "logreg"
+    assert run["features"] == [FeatureStore.open(ham_store).resolve("mobilenet_v2")]
+    assert run["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    metrics = json.loads((plain_run / "metrics.json").read_text())
+    assert metrics["headline"][0] == "balanced_accuracy"
+    ba = metrics["metrics"]["balanced_accuracy"]
+    assert ba["ci_low"] < ba["value"] < ba["ci_high"]
+    folds = pd.read_csv(plain_run / "folds.csv")
+    assert list(folds.columns[:3]) == ["fold", "n_train", "n_test"] and len(folds) == 5
+    emb = pd.read_parquet(plain_run / "embedding_2d.parquet")
+    assert list(emb.columns) == ["id", "x", "y", "label"]
+    config = yaml.safe_load((plain_run / "config.yaml").read_text())
+    assert config["params"] == {"logreg": {"C": 1}} and config["groups"] == "lesion_id"
+    card = json.loads((plain_run / "head" / "model_card.json").read_text())
+    assert card["features"][0]["key"] == run["features"][0] and card["classes"] == run["classes"]
+    assert "Model card" in (plain_run / "head" / "MODEL_CARD.md").read_text()
+
+
+def test_oof_predictions_are_grouped_and_match_plain_sklearn(plain_run, ham_store):
+    pred = pd.read_parquet(plain_run / "predictions.parquet")
+    X, table = FeatureStore.open(ham_store).load("mobilenet_v2")
+    assert set(pred["split"]) == {"oof"} and sorted(pred["id"]) == sorted(table["id"])
+    merged = pred.merge(table, on="id")
+    assert (merged["y_true"] == merged["dx"]).all()
+    assert merged.groupby("lesion_id")["fold"].nunique().max() == 1  # every lesion sits in one fold only
+    # The same protocol written directly in scikit-learn gives the same probabilities.
+    y, groups = table["dx"].to_numpy(), table["lesion_id"].to_numpy()
+    ref = np.zeros((len(y), 7))
+    with threadpool_limits(limits=1, user_api="blas"):
+        for tr, te in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, groups):
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[tr], y[tr])
+            ref[te] = model.predict_proba(X[te])
+    ours = pred.set_index("id").loc[table["id"], [f"p_{c}" for c in sorted(set(y))]].to_numpy()
+    assert np.allclose(ours, ref, atol=1e-4)
+    metrics = json.loads((plain_run / "metrics.json").read_text())["metrics"]
+    assert metrics["balanced_accuracy"]["value"] == pytest.approx(
+        balanced_accuracy_score(y, np.array(sorted(set(y)))[ref.argmax(1)]), abs=1e-3)
+
+
+def test_predict_applies_the_saved_head_and_refuses_other_fingerprints(plain_run, ham_store, tmp_path):
+    out = tmp_path / "pred.csv"
+    code, output, _ = _cli("predict", plain_run / "head", ham_store, "--out", out)
+    assert code == 0, output
+    pred = pd.read_csv(out)
+    X, table = FeatureStore.open(ham_store).load("mobilenet_v2")
+    model = joblib.load(plain_run / "head" / "model.joblib")
+    frame = pd.DataFrame(X, columns=[f"mobilenet_v2/{j}" for j in range(X.shape[1])])
+    assert np.allclose(pred[[c for c in pred if c.startswith("p_")]].to_numpy(), model.predict_proba(frame), atol=1e-6)
+    assert (pred["y_true"] == table["dx"]).all()
+    # A store without that feature set (same images, other features) is refused in one line.
+    other = tmp_path / "other.zarr"
+    shutil.copytree(ham_store, other)
+    shutil.rmtree(other / "features" / FeatureStore.open(ham_store).resolve("mobilenet_v2"))
+    code, _, exc = _cli("predict", plain_run / "head", other, "--out", tmp_path / "x.csv")
+    assert code != 0 and "fingerprint" in str(exc)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_comparison_of_feature_sets_and_heads_exports_latex(ham_store, tmp_path):
+    cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2,efficientnet_lite0",
+                                 "target": "dx", "groups": "lesion_id", "heads": "logreg,knn", "folds": 3,
+                                 "n_boot": 100, "tsne_max": 200, "report": False, "out": str(tmp_path / "cmp")})
+    summary = run_probe(cfg)
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert len(table) == 4 and {"balanced_accuracy", "balanced_accuracy_ci", "roc_auc"} <= set(table.columns)
+    best = table.loc[table["balanced_accuracy"].idxmax(), "model"]
+    assert summary["model"] == best == json.loads((tmp_path / "cmp" / "metrics.json").read_text())["model"]
+    tex = (tmp_path / "cmp" / "comparison.tex").read_text()
+    assert tex.count(r"\\") == 5 and r"\toprule" in tex and r"mobilenet\_v2 $\times$ knn" in tex
+
+
+def test_config_file_with_cli_override_and_a_nested_tuned_stack(ham_store, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": str(ham_store), "features": ["mobilenet_v2+efficientnet_lite0"], "target": "dx",
+        "groups": "lesion_id", "heads": ["logreg"], "stack_heads": ["knn"], "stack_joint": ["lgbm"],
+        "metadata": ["age", "sex", "localization"], "folds": 3, "inner_folds": 2, "n_boot": 100,
+        "tsne_max": 200, "report": False, "params": {"lgbm": {"n_estimators": 30, "pca": 8}},
+    }))
+    out = tmp_path / "stack"
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    code, output, exc = _cli("probe", "--config", config, "--head", "stack", "--trials", "2", "--storage", storage,
+                             "--out", out)
+    assert code == 0, (output, exc)
+    run = json.loads((out / "run.json").read_text())
+    assert run["head"] == "stack" and run["study"]["storage"] == storage
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert any("(in " in name for name in models) and len(models) == 4  # the stack beside its three bases
+    import optuna
+
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    # One study per tuned base per outer fold (nested), plus the final ones on all training rows.
+    assert sum(n.endswith(":fold0") for n in names) == 3 and sum(n.endswith(":final") for n in names) == 3
+
+
+def test_holdout_scores_test_rows_only(ham_store, tmp_path):
+    cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2", "target": "dx",
+                                 "positive": "mel", "groups": "lesion_id", "heads": "knn", "holdout": 0.25,
+                                 "folds": 3, "n_boot": 100, "tsne_max": 200, "report": False,
+                                 "out": str(tmp_path / "hold")})
+    run_probe(cfg)
+    pred = pd.read_parquet(tmp_path / "hold" / "predictions.parquet")
+    metrics = json.loads((tmp_path / "hold" / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test" and metrics["n"] == (pred["split"] == "test").sum()
+    assert 0.0 <= metrics["metrics"]["pauc_80"]["value"] <= 0.2
+    _, table = FeatureStore.open(ham_store).load("mobilenet_v2", columns=["lesion_id"])
+    lesion = pred.merge(table, on="id").groupby("split")["lesion_id"].apply(set)
+    assert not lesion["oof"] & lesion["test"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "diagnosis"], "target column 'diagnosis' is not in the store"),
+    (["--groups", "patient"], "group column 'patient' is not in the store"),
+    (["--features", "dinov2_vitb14"], "no feature set 'dinov2_vitb14'"),
+    (["--positive", "df", "--folds", "40"], "has no rows of class"),
+])
+def test_bad_input_is_one_clear_line(ham_store, tmp_path, args, message):
+    base = {"--features": "mobilenet_v2", "--target": "dx", "--groups": "lesion_id"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    flat = [x for kv in base.items() for x in kv]
+    code, _, exc = _cli("probe", ham_store, *flat, "--no-report", "--out", tmp_path / "bad")
+    assert code != 0 and message in str(exc) and "\n" not in str(exc)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_single_class_target_is_refused(ham_store):
+    store = FeatureStore.open(ham_store)
+    store.__dict__["manifest"] = store.manifest.assign(dx="nv")  # an in-memory table with one class
+    cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2", "target": "dx"})
+    with pytest.raises(ConfigError, match="single class"):
+        load_data(cfg, store)
