@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def test_run_folder_of_another_format_is_refused(ham_store, inputs, tmp_path):
 
 
 def test_rewriting_a_report_replaces_it_whole(ham_store, inputs, tmp_path):
-    run = _copy(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    run = _copy(match_run(ham_store, inputs), tmp_path)
     write_report(run)
     (run / "figures" / "stale.png").write_bytes(b"old")
     write_report(run)
@@ -241,20 +240,35 @@ def test_comparison_marks_the_best_run_per_metric_and_exports_latex_and_csv(ham_
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from embedstore.cli import main; main()", "report", *args],
-                          capture_output=True, text=True, timeout=300)
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real console entry point in-process: exit code, stdout, stderr."""
+    from embedstore.cli import main
+
+    argv, sys.argv = sys.argv, ["embedstore", "report", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, inputs, tmp_path):
+def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, inputs, tmp_path, capsys):
     storage, _ = tuned_study(ham_store, inputs)
-    done = _cli(storage, "--study", "nope", "--out", str(tmp_path / "x"))
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "no study named 'nope'" in done.stderr
+    code, _, err = _cli(capsys, storage, "--study", "nope", "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "no study named 'nope'" in err
+    assert not (tmp_path / "x").exists()
     runs = [str(sklearn_probe_run(ham_store, inputs, f)) for f in ("mobilenet_v2", "efficientnet_lite0")]
-    done = _cli("--compare", *runs, "--out", str(tmp_path / "cmp"))
-    assert done.returncode == 0, done.stderr
+    code, out, err = _cli(capsys, "--compare", *runs, "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert "compared 2 runs" in out
     assert {"comparison.html", "comparison.md", "comparison.tex", "comparison.csv"} <= {
         p.name for p in (tmp_path / "cmp").iterdir()}
-    done = _cli(*runs)
-    assert done.returncode == 2 and "--compare" in done.stderr
+    code, _, err = _cli(capsys, *runs)
+    assert code == 2 and "--compare" in err
+    code, out, _ = _cli(capsys, storage, "--out", str(tmp_path / "study"))
+    assert code == 0 and (tmp_path / "study" / "report.html").is_file()

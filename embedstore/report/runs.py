@@ -98,7 +98,12 @@ class Run:
 
     @property
     def model_label(self) -> str:
-        return str(self.info.get("head") or self.info.get("method") or self.kind)
+        """The head of a probe; the method of a match run, with its projection head if it has one."""
+        if self.kind == "match":
+            projection = self.info.get("projection")
+            method = str(self.info.get("method") or "match")
+            return f"{method} + {projection} projection" if projection and projection != "none" else method
+        return str(self.info.get("head") or self.kind)
 
     @property
     def label(self) -> str:

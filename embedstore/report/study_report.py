@@ -20,6 +20,7 @@ import numpy as np
 import optuna
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.ticker import NullFormatter
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -269,10 +270,10 @@ def history_figure(trials: list[FrozenTrial], objective: str, minimize: bool) ->
             ax.scatter(px, py, s=26, marker="x", color=style.color(1), label="pruned (last reported value)", zorder=3)
         ax.step(numbers, best, where="post", color=style.color(3), lw=2.2, label="best so far", zorder=4)
         i = int(np.argmin(values) if minimize else np.argmax(values))
-        ax.annotate(f"best {values[i]:.4g} (trial {numbers[i]})", (numbers[i], values[i]), xytext=(8, -14 if not minimize else 10),
-                    textcoords="offset points", fontsize=9, color=style.color(3))
+        ax.scatter([numbers[i]], [values[i]], s=150, marker="*", color=style.color(3), edgecolors="white",
+                   linewidths=0.8, zorder=5, label=f"best: {values[i]:.4g} (trial {numbers[i]})")
         ax.set(xlabel="trial number", ylabel=objective, title=f"Optimization history ({'minimize' if minimize else 'maximize'})")
-        ax.legend(loc="lower right" if not minimize else "upper right")
+        ax.legend(loc="best")
         return style.to_png(fig)
 
 
@@ -383,6 +384,7 @@ def slice_figure(complete: list[FrozenTrial], params: list[str], distributions: 
                 x = np.array([np.nan if v is None else float(v) for v in raw], dtype=float)
                 if getattr(distribution, "log", False):
                     ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
             scatter = ax.scatter(x[present], values[present], c=numbers[present], cmap=style.CONTINUOUS_CMAP,
                                  vmin=numbers.min(), vmax=max(numbers.max(), numbers.min() + 1),
                                  s=20, alpha=0.85, edgecolors="none")
@@ -436,6 +438,7 @@ def _best_trial_blocks(study: optuna.Study, level: int) -> list[Block]:
     return blocks
 
 
+_REPORTED = "value reported to the pruner"
 _FOLD_ATTR = re.compile(r"^fold[_-]?(\d+)(?:[_-](.+))?$")
 
 
@@ -463,7 +466,7 @@ def fold_rows(trial: FrozenTrial, objective: str = "objective") -> Optional[tupl
         columns[name] = [by_fold.get(k) for k in range(max(by_fold) + 1)]
     if trial.intermediate_values:
         steps = sorted(trial.intermediate_values)
-        columns.setdefault("reported after fold", [trial.intermediate_values[s] for s in steps])
+        columns.setdefault(_REPORTED, [trial.intermediate_values[s] for s in steps])
     if not columns:
         return None
     length = Counter(len(v) for v in columns.values()).most_common(1)[0][0]
@@ -472,7 +475,7 @@ def fold_rows(trial: FrozenTrial, objective: str = "objective") -> Optional[tupl
     folds = columns.get("fold") or list(range(length))
     rows = [[_fmt(folds[i])] + [_fmt(columns[k][i]) for k in names] for i in range(length)]
     means = ["mean"] + [
-        _fmt(float(np.mean(columns[k]))) if all(isinstance(v, (int, float)) for v in columns[k]) else ""
+        _fmt(float(np.mean(columns[k]))) if k != _REPORTED and all(isinstance(v, (int, float)) for v in columns[k]) else ""
         for k in names
     ]
     return ["fold", *[pretty(k) for k in names]], rows + [means]
