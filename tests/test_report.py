@@ -165,6 +165,21 @@ def test_binary_probe_report_and_missing_store(ham_store, inputs, tmp_path):
     assert (run / "figures" / "roc_pr.png").exists()
 
 
+def test_probe_report_shows_its_tuning_study(ham_store, inputs, tmp_path):
+    storage, name = tuned_study(ham_store, inputs)
+    best = optuna.load_study(study_name=name, storage=storage).best_trial
+    run = _copy(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "study": {"storage": storage, "name": name}}))
+    md = write_report(run).with_suffix(".md").read_text()
+    assert "## Tuning" in md and f"Best trial #{best.number}:" in md
+    assert (run / "figures" / "tuning_history.png").exists()
+    gone = f"sqlite:///{tmp_path / 'gone.db'}"
+    (run / "run.json").write_text(json.dumps({**info, "study": {"storage": gone, "name": name}}))
+    md = write_report(run).with_suffix(".md").read_text()
+    assert "the tuning study cannot be read" in md and "does not exist" in md
+
+
 def test_run_folder_of_another_format_is_refused(ham_store, inputs, tmp_path):
     run = _copy(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
     info = json.loads((run / "run.json").read_text())

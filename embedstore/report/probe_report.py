@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, precision_recall_curve, roc_curve
 
+from embedstore.errors import EmbedstoreError
 from embedstore.report import style
 from embedstore.report.charts import folds_table, interval_figure, metrics_table, models_table
 from embedstore.report.document import Figure, Heading, Note, Paragraph, Report
@@ -355,13 +356,16 @@ def sample_grid_figure(pred: Predictions, rows: list[int], thumbs: dict, cols: i
 
 
 def _study_pointer(report: Report, run: Run) -> None:
+    """The tuning study of the run: its history and best parameters when the storage is readable."""
     study = run.study()
-    if study:
-        report.add(
-            Heading("Tuning"),
-            Paragraph(
-                f"Hyperparameters were tuned in Optuna study `{study.get('name')}` "
-                f"(storage `{study['storage']}`); its report: "
-                f"`embedstore report {study['storage']} --study {study.get('name')}`."
-            ),
-        )
+    if not study:
+        return
+    command = f"embedstore report {study['storage']} --study {study.get('name')}"
+    report.add(Heading("Tuning"))
+    from embedstore.report.study_report import tuning_summary
+
+    try:
+        report.add(*tuning_summary(study["storage"], str(study.get("name"))))
+    except EmbedstoreError as exc:
+        report.add(Note(f"the tuning study cannot be read ({exc})."))
+    report.add(Paragraph(f"The study's full report (importances, parallel coordinates, slices): `{command}`."))

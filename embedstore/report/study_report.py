@@ -112,6 +112,23 @@ def build_study_report(studies: list[optuna.Study], source: str) -> Report:
     return report
 
 
+def tuning_summary(storage: str, name: str) -> list[Block]:
+    """A short account of one study for the report of the run it tuned: history and best parameters."""
+    study = load_studies(storage, name)[0]
+    trials = study.get_trials(deepcopy=False)
+    blocks: list[Block] = [Paragraph(_summary(study, trials))]
+    best = _best_trial(study)
+    if best is None:
+        return blocks
+    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+    objective = _objective_name(study)
+    blocks.append(Figure("tuning_history", history_figure(trials, objective, minimize),
+                         f"Optuna study `{name}`: every completed trial's {objective} and the best so far."))
+    blocks.append(Table(["hyperparameter", "value"], [[k, _fmt(v)] for k, v in best.params.items()],
+                        f"Best trial #{best.number}: {objective} = {_fmt(best.value)}."))
+    return blocks
+
+
 def overview_table(studies: list[optuna.Study]) -> Table:
     rows = []
     for study in studies:
