@@ -377,27 +377,23 @@ class Probe:
     def scored_rows(self) -> np.ndarray:
         return self.test if len(self.test) else self.train
 
-    def metrics_with_ci(self, proba: np.ndarray, names: list[str] | None = None) -> dict[str, dict]:
-        """Every metric of ``proba`` on the scored rows; the headline ones (or ``names``) with grouped CIs."""
+    def metrics_with_ci(self, proba: np.ndarray) -> dict[str, dict]:
+        """Every metric of ``proba`` (rows aligned with :meth:`scored_rows`); headline ones with grouped CIs."""
         d, rows = self.data, self.scored_rows()
-        y, p = d.y[rows], proba[rows] if len(proba) == len(d.y) else proba
+        y = d.y[rows]
         groups = None if d.groups is None else d.groups[rows]
-        fns = metric_functions(len(d.classes))
         out = {}
-        for name, fn in fns.items():
-            if name in (names or self.headline_names()):
-                ci = bootstrap_ci(fn, y, p, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+        for name, fn in metric_functions(len(d.classes)).items():
+            if name in self.headline_names():
+                ci = bootstrap_ci(fn, y, proba, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
                 out[name] = {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high}
             else:
-                out[name] = {"value": fn(y, p), "ci_low": None, "ci_high": None}
+                out[name] = {"value": fn(y, proba), "ci_low": None, "ci_high": None}
         return out
 
-
-def _scored_proba(result: dict, probe: Probe) -> np.ndarray:
-    """The predictions a model is scored on: its test probabilities, else its OOF ones (full length)."""
-    if result["test"] is not None:
-        return result["test"]
-    return result["oof"]
+    def scored(self, test_proba: np.ndarray | None, oof: np.ndarray) -> np.ndarray:
+        """The predictions a model is scored on: its test ones when there is a test split, else its OOF ones."""
+        return test_proba if len(self.test) else oof[self.train]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -498,10 +494,9 @@ def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> 
     headline = probe.headline_names()
     models = {}
     for r in results:
-        models[r["spec"].name] = probe.metrics_with_ci(_scored_proba(r, probe))
-        for name in r["base_oof"]:
-            base = r["base_test"].get(name) if len(probe.test) else r["base_oof"][name]
-            models[f"{name} (in {r['spec'].name})"] = probe.metrics_with_ci(base)
+        models[r["spec"].name] = probe.metrics_with_ci(probe.scored(r["test"], r["oof"]))
+        for name, oof in r["base_oof"].items():
+            models[f"{name} (in {r['spec'].name})"] = probe.metrics_with_ci(probe.scored(r["base_test"].get(name), oof))
     key = headline[0]
     best = max(results, key=lambda r: models[r["spec"].name][key]["value"])
     spec = best["spec"]
