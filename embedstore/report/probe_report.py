@@ -75,7 +75,11 @@ def build_probe_report(run: Run) -> Report:
     _models(report, run)
     folds = _reported_folds(run)
     if folds is not None:
-        report.add(Heading("Per-fold metrics"), folds_table(folds, "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."))
+        caption = "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."
+        if run.metrics_doc.get("evaluated_on") == "test":
+            caption = ("Cross-validation folds of the training data (the headline metrics above are on the held-out "
+                       "test set); no group is on both sides. All metrics are in folds.csv.")
+        report.add(Heading("Per-fold metrics"), folds_table(folds, caption))
     predictions = Predictions.from_run(run)
     if predictions is None:
         report.add(Note("predictions.parquet is missing: no confusion matrix, curves, calibration or samples."))
