@@ -109,8 +109,17 @@ def accuracy(y_true, proba) -> float:
 
 
 def balanced_accuracy(y_true, proba) -> float:
-    """Mean per-class recall of the most probable class (classes present in ``y_true``)."""
-    return float(skm.balanced_accuracy_score(y_true, np.asarray(proba).argmax(1)))
+    """Mean per-class recall of the most probable class over the classes present in ``y_true``.
+
+    Equal to ``sklearn.metrics.balanced_accuracy_score`` on the argmax, by two
+    bincounts (it runs a thousand times per bootstrap interval).
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(proba)
+    n = np.bincount(y, minlength=p.shape[1])
+    hits = np.bincount(y[p.argmax(1) == y], minlength=p.shape[1])
+    present = n > 0
+    return float(np.mean(hits[present] / n[present]))
 
 
 def _prf(average: str, which: int) -> Callable[[np.ndarray, np.ndarray], float]:

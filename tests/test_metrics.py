@@ -62,6 +62,9 @@ def test_binary_and_ovr_auc_equal_sklearn():
     logits = rng.normal(size=(500, 7)) + 1.5 * np.eye(7)[y7]
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert roc_auc(y7, p) == pytest.approx(skm.roc_auc_score(y7, p, multi_class="ovr", average="macro"))
+    missing = y7 != 3  # a class absent from y_true (as in a bootstrap resample) is left out, as sklearn does
+    assert evaluate(y7[missing], p[missing])["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(y7[missing], p[missing].argmax(1)))
 
 
 def test_sensitivity_at_specificity_respects_the_bound():
@@ -79,6 +82,7 @@ def test_evaluate_binary_has_pauc_and_multiclass_not():
     p = np.c_[1 - 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-s))]
     m = evaluate(y.astype(int), p)
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(1)))
     assert m["f1_macro"] == pytest.approx(skm.f1_score(y, p.argmax(1), average="macro"))
     assert "pauc_80" in m
     assert "pauc_80" not in evaluate(np.array([0, 1, 2]), np.eye(3))
