@@ -302,18 +302,28 @@ def check_pages(pages: list[Path], chromium: str, width: int = 1200) -> list[Pag
         a, b = os.dup(to_browser_r), os.dup(from_browser_w)
         os.dup2(a, 3)
         os.dup2(b, 4)
+        for fd in (3, 4):  # dup2 onto itself (a == 3) keeps close-on-exec: clear it explicitly
+            os.set_inheritable(fd, True)
 
     profile = tempfile.mkdtemp(prefix="embedstore-chromium-")
+    stderr = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
         preexec_fn=wire_pipes, close_fds=False,
     )
     os.close(to_browser_r)
     os.close(from_browser_w)
     tools = _DevTools(to_browser_w, from_browser_r)
     try:
-        target = tools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        try:
+            target = tools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            process.kill()
+            process.wait()
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-800:]
+            raise RuntimeError(f"chromium did not start ({exc}); its stderr ends: {tail}") from exc
         session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             tools.call(f"{domain}.enable", session=session)
@@ -321,17 +331,19 @@ def check_pages(pages: list[Path], chromium: str, width: int = 1200) -> list[Pag
                    {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
         return [_check(tools, session, page, width) for page in pages]
     finally:
-        try:
-            tools.call("Browser.close", timeout=10)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            try:
+                tools.call("Browser.close", timeout=10)
+            except (RuntimeError, TimeoutError, OSError):
+                pass
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         os.close(to_browser_w)
         os.close(from_browser_r)
+        stderr.close()
         shutil.rmtree(profile, ignore_errors=True)
 
 

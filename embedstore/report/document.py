@@ -135,7 +135,7 @@ p { margin: 8px 0; }
 .note { background: var(--bg-note); border-left: 4px solid #E69F00; padding: 8px 12px; margin: 10px 0; }
 table { border-collapse: collapse; margin: 8px 0 4px; font-size: 13.5px; font-variant-numeric: tabular-nums; }
 th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
-td { overflow-wrap: anywhere; }
+td { white-space: nowrap; }
 .ci { color: var(--muted); font-size: 12px; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-bottom: 2px solid var(--ink); font-weight: 600; }

@@ -86,7 +86,11 @@ def build_match_report(run: Run) -> Report:
         report.add(Note("metrics.json is missing or empty."))
     folds = run.table("folds.csv")
     if folds is not None and not folds.empty:
-        report.add(Heading("Per-fold metrics"), folds_table(folds, "Each fold's parameter was chosen on the other folds' pairs."))
+        parameter = list(info["parameter"]) if isinstance(info.get("parameter"), dict) else []
+        keep = [c for c in ("fold", "n_train", "n_test", *parameter, *run.headline, "n_clusters") if c in folds.columns]
+        report.add(Heading("Per-fold metrics"), folds_table(
+            folds[keep] if len(keep) > 3 else folds,
+            "Each fold's parameter was chosen on the other folds' pairs. All per-fold metrics are in folds.csv."))
     sweep = run.table("sweep.csv")
     if sweep is not None and not sweep.empty:
         png = sweep_figure(sweep, run.info)
