@@ -28,7 +28,7 @@ class MatchConfig:
     seed: int = 0
     min_group_size: int = 2          # lesions with fewer images are left out (2: the research protocol)
     neighbors: int = 64              # candidate pairs per image from the kNN search
-    centre: bool = True              # subtract the training mean before cosine (frozen features)
+    centre: bool = False             # subtract the training mean before cosine (frozen features)
     grid: list[float] | None = None  # values of the method's parameter to sweep (None: the default grid)
     min_samples: int = 2             # DBSCAN
     index: str = "auto"              # FAISS index kind for searches

@@ -4,8 +4,9 @@ the final refit on all lesions, and the run folder.
 Protocol (issue 4). The images of lesions with ``min_group_size`` or more images are split
 into lesion-grouped folds. For each fold:
 
-* frozen features: the method's parameter is swept over the training folds' images and the
-  value with the best pairwise F1 is applied to the held-out fold;
+* frozen features: the method's parameter is swept over the training folds (each grouped on its
+  own, pair counts pooled, so the value is chosen on sets the size of the held-out fold) and
+  the value with the best pairwise F1 is applied to the held-out fold;
 * with a projection head: a lesion-grouped validation split of the training lesions scores each
   head candidate (trained on the rest) together with the parameter sweep on the validation
   projections; the best head is refit on all training lesions, projects the held-out fold,
@@ -63,14 +64,26 @@ def grouper_for(Z: np.ndarray, config: MatchConfig) -> Grouper:
     return Grouper(config.method, pairs, Z, min_samples=config.min_samples)
 
 
-def sweep(Z: np.ndarray, groups: np.ndarray, config: MatchConfig) -> pd.DataFrame:
-    """Pairwise precision/recall/F1 and cluster count for every value of the method's grid."""
-    grouper = grouper_for(Z, config)
-    rows = []
-    for value in config.sweep_grid:
-        labels = grouper.labels(value)
-        rows.append({"value": value, **pairwise_prf(groups, labels), "n_clusters": int(labels.max()) + 1})
-    return pd.DataFrame(rows)
+def sweep(Z: np.ndarray, groups: np.ndarray, config: MatchConfig, parts: np.ndarray | None = None) -> pd.DataFrame:
+    """Pairwise precision/recall/F1 and cluster count for every value of the method's grid.
+
+    With ``parts`` (a part number per row), each part is grouped on its own and the pair counts
+    are pooled: a parameter is then chosen on sets of the size it will be applied to (a held-out
+    fold), which matters for graph methods, whose components grow with the set.
+    """
+    parts = np.zeros(len(Z), dtype=int) if parts is None else np.asarray(parts)
+    counts = np.zeros((len(config.sweep_grid), 4))  # tp, positive, predicted, clusters
+    for part in np.unique(parts):
+        rows = np.flatnonzero(parts == part)
+        grouper = grouper_for(Z[rows], config)
+        for v, value in enumerate(config.sweep_grid):
+            labels = grouper.labels(value)
+            tp, positive, predicted = pair_counts_by_group(groups[rows], labels)
+            counts[v] += (tp.sum(), positive.sum(), predicted.sum(), labels.max() + 1)
+    return pd.DataFrame([
+        {"value": value, **pairwise_scores(*counts[v, :3]), "n_clusters": int(counts[v, 3])}
+        for v, value in enumerate(config.sweep_grid)
+    ])
 
 
 def best_value(table: pd.DataFrame) -> tuple[float, float]:
@@ -122,11 +135,16 @@ class CVResult:
     heads: list[dict] = field(default_factory=list)
 
 
-def choose_on_training(X, groups, config: MatchConfig, fold: int, progress=None) -> tuple[float, dict, pd.DataFrame]:
-    """Pick (parameter value, head candidate) using only the training rows given."""
+def choose_on_training(X, groups, parts, config: MatchConfig, fold: int, progress=None) -> tuple[float, dict, pd.DataFrame]:
+    """Pick (parameter value, head candidate) using only the training rows given.
+
+    Frozen features: the grid is swept over the training folds (``parts``), each grouped on its
+    own. Projection heads: a lesion-grouped validation split scores each candidate head (trained
+    on the rest) with the sweep over the validation projections.
+    """
     if config.projection == "none":
         mean = X.mean(axis=0) if config.centre else None
-        table = sweep(normalise(X, mean), groups, config).assign(candidate="")
+        table = sweep(normalise(X, mean), groups, config, parts).assign(candidate="")
         value, _ = best_value(table)
         return value, {}, table.assign(fold=fold, chosen=table["value"] == value)
     inner_train, inner_val = group_holdout(np.zeros(len(groups)), groups, config.validation_size,
@@ -160,8 +178,11 @@ def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: M
     cv_clusters = np.full(len(groups), -1)
     ret = {k: np.full(len(groups), np.nan) for k in ("recall@1", "recall@5", "AP")}
     fold_rows, sweeps, pair_tables, values, heads = [], [], [], [], []
+    fold_number = np.zeros(len(groups), dtype=int)
+    for k, (_, test) in enumerate(folds):
+        fold_number[test] = k
     for k, (train, test) in enumerate(folds):
-        value, candidate, table = choose_on_training(X[train], groups[train], config, k, progress)
+        value, candidate, table = choose_on_training(X[train], groups[train], fold_number[train], config, k, progress)
         head = make_head(config, candidate).fit(X[train], groups[train]) if config.projection != "none" else None
         mean = X[train].mean(axis=0) if config.centre else None
         Z = space(X[test], head, mean)
