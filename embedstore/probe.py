@@ -156,27 +156,15 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
         if col and col not in manifest.columns:
             usable = ", ".join(c for c in manifest.columns if not c.startswith("_") and c not in ("sha256",))
             raise ConfigError(f"{what} column {col!r} is not in the store's table; it has: {usable}")
-    ids = None
-    for key in keys.values():
-        _, t = store.load(key, columns=["id"])
-        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
-    labelled = manifest.set_index("id").loc[ids, cfg.target].notna().to_numpy()
-    ids = ids[labelled].to_numpy()
-    if len(ids) == 0:
+    labelled = manifest.set_index("id")[cfg.target].notna()
+    ids = [i for i in common_ids(store, keys.values()) if labelled[i]]
+    if not ids:
         raise ConfigError(f"no row has both features and a {cfg.target!r} value")
-    blocks, columns, infos, table = [], {}, {}, None
+    X, table, columns = feature_frame(store, keys, cfg.metadata, ids)
+    infos = {}
     for name, key in keys.items():
-        X, t = store.load(key, ids=ids)
-        table = t if table is None else table
-        cols = [f"{name}/{j}" for j in range(X.shape[1])]
-        blocks.append(pd.DataFrame(X, columns=cols))
-        columns[name] = cols
         info = store.info(key)
         infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
-    X = pd.concat(blocks, axis=1)
-    for col in cfg.metadata:
-        values = table[col]
-        X[col] = values.astype("category") if not pd.api.types.is_numeric_dtype(values) else values.astype(float)
     labels = table[cfg.target].astype(str).to_numpy()
     if cfg.positive is not None:
         if cfg.positive not in set(labels):
@@ -189,7 +177,35 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     if len(classes) < 2:
         raise ConfigError(f"target {cfg.target!r} has a single class ({classes[0]!r}); a probe needs two or more")
     groups = table[cfg.groups].astype(str).to_numpy() if cfg.groups else None
-    return ProbeData(X, y, classes, groups, ids, table, keys, columns, infos)
+    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
+
+
+def common_ids(store: FeatureStore, keys) -> list[str]:
+    """Ids of the manifest rows that every feature set in ``keys`` has final, fresh features for."""
+    ids = None
+    for key in keys:
+        _, t = store.load(key, columns=["id"])
+        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
+    return list(ids)
+
+
+def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids):
+    """The heads' input: ``<name>/<j>`` columns of each feature set, then the metadata columns.
+
+    Returns the frame, the manifest rows it came from and each set's column names.
+    Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept).
+    """
+    blocks, columns, table = [], {}, None
+    for name, key in keys.items():
+        X, t = store.load(key, ids=ids)
+        table = t if table is None else table
+        columns[name] = [f"{name}/{j}" for j in range(X.shape[1])]
+        blocks.append(pd.DataFrame(X, columns=columns[name]))
+    frame = pd.concat(blocks, axis=1)
+    for col in metadata:
+        values = store.manifest.set_index("id").loc[table["id"], col].reset_index(drop=True)
+        frame[col] = values.astype(float) if pd.api.types.is_numeric_dtype(values) else values.astype("category")
+    return frame, table, columns
 
 
 # ----------------------------------------------------------------------------- models
@@ -629,18 +645,7 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     missing = [c for c in card["metadata"] if c not in store.manifest.columns]
     if missing:
         raise ConfigError(f"the head reads metadata column(s) {missing}, which {store_path} does not have")
-    ids = None
-    for key in keys.values():
-        _, t = store.load(key, columns=["id"])
-        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
-    blocks, table = [], None
-    for name, key in keys.items():
-        X, t = store.load(key, ids=ids.to_numpy())
-        table = t if table is None else table
-        blocks.append(pd.DataFrame(X, columns=[f"{name}/{j}" for j in range(X.shape[1])]))
-    X = pd.concat(blocks, axis=1)
-    for col in card["metadata"]:
-        X[col] = table[col].astype("category") if not pd.api.types.is_numeric_dtype(table[col]) else table[col].astype(float)
+    X, table, _ = feature_frame(store, keys, card["metadata"], common_ids(store, keys.values()))
     model = joblib.load(head_dir / "model.joblib")
     proba = model.predict_proba(X)
     classes = np.asarray(card["classes"], dtype=object)
