@@ -1,6 +1,7 @@
 """Lesion matching on the full HAM10000 store, and FAISS at scale (issue 4, "Must show").
 
     .venv/bin/python benchmarks/bench_match.py ham        # frozen + numpy reference, FAISS vs numpy
+    .venv/bin/python benchmarks/bench_match.py methods    # DBSCAN and average linkage under the same protocol
     .venv/bin/python benchmarks/bench_match.py heads      # projection heads (contrastive, triplet, infonce)
     .venv/bin/python benchmarks/bench_match.py scale      # 1,000,000 x 384-d synthetic vectors, IVF vs exact
 
@@ -158,11 +159,6 @@ def part_ham() -> None:
     p, r, f1, chosen = ref["pairs"]
     print(f"numpy pair-decision F1 (each pair by its own similarity, no grouping; for orientation): "
           f"{f1:.3f}, precision {p:.3f}, recall {r:.3f}; fold thresholds {chosen}")
-    for name in ("dbscan", "agglomerative"):
-        res, mm, sec, (v, _) = engine(X, groups, method=name)
-        print(f"{name}: {fmt(mm, 'pairwise_f1')}, {fmt(mm, 'pairwise_precision')}, {fmt(mm, 'pairwise_recall')}; "
-              f"fold values {res.values}; {sec:.1f}s")
-
     # FAISS exact search against numpy brute force on the same vectors, top-10 of every image.
     Z = normalise(X)
     index = faiss.IndexFlatIP(Z.shape[1])
@@ -181,6 +177,14 @@ def part_ham() -> None:
     same = np.mean([len(set(a) & set(b)) / 11 for a, b in zip(faiss_knn(), numpy_knn())])
     print(f"top-10 of {len(Z)} x {Z.shape[1]}-d: FAISS IndexFlatIP {t_faiss:.3f}s, numpy brute force {t_numpy:.3f}s, "
           f"numpy/FAISS time ratio {t_numpy / t_faiss:.2f}, neighbour overlap {same:.4f}")
+
+
+def part_methods(methods: list[str]) -> None:
+    X, groups = load_multi()
+    for name in methods:
+        res, mm, sec, (v, _) = engine(X, groups, method=name)
+        print(f"{name}: {fmt(mm, 'pairwise_f1')}, {fmt(mm, 'pairwise_precision')}, {fmt(mm, 'pairwise_recall')}; "
+              f"{mm['n_clusters']['value']} clusters; fold values {res.values}; {sec:.1f}s")
 
 
 def part_heads(losses: list[str], epochs: int) -> None:
@@ -261,7 +265,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["ham", "heads", "scale"])
+    parser.add_argument("part", choices=["ham", "methods", "heads", "scale"])
+    parser.add_argument("--methods", default="dbscan,agglomerative")
     parser.add_argument("--losses", default="infonce,triplet,contrastive")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -272,6 +277,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.part == "ham":
         part_ham()
+    elif args.part == "methods":
+        part_methods(args.methods.split(","))
     elif args.part == "heads":
         part_heads(args.losses.split(","), args.epochs)
     else:

@@ -22,7 +22,7 @@ def multi(ham_store):
     keep = (sizes >= 2).to_numpy()
     X, groups = X[keep], table["lesion_id"].to_numpy()[keep]
     pairs, _ = build_pairs(X, k=len(X) - 1, min_sim=-1.0)
-    return normalise(X, X.mean(axis=0)), groups, pairs
+    return normalise(X), groups, pairs
 
 
 def same_partition(a, b):

@@ -98,8 +98,9 @@ def query(
         return
     table = Table(title=f"nearest {groups if groups in fs.manifest.columns else 'images'} ({fs.resolve(features)})")
     for column in result.columns:
-        table.add_column(column, justify="right" if column in ("rank", "similarity", "n_images") else "left")
-    for row in result.itertuples(index=False):
+        table.add_column(column, justify="right" if column in ("rank", "similarity", "n_images") else "left",
+                         no_wrap=column != "query", overflow="fold")
+    for row in result.assign(query=result["query"].map(lambda q: Path(q).name)).itertuples(index=False):
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
     _out.print(table)
     typer.echo(f"{len(items)} queries, top {top_k} each, searched {fs.info(features).n_done} images")

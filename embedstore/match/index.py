@@ -1,8 +1,8 @@
 """FAISS indices over one feature set, saved beside the store and tied to its fingerprint.
 
-Vectors are compared by cosine similarity: they are optionally centred (the mean of the
-collection they were fitted on is subtracted, which removes the large shared component of
-post-ReLU CNN features), then L2-normalised, and searched by inner product. The default index
+Vectors are compared by cosine similarity: they are L2-normalised (optionally centred first on
+the mean of the collection, ``centre=True``, which removes the shared component of post-ReLU CNN
+features) and searched by inner product. The default index
 is exact (``IndexFlatIP``); IVF or HNSW are used when asked for or when the collection is
 large, and the index moves to the GPU when faiss was built with GPU support and one is present.
 
@@ -87,7 +87,7 @@ class FeatureIndex:
         ids,
         key: str,
         kind: str = "auto",
-        centre: bool = True,
+        centre: bool = False,
         nlist: int | None = None,
         nprobe: int = 32,
         hnsw_m: int = 32,
