@@ -146,6 +146,11 @@ class _Runner:
         return out.cpu().numpy()
 
 
+def default_batch_size(device: torch.device) -> int:
+    """64 on a GPU; 8 on a CPU, where small batches stay in cache (MobileNetV2 on 2 cores: 104 images/s at 8, 44 at 64)."""
+    return 64 if device.type == "cuda" else 8
+
+
 def default_workers(device: torch.device) -> int:
     """Decoding workers: half the cores on CPU (the model needs the rest), up to 8 beside a GPU."""
     cores = os.cpu_count() or 1
@@ -227,7 +232,7 @@ def extract(
     *,
     name: str | None = None,
     weights: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
@@ -244,12 +249,13 @@ def extract(
     chunk, so n processes (or machines sharing the store) can split the work.
     """
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
     if batch_size < 1 or rows_per_chunk < 1:
         raise ConfigError("--batch-size and --rows-per-chunk must be at least 1")
     shard_index, shard_count = _parse_shard(shard)
     if isinstance(encoder, str):
         encoder = create_encoder(encoder, weights=weights)
-    dev = resolve_device(device)
     table = source.table  # validates the source before anything is written
     store = store if isinstance(store, FeatureStore) else FeatureStore.create_or_open(store)
     config = feature_set_config(encoder, tta, dtype)

@@ -270,24 +270,6 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class ClassFolderSource(_FileSource):
-    """``root/<class>/<image>``: the class is the ``label`` column; ids are paths without suffix."""
-
-    kind = "class_folders"
-
-    def _build_table(self) -> pd.DataFrame:
-        files = [p.relative_to(self.root) for p in _image_files(self.root)]
-        if not files:
-            raise SourceError(f"no images found under {self.root}")
-        rel = [p.as_posix() for p in files]
-        ids = pd.Series([str(p.with_suffix("").as_posix()) for p in files])
-        _check_ids(ids, str(self.root))
-        return pd.DataFrame({"id": ids, "_path": rel, "label": [p.parts[0] for p in files]})
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "root": str(self.root.resolve())}
-
-
 class FolderSource(_FileSource):
     """A plain folder of images (searched recursively) with no table: ids are paths without suffix."""
 
@@ -303,6 +285,17 @@ class FolderSource(_FileSource):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "root": str(self.root.resolve())}
+
+
+class ClassFolderSource(FolderSource):
+    """``root/<class>/<image>``: a folder source whose first sub-folder names the ``label`` column."""
+
+    kind = "class_folders"
+
+    def _build_table(self) -> pd.DataFrame:
+        table = super()._build_table()
+        table["label"] = table["_path"].str.split("/").str[0]
+        return table
 
 
 def open_source(

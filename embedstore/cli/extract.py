@@ -26,7 +26,7 @@ def extract(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (safetensors or torch checkpoint) instead of downloading."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Token pooling where the encoder offers a choice (DINOv2: cls, mean, cls+mean)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present, with bf16 autocast), cpu, or cuda[:N]."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
