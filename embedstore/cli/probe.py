@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from embedstore.cli.app import app
 from embedstore.errors import ConfigError
-from embedstore.probe import ProbeConfig, predict as run_predict, run_probe
 
 _err = Console(stderr=True)
 
@@ -70,6 +69,8 @@ def probe(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (replaced if it exists)."),
 ) -> None:
     """Train and evaluate classical heads on cached features with group-aware CV, tuning and stacking."""
+    from embedstore.probe import ProbeConfig, run_probe
+
     raw = _load_config(config)
     cli = {
         "store": str(store) if store else None, "features": features, "target": target, "groups": groups,
@@ -110,6 +111,8 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Predictions file to write (.csv or .parquet)."),
 ) -> None:
     """Apply a saved head to every image of a store; refuses features of another fingerprint."""
+    from embedstore.probe import predict as run_predict
+
     frame = run_predict(head_dir, store, out)
     counts = frame["y_pred"].value_counts()
     typer.echo(f"{len(frame)} images predicted ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {out}")
