@@ -128,7 +128,8 @@ def _stack_options() -> dict:
 
 STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
          "metadata": ["age", "sex", "localization"], "inner_folds": 3,
-         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"}}}
+         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"},
+                    "stack": {"meta_class_weight": "balanced"}}}
 
 
 def part_stack(store: FeatureStore) -> None:

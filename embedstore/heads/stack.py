@@ -43,15 +43,18 @@ class StackHead(ClassifierMixin, BaseEstimator):
     """Stack of ``bases`` = ``[(name, head, columns), ...]`` under a meta-learner.
 
     ``columns`` is ``None`` (all of X) or a list of DataFrame column names.
-    ``meta`` defaults to a multinomial logistic regression with ``meta_C``.
+    ``meta`` defaults to a multinomial logistic regression with ``meta_C`` and
+    ``meta_class_weight`` (``"balanced"`` keeps the stack's top prediction from
+    leaning towards the majority class when balanced accuracy is the goal).
     ``fit(X, y, groups=...)`` builds the out-of-fold probabilities on
     ``n_splits`` stratified group folds seeded by ``seed``.
     """
 
-    def __init__(self, bases=(), meta=None, meta_C=1.0, n_splits=5, seed=0):
+    def __init__(self, bases=(), meta=None, meta_C=1.0, meta_class_weight=None, n_splits=5, seed=0):
         self.bases = bases
         self.meta = meta
         self.meta_C = meta_C
+        self.meta_class_weight = meta_class_weight
         self.n_splits = n_splits
         self.seed = seed
 
@@ -68,7 +71,8 @@ class StackHead(ClassifierMixin, BaseEstimator):
                 fitted = clone(head).fit(_rows(Xb, train), codes[train])
                 oof[test] = fitted.predict_proba(_rows(Xb, test))
             self.oof_[name] = oof
-        self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(C=self.meta_C, max_iter=2000)
+        self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(
+            C=self.meta_C, class_weight=self.meta_class_weight, max_iter=2000)
         self.meta_.fit(_logit_features(list(self.oof_.values())), codes)
         self.bases_ = [(name, clone(head).fit(select_columns(X, cols), codes), cols) for name, head, cols in self.bases]
         self.n_features_in_ = X.shape[1]
