@@ -25,3 +25,10 @@ class StoreError(EmbedstoreError):
 
 class ConfigError(EmbedstoreError):
     """An option or config file value is invalid."""
+
+
+def reject_unknown_options(options, known, what: str) -> None:
+    """Raise :class:`ConfigError` naming the options of ``what`` (e.g. "probe") that are not in ``known``."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what} option(s) {unknown}; known: {', '.join(sorted(known))}")

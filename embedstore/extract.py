@@ -41,7 +41,7 @@ from embedstore.encoders import Encoder, Preprocessing, create_encoder
 from embedstore.errors import ConfigError, EncoderError
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
-from embedstore.store import DONE, FAILED, FeatureStore, fingerprint
+from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, utc_now
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
@@ -289,17 +289,11 @@ def extract(
 
     result.wall_s = time.perf_counter() - t0
     if result.n_written:
-        fs.append_run({"finished": _timestamp(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
+        fs.append_run({"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
                        "batch_size": batch_size, "num_workers": num_workers, "shard": f"{shard_index}/{shard_count}",
                        "n_written": result.n_written, "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
                        "images_per_s": round(result.images_per_s, 2), "versions": _versions()})
     return result
-
-
-def _timestamp() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size, num_workers, progress, result) -> None:

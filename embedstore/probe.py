@@ -42,7 +42,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from embedstore import __version__
-from embedstore.errors import ConfigError, EmbedstoreError, StoreError
+from embedstore.errors import ConfigError, EmbedstoreError, StoreError, reject_unknown_options
 from embedstore.heads import HEADS, StackHead, make_head, select_columns
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
 from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
@@ -85,10 +85,7 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ProbeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown probe option(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_options(raw, {f.name for f in fields(cls)}, "probe")
         missing = [k for k in ("store", "target", "features") if not raw.get(k)]
         if missing:
             raise ConfigError(f"probe needs {', '.join(missing)} (on the command line or in the config file)")

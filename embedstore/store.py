@@ -58,7 +58,8 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 (seconds), for provenance attributes."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -129,12 +130,14 @@ class FeatureSet:
         self.error.set_orthogonal_selection(rows, np.asarray(error, dtype=str))
         self.status.set_orthogonal_selection(rows, np.asarray(status, dtype=np.uint8))
 
-    def fresh(self, manifest_sha: np.ndarray) -> np.ndarray:
-        """Boolean mask over manifest rows: features done and computed from the current image."""
+    def done_and_fresh(self, manifest_sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks over manifest rows: features done, and done from the current image (fresh)."""
         n = min(self.n_rows, len(manifest_sha))
-        mask = np.zeros(len(manifest_sha), dtype=bool)
-        mask[:n] = (self.status[:n] == DONE) & (self.sha256[:n] == manifest_sha[:n])
-        return mask
+        done = np.zeros(len(manifest_sha), dtype=bool)
+        done[:n] = self.status[:n] == DONE
+        fresh = done.copy()
+        fresh[:n] &= self.sha256[:n] == manifest_sha[:n]
+        return done, fresh
 
     def append_run(self, record: dict, keep: int = 20) -> None:
         """Add one extraction's provenance to the attributes (the last ``keep`` runs are kept)."""
@@ -185,7 +188,7 @@ class FeatureStore:
         if not (path / "zarr.json").is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             root = zarr.open_group(str(path), mode="a", zarr_format=3)
-            root.attrs["embedstore"] = {"format": FORMAT_VERSION, "created_with": __version__, "created": _now()}
+            root.attrs["embedstore"] = {"format": FORMAT_VERSION, "created_with": __version__, "created": utc_now()}
             root.attrs["sources"] = []
             root.require_group("features")
         return cls.open(path)
@@ -312,7 +315,7 @@ class FeatureStore:
         if key not in groups:
             grp = self.root["features"].create_group(
                 key, attributes={**attrs, "name": name, "key": key, "dim": dim, "dtype": dtype,
-                                 "rows_per_chunk": rows_per_chunk, "created": _now()})
+                                 "rows_per_chunk": rows_per_chunk, "created": utc_now()})
             chunks = max(1, rows_per_chunk)
             itemsize = np.dtype(dtype).itemsize
             grp.create_array("emb", shape=(n, dim), dtype=dtype, chunks=(chunks, dim), fill_value=0,
@@ -369,10 +372,8 @@ class FeatureStore:
         fs = self.feature_set(features)
         manifest = self.manifest
         man_sha = manifest["sha256"].to_numpy()
-        fresh = fs.fresh(man_sha)
-        n = min(fs.n_rows, len(man_sha))
-        stale = np.zeros(len(man_sha), dtype=bool)
-        stale[:n] = (fs.status[:n] == DONE) & ~fresh[:n]
+        done, fresh = fs.done_and_fresh(man_sha)
+        stale = done & ~fresh
         if stale.any():
             raise StoreError(
                 f"{int(stale.sum())} images changed since feature set {fs.attrs.get('name')} was extracted "

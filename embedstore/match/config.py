@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, reject_unknown_options
 from embedstore.match.cluster import METHODS, PARAMETERS
 from embedstore.match.index import INDEX_KINDS
 from embedstore.match.projection import HEAD_GRIDS, LOSSES, ProjectionHead
@@ -55,10 +55,7 @@ class MatchConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MatchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown match option(s) {unknown}; known: {', '.join(sorted(known))}")
+        reject_unknown_options(data, {f.name for f in fields(cls)}, "match")
         config = cls(**data)
         config.validate()
         return config
