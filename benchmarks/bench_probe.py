@@ -85,7 +85,7 @@ def sklearn_direct(store: FeatureStore, encoder: str) -> dict:
 def reextract_seconds(store: FeatureStore, encoder: str, n: int = 256) -> float:
     """Seconds to re-extract ``encoder`` features of all images, from a timed sample of ``n`` (CPU, this machine)."""
     from embedstore.encoders import create_encoder
-    from embedstore.extract import embed_images
+    from embedstore.extraction import embed_images
 
     enc = create_encoder(encoder)
     paths = [HAM / "images" / f"{i}.jpg" for i in store.manifest["id"].iloc[:n]]

@@ -16,7 +16,7 @@ from embedstore.errors import EmbedstoreError  # noqa: E402
 from embedstore.encoders import create_encoder, list_encoders, register_encoder  # noqa: E402
 from embedstore.sources import open_source  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
-from embedstore.extract import extract  # noqa: E402  (the function; it shadows the module name on purpose)
+from embedstore.extraction import extract  # noqa: E402  (the function; it shadows the module name on purpose)
 
 __all__ = [
     "EmbedstoreError",

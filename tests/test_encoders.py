@@ -12,7 +12,7 @@ from embedstore.encoders import create_encoder, list_encoders
 from embedstore.encoders.torchvision_models import offline_weights_file
 from embedstore.encoders.weights import load_state_dict
 from embedstore.errors import EncoderError
-from embedstore.extract import embed_images
+from embedstore.extraction import embed_images
 
 CAT = Path(__file__).parent / "data" / "chelsea.jpg"
 IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat

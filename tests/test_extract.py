@@ -18,7 +18,7 @@ import zarr
 
 from embedstore import FeatureStore, create_encoder, extract, open_source
 from embedstore.errors import StoreError
-from embedstore.extract import embed_images
+from embedstore.extraction import embed_images
 from embedstore.store import DONE, FAILED
 
 ENCODER = "mobilenet_v2"

@@ -27,7 +27,7 @@ def demo(
     3. match: group the images of the same lesion with a FAISS kNN graph and a cosine threshold;
     4. report: HTML and Markdown reports of both runs and of the study.
     """
-    from embedstore.extract import extract as run_extract
+    from embedstore.extraction import extract as run_extract
     from embedstore.match.config import MatchConfig
     from embedstore.match.run import run_match
     from embedstore.probe import ProbeConfig, run_probe

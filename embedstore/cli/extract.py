@@ -44,7 +44,7 @@ def extract(
     not fatal.
     """
     from embedstore.encoders import create_encoder
-    from embedstore.extract import extract as run_extract
+    from embedstore.extraction import extract as run_extract
     from embedstore.sources import open_source
 
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)

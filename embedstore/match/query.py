@@ -47,7 +47,7 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tu
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:
     """Features of image files in the space of feature set ``key`` (encoder, then head if derived)."""
-    from embedstore.extract import embed_images, encoder_for
+    from embedstore.extraction import embed_images, encoder_for
 
     attrs = store.info(key).attrs
     parent = attrs.get("derived_from")
