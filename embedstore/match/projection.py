@@ -13,6 +13,10 @@ Three losses, all on L2-normalised outputs of a batch drawn as P lesions x K ima
 :class:`ProjectionHead` follows scikit-learn's estimator contract (``fit(X, groups)``,
 ``transform``), so it can be cloned and cross-validated; it runs on the GPU when asked or
 when one is present (``device="auto"``).
+
+torch is imported inside the functions that use it (and the :class:`MLP` module class is
+defined on first use), so that ``embedstore match`` without a projection head, and the match
+config, do not pay for loading torch.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator, TransformerMixin
-from torch import nn
 
 from embedstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 LOSSES = ("contrastive", "triplet", "infonce")
 
@@ -39,11 +44,16 @@ LOSSES = ("contrastive", "triplet", "infonce")
 
 def _distances(z: torch.Tensor) -> torch.Tensor:
     """Euclidean distances between unit vectors, from their cosine similarities."""
+    import torch
+
     return torch.sqrt(torch.clamp(2.0 - 2.0 * z @ z.T, min=1e-12))
 
 
 def contrastive_loss(z: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Mean of positive-pair d^2 and negative-pair max(0, margin - d)^2, each averaged on its own."""
+    import torch
+    import torch.nn.functional as F
+
     d = _distances(z)
     same = y[:, None] == y[None, :]
     off = ~torch.eye(len(y), dtype=torch.bool, device=z.device)
@@ -55,6 +65,9 @@ def contrastive_loss(z: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> t
 
 def triplet_loss(z: torch.Tensor, y: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
     """Batch-hard triplet loss: max(0, d(a, hardest p) - d(a, hardest n) + margin) per anchor."""
+    import torch
+    import torch.nn.functional as F
+
     d = _distances(z)
     same = y[:, None] == y[None, :]
     off = ~torch.eye(len(y), dtype=torch.bool, device=z.device)
@@ -69,6 +82,8 @@ def triplet_loss(z: torch.Tensor, y: torch.Tensor, margin: float = 0.2) -> torch
 
 def info_nce_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Supervised InfoNCE: mean over anchors of -mean log softmax(sim / T) over their positives."""
+    import torch
+
     logits = z @ z.T / temperature
     eye = torch.eye(len(y), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
@@ -110,6 +125,8 @@ def lesion_batches(groups: np.ndarray, lesions_per_batch: int, images_per_lesion
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -134,6 +151,8 @@ def torch_threads(n: int | None):
     The head's matrices are small: on a shared machine one thread is many times faster than
     several OpenMP threads spinning against other processes for the same cores.
     """
+    import torch
+
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -143,17 +162,37 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-class MLP(nn.Module):
-    """Linear -> GELU -> dropout -> linear, with an L2-normalised output."""
+_MLP = None
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
-        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=1)
+def _mlp_class():
+    """The :class:`MLP` module class, defined on first use (it subclasses ``torch.nn.Module``)."""
+    global _MLP
+    if _MLP is None:
+        import torch.nn.functional as F
+        from torch import nn
+
+        class MLP(nn.Module):
+            """Linear -> GELU -> dropout -> linear, with an L2-normalised output."""
+
+            def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float):
+                super().__init__()
+                self.net = nn.Sequential(
+                    nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return F.normalize(self.net(x), dim=1)
+
+        MLP.__qualname__ = "MLP"  # pickles refer to embedstore.match.projection.MLP, found by __getattr__ below
+        _MLP = MLP
+    return _MLP
+
+
+def __getattr__(name: str):
+    if name == "MLP":
+        return _mlp_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ProjectionHead(TransformerMixin, BaseEstimator):
@@ -191,6 +230,9 @@ class ProjectionHead(TransformerMixin, BaseEstimator):
         return contrastive_loss(z, y, 1.0 if self.margin is None else self.margin)
 
     def _prepare(self, X) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         X = torch.as_tensor(np.asarray(X, dtype=np.float32)) - self.input_mean_
         return F.normalize(X, dim=1)
 
@@ -200,6 +242,8 @@ class ProjectionHead(TransformerMixin, BaseEstimator):
             return self._fit(X, groups)
 
     def _fit(self, X, groups) -> "ProjectionHead":
+        import torch
+
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown projection loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         X = np.asarray(X, dtype=np.float32)
@@ -212,7 +256,7 @@ class ProjectionHead(TransformerMixin, BaseEstimator):
         self.input_mean_ = torch.as_tensor(X.mean(axis=0))
         inputs = self._prepare(X).to(device)
         labels = torch.as_tensor(groups, device=device)
-        model = MLP(X.shape[1], self.hidden_dim, self.out_dim, self.dropout).to(device)
+        model = _mlp_class()(X.shape[1], self.hidden_dim, self.out_dim, self.dropout).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         n_batches = len(lesion_batches(groups, self.lesions_per_batch, self.images_per_lesion, rng))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.epochs * n_batches))
@@ -233,18 +277,21 @@ class ProjectionHead(TransformerMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
-    @torch.no_grad()
     def transform(self, X, batch: int = 65536) -> np.ndarray:
         """Unit-norm projections [n, out_dim] (float32) of raw features ``X``."""
+        import torch
+
         X = np.asarray(X, dtype=np.float32)
         if X.shape[1] != self.n_features_in_:
             raise ConfigError(f"head expects {self.n_features_in_}-d features, got {X.shape[1]}-d")
-        with torch_threads(self.threads):
+        with torch.no_grad(), torch_threads(self.threads):
             out = [self.model_(self._prepare(X[s:s + batch])).numpy() for s in range(0, len(X), batch)]
         return np.concatenate(out).astype(np.float32) if out else np.empty((0, self.out_dim), np.float32)
 
     # -- persistence: safetensors weights + JSON parameters ------------------------------
     def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model_.state_dict().items()}
@@ -256,13 +303,15 @@ class ProjectionHead(TransformerMixin, BaseEstimator):
 
     @classmethod
     def load(cls, folder: str | Path) -> "ProjectionHead":
+        from safetensors.torch import load_file
+
         folder = Path(folder)
         params = json.loads((folder / "projection.json").read_text())
         n_in = params.pop("n_features_in")
         head = cls(**params)
         tensors = load_file(str(folder / "projection.safetensors"))
         head.input_mean_ = tensors.pop("input_mean")
-        head.model_ = MLP(n_in, head.hidden_dim, head.out_dim, head.dropout)
+        head.model_ = _mlp_class()(n_in, head.hidden_dim, head.out_dim, head.dropout)
         head.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items()})
         head.model_.eval()
         head.n_features_in_ = n_in
