@@ -57,8 +57,8 @@ def build_study(store: Path, storage: str, n_trials: int = 100, max_rows: int = 
     classes, y = np.unique(table["dx"].astype(str), return_inverse=True)
     folds = group_kfold(y, table["lesion_id"].astype(str).to_numpy(), n_splits=3, seed=0)
 
-    def balanced_accuracy(y_true, proba):
-        return balanced_accuracy_score(y_true, proba.argmax(axis=1))
+    def balanced_accuracy(y_true, proba, y_pred):
+        return balanced_accuracy_score(y_true, y_pred)
 
     start = time.perf_counter()
     tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, n_trials=n_trials,

@@ -2,7 +2,9 @@
 
 Conventions: ``y_true`` holds integer class codes ``0..K-1``; ``proba`` is an
 ``[n, K]`` array of class probabilities whose column ``k`` belongs to class
-``k``. A binary problem has ``K == 2`` and class 1 is the positive class.
+``k``; ``y_pred`` holds the predicted class codes (a head's ``predict``, not
+always the argmax of ``proba``). A binary problem has ``K == 2`` and class 1
+is the positive class.
 Nothing here reads files or fits models, so every function can be checked
 against a direct computation and reused by any engineer (probe, match, report).
 """
@@ -103,32 +105,31 @@ def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
     return skm.confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
 
 
-def accuracy(y_true, proba) -> float:
-    """Fraction of rows whose most probable class is the true one."""
-    return float(np.mean(np.asarray(proba).argmax(1) == np.asarray(y_true)))
+def accuracy(y_true, y_pred) -> float:
+    """Fraction of rows whose predicted class is the true one."""
+    return float(np.mean(np.asarray(y_pred) == np.asarray(y_true)))
 
 
-def balanced_accuracy(y_true, proba) -> float:
-    """Mean per-class recall of the most probable class over the classes present in ``y_true``.
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean per-class recall over the classes present in ``y_true``.
 
-    Equal to ``sklearn.metrics.balanced_accuracy_score`` on the argmax, by two
-    bincounts (it runs a thousand times per bootstrap interval).
+    Equal to ``sklearn.metrics.balanced_accuracy_score``, by two bincounts (it
+    runs a thousand times per bootstrap interval).
     """
     y = np.asarray(y_true)
-    p = np.asarray(proba)
-    n = np.bincount(y, minlength=p.shape[1])
-    hits = np.bincount(y[p.argmax(1) == y], minlength=p.shape[1])
+    pred = np.asarray(y_pred)
+    n = np.bincount(y)
+    hits = np.bincount(y[pred == y], minlength=n.size)
     present = n > 0
     return float(np.mean(hits[present] / n[present]))
 
 
-def _prf(average: str, which: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    """Precision (0), recall (1) or F1 (2) of the most probable class, ``average`` over all classes."""
+def _prf(average: str, which: int) -> Callable[[np.ndarray, np.ndarray, int], float]:
+    """Precision (0), recall (1) or F1 (2) of the predicted classes, ``average`` over all ``n_classes``."""
 
-    def metric(y_true, proba) -> float:
-        p = np.asarray(proba)
+    def metric(y_true, y_pred, n_classes: int) -> float:
         values = skm.precision_recall_fscore_support(
-            y_true, p.argmax(1), labels=np.arange(p.shape[1]), average=average, zero_division=0
+            y_true, y_pred, labels=np.arange(n_classes), average=average, zero_division=0
         )
         return float(values[which])
 
@@ -137,21 +138,25 @@ def _prf(average: str, which: int) -> Callable[[np.ndarray, np.ndarray], float]:
 
 # ----------------------------------------------------------------------------- metric tables
 
-#: Metrics of every probe: name -> f(y_true, proba).
-CLASS_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": accuracy,
-    "balanced_accuracy": balanced_accuracy,
+#: Metrics of the predicted classes (a head's ``predict``): name -> f(y_true, y_pred, n_classes).
+LABEL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
+    "accuracy": lambda y, pred, k: accuracy(y, pred),
+    "balanced_accuracy": lambda y, pred, k: balanced_accuracy(y, pred),
     "precision_macro": _prf("macro", 0),
     "recall_macro": _prf("macro", 1),
     "f1_macro": _prf("macro", 2),
     "precision_weighted": _prf("weighted", 0),
     "recall_weighted": _prf("weighted", 1),
     "f1_weighted": _prf("weighted", 2),
+}
+
+#: Metrics of the class probabilities (a head's ``predict_proba``): name -> f(y_true, proba).
+SCORE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "roc_auc": roc_auc,
     "average_precision": average_precision,
 }
 
-#: Extra metrics of binary probes, on the positive-class probability.
+#: Extra score metrics of binary probes, on the positive-class probability.
 BINARY_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "pauc_80": lambda y, p: partial_auc(np.asarray(y) == 1, np.asarray(p)[:, 1], min_tpr=0.8),
     "sensitivity_at_90_specificity": lambda y, p: sensitivity_at_specificity(
@@ -159,16 +164,36 @@ BINARY_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     ),
 }
 
-
-def metric_functions(n_classes: int) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
-    """The metrics that apply to a problem with ``n_classes`` classes, by name."""
-    return {**CLASS_METRICS, **(BINARY_METRICS if n_classes == 2 else {})}
+Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
-def evaluate(y_true, proba) -> dict[str, float]:
-    """Every applicable metric of one set of predictions (no intervals), by name."""
+def metric_functions(n_classes: int) -> dict[str, Metric]:
+    """The metrics of a problem with ``n_classes`` classes, by name, each as ``f(y_true, proba, y_pred)``.
+
+    Label metrics (accuracy, balanced accuracy, precision/recall/F1) score the
+    predicted classes ``y_pred``, ranking metrics (ROC AUC, AP, pAUC) the
+    probabilities, as scikit-learn scores ``predict`` and ``predict_proba``.
+    The two differ when a head's decision rule is not the plain argmax (see
+    :class:`embedstore.heads.BalancedDecision`). One signature for all lets a
+    bootstrap resample ``(y_true, proba, y_pred)`` together.
+    """
+    table: dict[str, Metric] = {}
+    for name, fn in LABEL_METRICS.items():
+        table[name] = lambda y, p, pred, fn=fn: fn(y, pred, n_classes)
+    scores = {**SCORE_METRICS, **(BINARY_METRICS if n_classes == 2 else {})}
+    for name, fn in scores.items():
+        table[name] = lambda y, p, pred, fn=fn: fn(y, p)
+    return table
+
+
+def evaluate(y_true, proba, y_pred=None) -> dict[str, float]:
+    """Every applicable metric of one set of predictions (no intervals), by name.
+
+    ``y_pred`` (class codes) defaults to the most probable class of each row.
+    """
     p = np.asarray(proba)
-    return {name: fn(y_true, p) for name, fn in metric_functions(p.shape[1]).items()}
+    pred = p.argmax(1) if y_pred is None else np.asarray(y_pred)
+    return {name: fn(y_true, p, pred) for name, fn in metric_functions(p.shape[1]).items()}
 
 
 # ----------------------------------------------------------------------------- matching metrics

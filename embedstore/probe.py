@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from embedstore import __version__
 from embedstore.errors import ConfigError, EmbedstoreError, StoreError, reject_unknown_options
-from embedstore.heads import HEADS, StackHead, make_head, select_columns
+from embedstore.heads import DECISIONS, HEADS, BalancedDecision, StackHead, make_head, select_columns
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
 from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore
@@ -74,6 +74,7 @@ class ProbeConfig:
     holdout: float = 0.0
     trials: int = 0
     metric: str | None = None  # tuning metric; default balanced_accuracy (multiclass) or roc_auc (binary)
+    decision: str = "argmax"  # predicted class: "argmax", or "balanced" (argmax of p / training class prior)
     params: dict = field(default_factory=dict)  # fixed head parameters, e.g. {logreg: {C: 1.0}}
     storage: str | None = None
     study_name: str | None = None
@@ -105,6 +106,8 @@ class ProbeConfig:
             raise ConfigError("stack_heads and stack_joint list the base heads of a stack; they cannot contain 'stack'")
         if self.folds < 2 or self.inner_folds < 2:
             raise ConfigError("folds and inner_folds must be at least 2")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
         if self.trials < 0:
             raise ConfigError("--trials must be 0 (no tuning) or more")
         if self.split_column and self.holdout:
@@ -247,16 +250,31 @@ def _base_params(cfg: ProbeConfig, head: str) -> dict:
 
 
 def build_model(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec, tuned: dict[str, dict] | None = None):
-    """The estimator of ``spec``, reading the probe frame; ``tuned`` overrides parameters per base name."""
+    """The estimator of ``spec``, reading the probe frame; ``tuned`` overrides parameters per base name.
+
+    With ``decision: balanced`` it is wrapped in :class:`BalancedDecision` (same probabilities,
+    balanced-accuracy decision).
+    """
     tuned = tuned or {}
     sets = spec.entry.split("+")
     if spec.head != "stack":
-        return _single(cfg, data, sets, spec.head, tuned.get(spec.head, {}))
+        return _decided(cfg, _single(cfg, data, sets, spec.head, tuned.get(spec.head, {})))
     bases = []
     for base_name, base_sets, head in _stack_bases(cfg, sets):
         est = _single(cfg, data, base_sets, head, tuned.get(base_name, {}))
         bases.append((base_name, est.head, est.columns))
-    return StackHead(bases=bases, n_splits=cfg.inner_folds, seed=cfg.seed, **cfg.params.get("stack", {}))
+    return _decided(cfg, StackHead(bases=bases, n_splits=cfg.inner_folds, seed=cfg.seed, **cfg.params.get("stack", {})))
+
+
+def _decided(cfg: ProbeConfig, model):
+    return BalancedDecision(model) if cfg.decision == "balanced" else model
+
+
+def stack_of(model) -> StackHead | None:
+    """The (fitted or unfitted) stack inside ``model``, or None when it is no stack."""
+    if isinstance(model, BalancedDecision):
+        model = getattr(model, "estimator_", model.estimator)
+    return model if isinstance(model, StackHead) else None
 
 
 def _stack_bases(cfg: ProbeConfig, sets: list[str]) -> list[tuple[str, list[str], str]]:
@@ -275,10 +293,15 @@ def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned
 
 
 def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[str, ColumnsHead, str]]:
-    """(tuned-parameter key, estimator, head name) of every part of ``spec`` that has hyperparameters to tune."""
+    """(tuned-parameter key, estimator, head name) of every part of ``spec`` that has hyperparameters to tune.
+
+    Each part is scored with the run's decision rule (wrapped as :func:`build_model` wraps the model).
+    """
     if spec.head != "stack":
-        return [(spec.head, _single(cfg, data, spec.entry.split("+"), spec.head, {}), spec.head)]
-    return [(name, _single(cfg, data, sets, h, {}), h) for name, sets, h in _stack_bases(cfg, spec.entry.split("+"))]
+        parts = [(spec.head, spec.entry.split("+"), spec.head)]
+    else:
+        parts = _stack_bases(cfg, spec.entry.split("+"))
+    return [(name, _decided(cfg, _single(cfg, data, sets, h, {})), h) for name, sets, h in parts]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -294,7 +317,7 @@ def _tune_metric(cfg: ProbeConfig, n_classes: int):
 
 def _fit(model, X: pd.DataFrame, y, groups, rows):
     """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds)."""
-    if isinstance(model, StackHead):
+    if stack_of(model) is not None:
         return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
     return clone(model).fit(X.iloc[rows], y[rows])
 
@@ -348,16 +371,18 @@ class Probe:
             local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
             tuned[key], _ = tune(
                 est, head, self.data.X.iloc[rows], self.data.y[rows], local, self.metric, self.cfg.trials,
-                self.storage, self._study_name(spec, key, scope), self.cfg.seed, prefix="head__",
+                self.storage, self._study_name(spec, key, scope), self.cfg.seed,
+                prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
                 fixed=frozenset(self.cfg.params.get(head, {})),
             )
             self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
         return tuned
 
     def evaluate_model(self, spec: ModelSpec) -> dict:
-        """OOF (and test) predictions, per-fold metrics, the final fitted model of one spec."""
+        """OOF (and test) probabilities and predicted classes, per-fold metrics, the final fitted model of one spec."""
         cfg, d = self.cfg, self.data
         oof = np.full((len(d.y), len(d.classes)), np.nan)
+        oof_pred = np.full(len(d.y), -1)
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
         for k, (train, test) in enumerate(self.folds):
@@ -368,19 +393,21 @@ class Probe:
                 tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
             model = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])
-            if isinstance(model, StackHead):
-                for name, p in model.base_probas(d.X.iloc[test]).items():
+            oof_pred[test] = model.predict(d.X.iloc[test])
+            if stack_of(model) is not None:
+                for name, p in stack_of(model).base_probas(d.X.iloc[test]).items():
                     base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
-            scores = evaluate(d.y[test], oof[test])
+            scores = evaluate(d.y[test], oof[test], oof_pred[test])
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
                               **scores, "seconds": round(time.perf_counter() - t0, 2)})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.train, self.folds, "final")
         final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
-        base_test = final.base_probas(d.X.iloc[self.test]) if isinstance(final, StackHead) and len(self.test) else {}
-        return {"spec": spec, "oof": oof, "test": test_proba, "folds": fold_rows, "model": final, "tuned": tuned,
-                "base_oof": base_oof, "base_test": base_test}
+        test_pred = final.predict(d.X.iloc[self.test]) if len(self.test) else None
+        base_test = stack_of(final).base_probas(d.X.iloc[self.test]) if stack_of(final) is not None and len(self.test) else {}
+        return {"spec": spec, "oof": oof, "oof_pred": oof_pred, "test": test_proba, "test_pred": test_pred,
+                "folds": fold_rows, "model": final, "tuned": tuned, "base_oof": base_oof, "base_test": base_test}
 
     # ------------------------------------------------------------------ metrics
 
@@ -390,23 +417,26 @@ class Probe:
     def scored_rows(self) -> np.ndarray:
         return self.test if len(self.test) else self.train
 
-    def metrics_with_ci(self, proba: np.ndarray) -> dict[str, dict]:
-        """Every metric of ``proba`` (rows aligned with :meth:`scored_rows`); headline ones with grouped CIs."""
+    def metrics_with_ci(self, proba: np.ndarray, pred: np.ndarray | None = None) -> dict[str, dict]:
+        """Every metric of ``proba`` and the predicted classes ``pred`` (default: the argmax of ``proba``),
+        rows aligned with :meth:`scored_rows`; headline metrics with grouped CIs."""
         d, rows = self.data, self.scored_rows()
         y = d.y[rows]
+        pred = proba.argmax(1) if pred is None else pred
         groups = None if d.groups is None else d.groups[rows]
         out = {}
         for name, fn in metric_functions(len(d.classes)).items():
             if name in self.headline_names():
-                ci = bootstrap_ci(fn, y, proba, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+                ci = bootstrap_ci(fn, y, proba, pred, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
                 out[name] = {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high}
             else:
-                out[name] = {"value": fn(y, proba), "ci_low": None, "ci_high": None}
+                out[name] = {"value": fn(y, proba, pred), "ci_low": None, "ci_high": None}
         return out
 
-    def scored(self, test_proba: np.ndarray | None, oof: np.ndarray) -> np.ndarray:
-        """The predictions a model is scored on: its test ones when there is a test split, else its OOF ones."""
-        return test_proba if len(self.test) else oof[self.train]
+    def scored(self, test: np.ndarray | None, oof: np.ndarray) -> np.ndarray:
+        """The predictions a model is scored on (probabilities or classes): its test ones when there
+        is a test split, else its OOF ones."""
+        return test if len(self.test) else oof[self.train]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -442,6 +472,7 @@ def _card(probe: Probe, result: dict, metrics: dict) -> dict:
         "target": cfg.target,
         "positive_class": cfg.positive,
         "classes": d.classes,
+        "decision": cfg.decision,
         "tuned_params": result["tuned"],
         "fixed_params": {h: cfg.params[h] for h in cfg.params},
         "trained_on": {"store": str(Path(cfg.store).resolve()), "n_rows": int(len(probe.train)),
@@ -467,10 +498,18 @@ def _card_markdown(card: dict) -> str:
         + (f"- metadata columns: {', '.join(card['metadata'])}\n" if card["metadata"] else "")
         + f"\nApply with `embedstore predict HEAD_DIR STORE --out FILE`; it refuses features of another fingerprint.\n\n"
         f"## Training\n- rows: {card['trained_on']['n_rows']}, groups: {card['trained_on']['n_groups']}\n"
+        + _decision_line(card) +
         f"- tuned parameters: `{json.dumps(card['tuned_params'])}`\n- fixed parameters: `{json.dumps(card['fixed_params'])}`\n"
         f"- trained {card['created']} with embedstore {card['embedstore_version']}\n\n"
         f"## Metrics ({card['evaluation']}, 95% CIs by group bootstrap)\n| metric | value | 95% CI |\n|---|---|---|\n{rows}\n"
     )
+
+
+def _decision_line(card: dict) -> str:
+    if card.get("decision") == "balanced":
+        return ("- decision: balanced (the predicted class maximises p(class) / training frequency of the class, "
+                "the rule for balanced accuracy; probabilities are the head's own)\n")
+    return "- decision: argmax (the most probable class)\n"
 
 
 def comparison_table(models: dict[str, dict], headline: list[str]) -> pd.DataFrame:
@@ -507,7 +546,8 @@ def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> 
     headline = probe.headline_names()
     models = {}
     for r in results:
-        models[r["spec"].name] = probe.metrics_with_ci(probe.scored(r["test"], r["oof"]))
+        models[r["spec"].name] = probe.metrics_with_ci(probe.scored(r["test"], r["oof"]),
+                                                       probe.scored(r["test_pred"], r["oof_pred"]))
         for name, oof in r["base_oof"].items():
             models[f"{name} (in {r['spec'].name})"] = probe.metrics_with_ci(probe.scored(r["base_test"].get(name), oof))
     key = headline[0]
@@ -570,11 +610,13 @@ def _predictions(probe: Probe, result: dict) -> pd.DataFrame:
         fold[test] = k
     classes = np.asarray(d.classes, dtype=object)
     parts = []
-    for split, rows, proba in (("oof", probe.train, result["oof"][probe.train]), ("test", probe.test, result["test"])):
+    sides = (("oof", probe.train, result["oof"][probe.train], result["oof_pred"][probe.train]),
+             ("test", probe.test, result["test"], result["test_pred"]))
+    for split, rows, proba, pred in sides:
         if proba is None or not len(rows):
             continue
         frame = pd.DataFrame({"id": d.ids[rows], "fold": fold[rows], "split": split,
-                              "y_true": classes[d.y[rows]], "y_pred": classes[proba.argmax(1)]})
+                              "y_true": classes[d.y[rows]], "y_pred": classes[pred]})
         for k, c in enumerate(d.classes):
             frame[f"p_{c}"] = proba[:, k]
         parts.append(frame)
@@ -646,7 +688,7 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     model = joblib.load(head_dir / "model.joblib")
     proba = model.predict_proba(X)
     classes = np.asarray(card["classes"], dtype=object)
-    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[proba.argmax(1)]})
+    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[model.predict(X)]})
     for k, c in enumerate(card["classes"]):
         frame[f"p_{c}"] = proba[:, k]
     if card["target"] in store.manifest.columns:

@@ -67,11 +67,13 @@ def default_storage(store_path: str | Path) -> str:
 
 
 def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = None) -> float:
-    """Mean of ``metric(y_test, proba)`` over ``folds``; with a trial, report after each fold and prune."""
+    """Mean of ``metric(y_test, proba, y_pred)`` over ``folds`` (a function of
+    :func:`embedstore.metrics.metric_functions`); with a trial, report after each fold and prune."""
     scores = []
     for k, (train, test) in enumerate(folds):
         fitted = clone(head).fit(_rows(X, train), y[train])
-        scores.append(float(metric(y[test], fitted.predict_proba(_rows(X, test)))))
+        X_test = _rows(X, test)
+        scores.append(float(metric(y[test], fitted.predict_proba(X_test), fitted.predict(X_test))))
         if trial is not None:
             trial.set_user_attr(f"fold_{k}", scores[-1])
             trial.report(float(np.mean(scores)), step=k)

@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from embedstore.heads import HEADS, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, make_head
+from embedstore.heads import HEADS, BalancedDecision, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, make_head
 from embedstore.heads.base import undersample_indices
 from embedstore.splits import group_holdout, group_kfold
 from embedstore.store import FeatureStore
@@ -85,6 +85,22 @@ def test_balanced_class_weights_shift_predictions_away_from_the_majority(ham):
     plain = LogRegHead(C=0.05).fit(X[train], y[train]).predict(X[test])
     weighted = LogRegHead(C=0.05, class_weight="balanced").fit(X[train], y[train]).predict(X[test])
     assert np.mean(weighted == majority) < np.mean(plain == majority)
+
+
+def test_balanced_decision_keeps_the_probabilities_and_divides_by_the_training_prior(ham):
+    X, y, train, test = ham["X"], ham["y"], ham["train"], ham["test"]
+    plain = LogRegHead(C=0.05).fit(X[train], y[train])
+    decided = BalancedDecision(LogRegHead(C=0.05)).fit(X[train], y[train])
+    proba = decided.predict_proba(X[test])
+    assert np.array_equal(proba, plain.predict_proba(X[test]))  # AUC, AP and pAUC cannot change
+    classes, counts = np.unique(y[train], return_counts=True)
+    assert np.allclose(decided.class_prior_, counts / counts.sum())
+    expected = classes[(proba / (counts / counts.sum())).argmax(1)]
+    assert np.array_equal(decided.predict(X[test]), expected)
+    # Dividing by the largest prior can only take predictions away from the majority class.
+    majority = classes[counts.argmax()]
+    assert np.mean(expected == majority) < np.mean(plain.predict(X[test]) == majority)
+    assert clone(decided).get_params()["estimator"].get_params() == LogRegHead(C=0.05).get_params()
 
 
 def test_undersampling_caps_every_class_at_ratio_times_the_smallest():

@@ -82,6 +82,34 @@ def test_oof_predictions_are_grouped_and_match_plain_sklearn(plain_run, ham_stor
         balanced_accuracy_score(y, np.array(sorted(set(y)))[ref.argmax(1)]), abs=1e-3)
 
 
+def test_balanced_decision_moves_only_the_predicted_classes(plain_run, ham_store, tmp_path):
+    out = tmp_path / "balanced"
+    code, output, exc = _cli("probe", ham_store, "--features", "mobilenet_v2", "--target", "dx", "--groups",
+                             "lesion_id", "--head", "logreg", "--param", "logreg.C=1", "--decision", "balanced",
+                             "--n-boot", "200", "--no-report", "--out", out)
+    assert code == 0, (output, exc)
+    plain, ours = (pd.read_parquet(run / "predictions.parquet").set_index("id") for run in (plain_run, out))
+    ours = ours.loc[plain.index]
+    probs = [c for c in plain.columns if c.startswith("p_")]
+    assert np.allclose(ours[probs].to_numpy(), plain[probs].to_numpy())  # the same probabilities
+    # Each fold's predictions divide the probabilities by the class frequencies of that fold's training rows.
+    for fold, rows in ours.groupby("fold"):
+        prior = ours.loc[ours["fold"] != fold, "y_true"].value_counts(normalize=True)
+        expected = (rows[probs] / prior.loc[[c[2:] for c in probs]].to_numpy()).to_numpy().argmax(1)
+        assert (rows["y_pred"].to_numpy() == np.array([c[2:] for c in probs])[expected]).all()
+    assert (ours["y_pred"] != plain["y_pred"]).sum() > 5  # ... which moves some held-out predictions
+    a, b = (json.loads((run / "metrics.json").read_text())["metrics"] for run in (plain_run, out))
+    assert b["roc_auc"] == a["roc_auc"]
+    assert b["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(ours["y_true"], ours["y_pred"]))
+    assert json.loads((out / "head" / "model_card.json").read_text())["decision"] == "balanced"
+    pred = tmp_path / "pred.csv"  # the saved head applies the same rule, with the prior of all its training rows
+    assert _cli("predict", out / "head", ham_store, "--out", pred)[0] == 0
+    pred = pd.read_csv(pred)
+    prior = pred["y_true"].value_counts(normalize=True).loc[[c[2:] for c in probs]].to_numpy()
+    expected = np.array([c[2:] for c in probs])[(pred[probs].to_numpy() / prior).argmax(1)]
+    assert (pred["y_pred"].to_numpy() == expected).all()
+
+
 def test_predict_applies_the_saved_head_and_refuses_other_fingerprints(plain_run, ham_store, tmp_path):
     out = tmp_path / "pred.csv"
     code, output, _ = _cli("predict", plain_run / "head", ham_store, "--out", out)

@@ -86,7 +86,8 @@ def sklearn_probe_run(store: Path, root: Path, features: str, positive: str | No
     groups = table["lesion_id"].astype(str).to_numpy()
     proba = np.zeros((len(y), len(classes)))
     fold_of = np.zeros(len(y), dtype=int)
-    metrics = {"balanced_accuracy": balanced_accuracy, "roc_auc": roc_auc, "accuracy": accuracy}
+    metrics = {"balanced_accuracy": lambda y, p: balanced_accuracy(y, p.argmax(1)), "roc_auc": roc_auc,
+               "accuracy": lambda y, p: accuracy(y, p.argmax(1))}
     fold_rows = []
     for k, (train, test) in enumerate(group_kfold(y, groups, n_splits=3, seed=0)):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))
@@ -144,8 +145,8 @@ def tuned_study(store: Path, root: Path, n_trials: int = 12) -> tuple[str, str]:
     folds = group_kfold(y, table["lesion_id"].astype(str).to_numpy(), n_splits=3, seed=0)
     storage = f"sqlite:///{root / 'studies.db'}"
 
-    def balanced_accuracy(y_true, proba):
-        return balanced_accuracy_score(y_true, proba.argmax(axis=1))
+    def balanced_accuracy(y_true, proba, y_pred):
+        return balanced_accuracy_score(y_true, y_pred)
 
     name = "ham:dx:logreg"
     tune(LogRegHead(norm="l2", max_iter=200), "logreg", X, y, folds, balanced_accuracy,

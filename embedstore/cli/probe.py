@@ -60,6 +60,7 @@ def probe(
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Official train/test column (e.g. ISIC 2016)."),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction held out as a grouped, stratified test set."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Metric to tune (default balanced_accuracy; roc_auc for binary)."),
+    decision: Optional[str] = typer.Option(None, "--decision", help="Predicted class: argmax (default) or balanced, the most probable class after dividing by each class's training frequency (the rule for balanced accuracy; probabilities, and so AUC, unchanged)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Fixed head parameter HEAD.NAME=VALUE (repeatable), e.g. logreg.C=1."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file beside the store)."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Prefix of the Optuna study names."),
@@ -76,7 +77,7 @@ def probe(
         "store": str(store) if store else None, "features": features, "target": target, "groups": groups,
         "heads": head, "stack_heads": stack_heads, "stack_joint": stack_joint, "trials": trials, "metadata": metadata, "positive": positive,
         "folds": folds, "inner_folds": inner_folds, "split_column": split_column, "holdout": holdout,
-        "metric": metric, "storage": storage, "study_name": study_name, "seed": seed, "n_boot": n_boot,
+        "metric": metric, "decision": decision, "storage": storage, "study_name": study_name, "seed": seed, "n_boot": n_boot,
         "report": report, "out": str(out) if out else None,
     }
     raw.update({k: v for k, v in cli.items() if v is not None})

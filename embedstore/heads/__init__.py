@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from embedstore.errors import ConfigError
 from embedstore.heads.base import EmbeddingHead, Preprocessor, undersample_indices
+from embedstore.heads.decision import DECISIONS, BalancedDecision
 from embedstore.heads.knn import KNNHead
 from embedstore.heads.lgbm import LGBMHead
 from embedstore.heads.linear import LogRegHead, SVMHead
@@ -25,6 +26,6 @@ def make_head(name: str, **params):
 
 
 __all__ = [
-    "HEADS", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
+    "DECISIONS", "HEADS", "BalancedDecision", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
     "StackHead", "make_head", "select_columns", "undersample_indices",
 ]
