@@ -128,8 +128,8 @@ def _stack_options() -> dict:
 
 STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
          "metadata": ["age", "sex", "localization"], "inner_folds": 3,
-         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"},
-                    "stack": {"meta_class_weight": "balanced"}}}
+         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"}},
+         "decision": "balanced"}
 
 
 def part_stack(store: FeatureStore) -> None:
@@ -145,7 +145,7 @@ def part_mel(store: FeatureStore) -> None:
 
 def part_study(store: FeatureStore) -> None:
     from embedstore.heads import KNNHead
-    from embedstore.metrics import balanced_accuracy
+    from embedstore.metrics import metric_functions
     from embedstore.splits import group_kfold
     from embedstore.tune import tune
 
@@ -153,6 +153,7 @@ def part_study(store: FeatureStore) -> None:
     y = np.unique(table["dx"], return_inverse=True)[1]
     folds = group_kfold(y, table["lesion_id"].to_numpy(), 5, seed=0)
     t0 = time.perf_counter()
+    balanced_accuracy = metric_functions(7)["balanced_accuracy"]
     best, study = tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 50, f"sqlite:///{OUT / 'study50.db'}",
                        f"knn50-{time.time():.0f}", seed=0)
     seconds = time.perf_counter() - t0
