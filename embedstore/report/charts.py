@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from embedstore.report import style
-from embedstore.report.document import Cell, Table
-from embedstore.report.runs import Estimate
+from embedstore.report.document import Block, Cell, Figure, Heading, Note, Table
+from embedstore.report.runs import Estimate, Run
 
 # Metrics where smaller is better; every other metric is taken as larger-is-better.
 _LOWER_IS_BETTER = ("loss", "brier", "ece", "error")
@@ -157,3 +157,22 @@ def interval_figure(
         if len(labels) > 1:
             fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=1)
         return style.to_png(fig)
+
+
+def headline_section(run: Run, caption: str) -> list[Block]:
+    """A run report's "Headline metrics" section: every metric (headline first) with its CI, and their chart.
+
+    ``caption`` says how the intervals were made; the image and group counts are appended to it.
+    """
+    blocks: list[Block] = [Heading("Headline metrics")]
+    if not run.metrics:
+        return blocks + [Note("metrics.json is missing or empty.")]
+    n, groups = run.metrics_doc.get("n"), run.metrics_doc.get("n_groups")
+    if n is not None:
+        caption += f"; {n} images" + (f" in {groups} groups" if groups is not None else "")
+    names = run.headline + [n for n in run.metrics if n not in run.headline]
+    blocks.append(metrics_table(run.metrics, names, caption + ". Headline metrics first."))
+    png = interval_figure({run.model_label: run.metrics}, run.headline, "Headline metrics with 95% CIs")
+    if png:
+        blocks.append(Figure("headline", png, "Point estimates and 95% bootstrap confidence intervals."))
+    return blocks

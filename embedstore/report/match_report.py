@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from embedstore.report import style
-from embedstore.report.charts import folds_table, interval_figure, metrics_table, pretty
+from embedstore.report.charts import folds_table, headline_section, pretty
 from embedstore.report.document import Figure, Heading, Note, Report
 from embedstore.report.runs import Run
 from embedstore.report.thumbnails import Header, Tile, draw_sheet, load_thumbnails
@@ -71,19 +71,8 @@ def build_match_report(run: Run) -> Report:
             f"store `{info.get('store', '?')}`, seed {info.get('seed', '?')}, created {info.get('created', '?')}"
         ),
     )
-    report.add(Heading("Headline metrics"))
-    if run.metrics:
-        n, groups = run.metrics_doc.get("n"), run.metrics_doc.get("n_groups")
-        caption = "Pairwise metrics count every pair of images (same group = positive pair); 95% CIs from a bootstrap by group"
-        if n is not None:
-            caption += f"; {n} images" + (f" in {groups} groups" if groups is not None else "")
-        names = run.headline + [n for n in run.metrics if n not in run.headline]
-        report.add(metrics_table(run.metrics, names, caption + "."))
-        png = interval_figure({run.model_label: run.metrics}, run.headline, "Headline metrics with 95% CIs")
-        if png:
-            report.add(Figure("headline", png, "Point estimates and 95% bootstrap confidence intervals."))
-    else:
-        report.add(Note("metrics.json is missing or empty."))
+    report.add(*headline_section(
+        run, "Pairwise metrics count every pair of images (same group = positive pair); 95% CIs from a bootstrap by group"))
     folds = run.table("folds.csv")
     if folds is not None and not folds.empty:
         parameter = list(info["parameter"]) if isinstance(info.get("parameter"), dict) else []

@@ -12,7 +12,7 @@ from sklearn.metrics import auc, average_precision_score, confusion_matrix, prec
 
 from embedstore.errors import EmbedstoreError
 from embedstore.report import style
-from embedstore.report.charts import folds_table, interval_figure, metrics_table, models_table
+from embedstore.report.charts import folds_table, headline_section, interval_figure, models_table
 from embedstore.report.document import Figure, Heading, Note, Paragraph, Report
 from embedstore.report.runs import Run
 from embedstore.report.thumbnails import Tile, draw_sheet, load_thumbnails
@@ -71,7 +71,7 @@ def build_probe_report(run: Run) -> Report:
             f"store `{info.get('store', '?')}`, seed {info.get('seed', '?')}, created {info.get('created', '?')}"
         ),
     )
-    _headline(report, run)
+    report.add(*headline_section(run, "95% CIs from a bootstrap resampled by group"))
     _models(report, run)
     folds = _reported_folds(run)
     if folds is not None:
@@ -106,22 +106,6 @@ def _reported_folds(run: Run) -> pd.DataFrame | None:
     keep += [c for c in run.headline if c in folds.columns] or [c for c in folds.columns if c not in keep]
     keep += [c for c in ("seconds",) if c in folds.columns and c not in keep]
     return folds[keep].reset_index(drop=True)
-
-
-def _headline(report: Report, run: Run) -> None:
-    report.add(Heading("Headline metrics"))
-    if not run.metrics:
-        report.add(Note("metrics.json is missing or empty."))
-        return
-    n, groups = run.metrics_doc.get("n"), run.metrics_doc.get("n_groups")
-    caption = "95% CIs from a bootstrap resampled by group"
-    if n is not None:
-        caption += f"; {n} images" + (f" in {groups} groups" if groups is not None else "")
-    names = run.headline + [n for n in run.metrics if n not in run.headline]
-    report.add(metrics_table(run.metrics, names, caption + ". Headline metrics first."))
-    png = interval_figure({run.model_label: run.metrics}, run.headline, "Headline metrics with 95% CIs")
-    if png:
-        report.add(Figure("headline", png, "Point estimates and 95% bootstrap confidence intervals."))
 
 
 def _models(report: Report, run: Run) -> None:
