@@ -118,3 +118,26 @@ def test_features_are_deterministic_and_differ_between_encoders(ham_root):
     b = embed_images(create_encoder("mobilenet_v2"), images, device="cpu")
     np.testing.assert_array_equal(a, b)
     assert np.linalg.matrix_rank(a) == 4  # four different images, four independent feature vectors
+
+
+@pytest.mark.parametrize("name,dim", [("mobilenet_v2", 1976), ("efficientnet_lite0", 2048)])
+def test_stages_pooling_adds_every_stage_in_front_of_the_default_features(ham_root, name, dim):
+    images = sorted((ham_root / "images").glob("*.jpg"))[:3]
+    plain, stages = create_encoder(name), create_encoder(name, pooling="stages")
+    a, b = embed_images(plain, images, device="cpu"), embed_images(stages, images, device="cpu")
+    assert b.shape == (3, dim) == (3, stages.dim)
+    # The last stage is the head the default features pool, so its part is the default features, bit for bit
+    # (finding the stages must not disturb the batch-norm statistics).
+    np.testing.assert_array_equal(b[:, -plain.dim:], a)
+    # The first stage kept is the 24-channel one at stride 4 (56 x 56 for a 224 input); stride 2 is left out.
+    x = torch.zeros(1, 3, 224, 224)
+    with torch.no_grad():
+        for block in list(stages.model.blocks)[: stages.model.taps[0] + 1]:
+            x = block(x)
+    assert x.shape[1:] == (24, 56, 56)
+    assert stages.config()["pooling"] == "stages" and plain.config()["pooling"] is None  # two fingerprints
+
+
+def test_cnn_pooling_choices_are_checked():
+    with pytest.raises(EncoderError, match="no pooling 'mean'"):
+        create_encoder("mobilenet_v2", pooling="mean")

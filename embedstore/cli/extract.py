@@ -24,7 +24,7 @@ def extract(
     path_col: Optional[str] = typer.Option(None, "--path-col", help="CSV column holding each image's path relative to --images."),
     template: str = typer.Option("{id}.jpg", "--template", help="Image file name from the id, when there is no --path-col."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (safetensors or torch checkpoint) instead of downloading."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="Token pooling where the encoder offers a choice (DINOv2: cls, mean, cls+mean)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling where the encoder offers a choice: DINOv2 cls, mean or cls+mean; CNNs `stages` (every stage's pooled output, concatenated: finer texture than the last layer alone)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),

