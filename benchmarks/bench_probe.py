@@ -10,8 +10,11 @@ Parts:
   plain  logistic regression (C=1) and kNN (k=20) per encoder through `embedstore probe`, beside the same
          protocol written directly in scikit-learn; wall time against re-extracting the features
   tuned  logistic regression with class weights, C tuned by nested Optuna studies (inner group folds)
-  stack  both encoders' logistic probes + LightGBM on both encoders and age/sex/localization, stacked
+  stack  both encoders' stage features (pooling="stages"): a logistic probe each + LightGBM on both with
+         age/sex/localization, stacked, balanced decision
   mel    melanoma vs rest: the stack and its bases, ROC AUC and partial AUC above 80% TPR
+  meltuned  the same with every base tuned for pAUC by nested Optuna studies (--trials per study)
+  pooling  each encoder's last-layer features against its stage features (pooling="stages"), logistic probes
   study  wall time of one 50-trial Optuna study (kNN on MobileNetV2, median pruning across folds)
 """
 
@@ -33,15 +36,21 @@ from embedstore.store import FeatureStore  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "probe"
 ENCODERS = list(common.ENCODERS)  # --encoders narrows it
+STACK_FEATURES = ["mobilenet_v2-stages", "efficientnet_lite0-stages"]  # --stack-features changes it
 BOOT = 1000
 
 
 def _store() -> FeatureStore:
     store = FeatureStore.open(HAM_STORE) if (HAM_STORE / "zarr.json").is_file() else None
-    if store is None or any(store.info(e).n_done < len(store.manifest) for e in ENCODERS):
-        ham_store(encoders=ENCODERS)
+    names = [*ENCODERS, *STACK_FEATURES]
+    if store is None or any(_n_done(store, e) < len(store.manifest) for e in names):
+        ham_store(encoders=names)
         store = FeatureStore.open(HAM_STORE)
     return store
+
+
+def _n_done(store: FeatureStore, name: str) -> int:
+    return store.info(name).n_done if name in {i.name for i in store.feature_sets()} else 0
 
 
 def _show(title: str, models: dict, names: list[str]) -> None:
@@ -123,24 +132,48 @@ def part_tuned(store: FeatureStore, trials: int) -> None:
 
 
 def _stack_options() -> dict:
-    return {"features": ["+".join(ENCODERS)], **STACK}
+    return {"features": ["+".join(STACK_FEATURES)], **STACK}
 
 
 STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
          "metadata": ["age", "sex", "localization"], "inner_folds": 3,
-         "params": {"logreg": {"C": 0.1, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"}},
+         "params": {"logreg": {"C": 0.01, "class_weight": "balanced"}, "lgbm": {"class_weight": "balanced"}},
          "decision": "balanced"}
 
 
 def part_stack(store: FeatureStore) -> None:
     summary, seconds = _probe("stack", **_stack_options())
-    _show(f"stack: both encoders (logreg) + LightGBM on both with age/sex/localization ({seconds:.0f} s)",
+    _show(f"stack of {' + '.join(STACK_FEATURES)}: logreg each + LightGBM on both with age/sex/localization, "
+          f"balanced decision ({seconds:.0f} s)",
           summary["models"], ["balanced_accuracy", "roc_auc"])
 
 
 def part_mel(store: FeatureStore) -> None:
-    summary, seconds = _probe("mel", positive="mel", metric="pauc_80", **_stack_options())
+    # A ranking metric: the logistic bases go without class weights (they would only distort the scores the
+    # meta-learner ranks by); everything else is the stack recipe above.
+    options = _stack_options()
+    options["params"] = {**options["params"], "logreg": {"C": STACK["params"]["logreg"]["C"]}}
+    summary, seconds = _probe("mel", positive="mel", metric="pauc_80", **options)
     _show(f"melanoma vs rest ({seconds:.0f} s)", summary["models"], ["roc_auc", "pauc_80"])
+
+
+def part_meltuned(store: FeatureStore, trials: int) -> None:
+    options = {**_stack_options(), "params": {}, "trials": trials}  # every base's parameters searched, nested
+    summary, seconds = _probe("meltuned", positive="mel", metric="pauc_80", **options)
+    _show(f"melanoma vs rest, stack with every base tuned for pauc_80 ({trials} trials per nested study, "
+          f"{seconds:.0f} s)", summary["models"], ["roc_auc", "pauc_80"])
+
+
+def part_pooling(store: FeatureStore) -> None:
+    sets = [name for encoder in ENCODERS for name in (encoder, f"{encoder}-stages")]
+    for title, options in (
+        ("7-class, logreg C=0.01 balanced, balanced accuracy", {"params": {"logreg": {"C": 0.01, "class_weight": "balanced"}}}),
+        ("melanoma vs rest, logreg C=0.01", {"positive": "mel", "params": {"logreg": {"C": 0.01}}}),
+    ):
+        summary, seconds = _probe(f"pooling_{options.get('positive', 'dx')}", features=sets, heads=["logreg"],
+                                  tsne_max=200, **options)
+        _show(f"last layer vs stages: {title} ({seconds:.0f} s)", summary["models"],
+              ["balanced_accuracy", "roc_auc"] if "positive" not in options else ["roc_auc", "pauc_80"])
 
 
 def part_study(store: FeatureStore) -> None:
@@ -164,11 +197,13 @@ def part_study(store: FeatureStore) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="plain,tuned,stack,mel,study")
+    parser.add_argument("--parts", default="plain,tuned,stack,mel,pooling,study")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--encoders", default=",".join(common.ENCODERS))
+    parser.add_argument("--stack-features", default=",".join(STACK_FEATURES))
     args = parser.parse_args()
     ENCODERS[:] = args.encoders.split(",")
+    STACK_FEATURES[:] = args.stack_features.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
     from threadpoolctl import threadpool_limits
 
@@ -177,8 +212,8 @@ def main() -> None:
     with threadpool_limits(limits=1, user_api="blas"):  # as the probe runs, so the sklearn baseline is comparable
         for part in args.parts.split(","):
             t0 = time.perf_counter()
-            if part == "tuned":
-                part_tuned(store, args.trials)
+            if part in ("tuned", "meltuned"):
+                globals()[f"part_{part}"](store, args.trials)
             else:
                 globals()[f"part_{part}"](store)
             print(f"[{part}: {time.perf_counter() - t0:.0f} s]", flush=True)

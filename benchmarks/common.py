@@ -12,12 +12,17 @@ ENCODERS = ("mobilenet_v2", "efficientnet_lite0")
 
 
 def ham_store(path: Path = HAM_STORE, encoders=ENCODERS) -> Path:
-    """The store of all 10,015 HAM10000 images with the offline encoders; extracts only what is missing."""
-    from embedstore import extract, open_source
+    """The store of all 10,015 HAM10000 images with the offline encoders; extracts only what is missing.
+
+    ``encoders`` are feature-set names as extract names them: ``mobilenet_v2``, or ``mobilenet_v2-stages``
+    for that encoder with ``pooling="stages"``.
+    """
+    from embedstore import create_encoder, extract, open_source
 
     source = open_source(HAM / "HAM10000_metadata.csv", images=HAM / "images", id_col="image_id")
-    for encoder in encoders:
-        print(extract(source, encoder, path).summary())
+    for name in encoders:
+        encoder, _, pooling = name.partition("-")
+        print(extract(source, create_encoder(encoder, pooling=pooling or None), path).summary())
     return path
 
 
