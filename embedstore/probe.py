@@ -394,8 +394,9 @@ class Probe:
             model = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])
             oof_pred[test] = model.predict(d.X.iloc[test])
-            if stack_of(model) is not None:
-                for name, p in stack_of(model).base_probas(d.X.iloc[test]).items():
+            stack = stack_of(model)
+            if stack is not None:
+                for name, p in stack.base_probas(d.X.iloc[test]).items():
                     base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
             scores = evaluate(d.y[test], oof[test], oof_pred[test])
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
@@ -405,7 +406,8 @@ class Probe:
         final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
         test_pred = final.predict(d.X.iloc[self.test]) if len(self.test) else None
-        base_test = stack_of(final).base_probas(d.X.iloc[self.test]) if stack_of(final) is not None and len(self.test) else {}
+        stack = stack_of(final)
+        base_test = stack.base_probas(d.X.iloc[self.test]) if stack is not None and len(self.test) else {}
         return {"spec": spec, "oof": oof, "oof_pred": oof_pred, "test": test_proba, "test_pred": test_pred,
                 "folds": fold_rows, "model": final, "tuned": tuned, "base_oof": base_oof, "base_test": base_test}
 
