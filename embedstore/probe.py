@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from embedstore import __version__
 from embedstore.errors import ConfigError, EmbedstoreError, StoreError, reject_unknown_options
-from embedstore.heads import DECISIONS, HEADS, BalancedDecision, StackHead, make_head, select_columns
+from embedstore.heads import DECISIONS, HEADS, BalancedDecision, StackHead, decide, make_head, select_columns
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
 from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore
@@ -393,7 +393,7 @@ class Probe:
                 tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
             model = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])
-            oof_pred[test] = model.predict(d.X.iloc[test])
+            oof_pred[test] = decide(model, oof[test])
             stack = stack_of(model)
             if stack is not None:
                 for name, p in stack.base_probas(d.X.iloc[test]).items():
@@ -405,7 +405,7 @@ class Probe:
         tuned = self._tune(spec, self.train, self.folds, "final")
         final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
-        test_pred = final.predict(d.X.iloc[self.test]) if len(self.test) else None
+        test_pred = decide(final, test_proba) if len(self.test) else None
         stack = stack_of(final)
         base_test = stack.base_probas(d.X.iloc[self.test]) if stack is not None and len(self.test) else {}
         return {"spec": spec, "oof": oof, "oof_pred": oof_pred, "test": test_proba, "test_pred": test_pred,
@@ -690,7 +690,7 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     model = joblib.load(head_dir / "model.joblib")
     proba = model.predict_proba(X)
     classes = np.asarray(card["classes"], dtype=object)
-    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[model.predict(X)]})
+    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[decide(model, proba)]})
     for k, c in enumerate(card["classes"]):
         frame[f"p_{c}"] = proba[:, k]
     if card["target"] in store.manifest.columns:

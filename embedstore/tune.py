@@ -20,6 +20,7 @@ import optuna
 from sklearn.base import clone
 
 from embedstore.errors import ConfigError
+from embedstore.heads.decision import decide
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
@@ -72,8 +73,8 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
     scores = []
     for k, (train, test) in enumerate(folds):
         fitted = clone(head).fit(_rows(X, train), y[train])
-        X_test = _rows(X, test)
-        scores.append(float(metric(y[test], fitted.predict_proba(X_test), fitted.predict(X_test))))
+        proba = fitted.predict_proba(_rows(X, test))
+        scores.append(float(metric(y[test], proba, decide(fitted, proba))))
         if trial is not None:
             trial.set_user_attr(f"fold_{k}", scores[-1])
             trial.report(float(np.mean(scores)), step=k)

@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from embedstore.heads import HEADS, BalancedDecision, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, make_head
+from embedstore.heads import HEADS, BalancedDecision, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, decide, make_head
 from embedstore.heads.base import undersample_indices
 from embedstore.splits import group_holdout, group_kfold
 from embedstore.store import FeatureStore
@@ -97,6 +97,8 @@ def test_balanced_decision_keeps_the_probabilities_and_divides_by_the_training_p
     assert np.allclose(decided.class_prior_, counts / counts.sum())
     expected = classes[(proba / (counts / counts.sum())).argmax(1)]
     assert np.array_equal(decided.predict(X[test]), expected)
+    for head in (decided, plain):  # decide() gives predict()'s answer from probabilities already computed
+        assert np.array_equal(decide(head, head.predict_proba(X[test])), head.predict(X[test]))
     # Dividing by the largest prior can only take predictions away from the majority class.
     majority = classes[counts.argmax()]
     assert np.mean(expected == majority) < np.mean(plain.predict(X[test]) == majority)

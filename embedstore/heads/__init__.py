@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from embedstore.errors import ConfigError
 from embedstore.heads.base import EmbeddingHead, Preprocessor, undersample_indices
-from embedstore.heads.decision import DECISIONS, BalancedDecision
+from embedstore.heads.decision import DECISIONS, BalancedDecision, decide
 from embedstore.heads.knn import KNNHead
 from embedstore.heads.lgbm import LGBMHead
 from embedstore.heads.linear import LogRegHead, SVMHead
@@ -27,5 +27,5 @@ def make_head(name: str, **params):
 
 __all__ = [
     "DECISIONS", "HEADS", "BalancedDecision", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
-    "StackHead", "make_head", "select_columns", "undersample_indices",
+    "StackHead", "decide", "make_head", "select_columns", "undersample_indices",
 ]

@@ -57,3 +57,13 @@ class BalancedDecision(ClassifierMixin, BaseEstimator):
         """Class codes of the balanced decision for probabilities ``proba`` from this head."""
         check_is_fitted(self, "class_prior_")
         return (np.asarray(proba) / self.class_prior_).argmax(1)
+
+
+def decide(model, proba) -> np.ndarray:
+    """What ``model.predict`` returns, computed from the ``proba`` the model already gave for the same rows.
+
+    Saves running the model twice where both the probabilities and the classes are needed:
+    the balanced rule for a :class:`BalancedDecision`, the argmax for every other head.
+    """
+    best = model.decide(proba) if isinstance(model, BalancedDecision) else np.asarray(proba).argmax(1)
+    return model.classes_[best]
