@@ -48,11 +48,9 @@ def stage_taps(blocks: Sequence[nn.Module], size: int = 224) -> tuple[list[int],
     """
     shapes = []
     x = torch.zeros(1, 3, size, size)
-    for block in blocks:
-        block.eval()  # a training-mode pass would update batch-norm statistics with this blank image
     with torch.no_grad():
         for block in blocks:
-            x = block(x)
+            x = block.eval()(x)  # eval: a training-mode pass would move batch-norm statistics towards this blank image
             shapes.append(tuple(x.shape))
     taps = [i for i, s in enumerate(shapes)
             if size // s[-1] >= 4 and (i + 1 == len(shapes) or shapes[i + 1][1] != s[1])]
