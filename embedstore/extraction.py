@@ -197,6 +197,10 @@ def default_name(encoder: Encoder, tta: bool, dtype: str) -> str:
     parts = [encoder.name]
     if encoder.pooling not in (None, "cls"):
         parts.append(encoder.pooling)
+    if "image_size" in encoder.input_options:
+        parts.append(f"{encoder.preprocessing.crop}px")
+    if "crop_pct" in encoder.input_options:
+        parts.append(f"crop{encoder.input_options['crop_pct'] * 100:g}")
     if tta:
         parts.append("tta")
     if dtype != "float16":
@@ -266,7 +270,7 @@ def extract(
         hashes = source.content_hashes(progress=advance)
     attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
-             "pooling": encoder.pooling, "tta": tta, "dim": encoder.dim, "dtype": dtype, "config": config,
+             "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype, "config": config,
              "rows_per_chunk": rows_per_chunk}
     with store.preparing():
         update = store.update_manifest(table, hashes, source.describe())
@@ -363,7 +367,8 @@ def encoder_for(store: FeatureStore, features: str) -> tuple[Encoder, dict]:
     if "derived_from" in attrs:
         raise EncoderError(f"feature set {attrs.get('name')} is derived from {attrs['derived_from']} by a trained "
                            f"head; embed new images with the parent feature set and apply the head")
-    encoder = create_encoder(attrs["encoder"], weights=attrs.get("weights_arg"), pooling=attrs.get("pooling"))
+    encoder = create_encoder(attrs["encoder"], weights=attrs.get("weights_arg"), pooling=attrs.get("pooling"),
+                             image_size=attrs.get("image_size"), crop_pct=attrs.get("crop_pct"))
     if encoder.weights_sha256 != attrs.get("weights_sha256"):
         raise EncoderError(f"the weights of {attrs['encoder']} available now differ from those feature set "
                            f"{attrs.get('name')} was extracted with; pass the same --weights file")

@@ -141,3 +141,42 @@ def test_stages_pooling_adds_every_stage_in_front_of_the_default_features(ham_ro
 def test_cnn_pooling_choices_are_checked():
     with pytest.raises(EncoderError, match="no pooling 'mean'"):
         create_encoder("mobilenet_v2", pooling="mean")
+
+
+def test_image_size_and_crop_pct_set_the_input_the_name_and_the_fingerprint(ham_root):
+    from PIL import Image
+
+    from embedstore.extraction import default_name, feature_set_config
+
+    image = sorted((ham_root / "images").glob("*.jpg"))[0]  # 200 x 150
+    plain = create_encoder("mobilenet_v2")
+    big = create_encoder("mobilenet_v2", image_size=288, crop_pct=1.0)
+    assert (big.preprocessing.resize, big.preprocessing.crop) == (288, 288)
+    sized = create_encoder("mobilenet_v2", image_size=320).preprocessing  # the default 224/256 crop share is kept
+    assert (sized.resize, sized.crop) == (366, 320)
+    # The model sees the image with its shorter side resized to 288 and the longer one centre-cropped to 288.
+    pil = Image.open(image).convert("RGB").resize((384, 288), Image.BILINEAR).crop((48, 0, 336, 288))
+    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(plain.preprocessing.mean).view(1, 3, 1, 1)) / torch.tensor(plain.preprocessing.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = big.model(x).numpy()
+    got = embed_images(big, [image], device="cpu")
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(got, embed_images(plain, [image], device="cpu"), atol=1e-2)
+    assert default_name(big, False, "float16") == "mobilenet_v2-288px-crop100"
+    assert feature_set_config(big, False, "float16") != feature_set_config(plain, False, "float16")
+    with pytest.raises(EncoderError, match="crop_pct must be in"):
+        create_encoder("mobilenet_v2", crop_pct=1.5)
+
+
+def test_a_model_tied_to_one_input_size_is_refused_and_dinov2_takes_multiples_of_14(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), tmp_path / "vit.pth")
+    assert create_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "vit.pth")).dim == 192
+    with pytest.raises(EncoderError, match="cannot take 320x320 inputs") as err:
+        create_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "vit.pth"), image_size=320)
+    assert "\n" not in str(err.value)
+    dino = create_encoder("dinov2_vits14", pretrained=False, image_size=448)
+    with torch.no_grad():
+        assert dino.model(torch.zeros(2, 3, 448, 448)).shape == (2, 384)

@@ -251,3 +251,22 @@ def test_cli_extract_and_ls(workdir, cli):
     assert "mobilenet_v2" in out and "48 written" in out
     code, out, _ = cli("ls", "cli.zarr")
     assert code == 0 and "48 images" in out and "mobilenet_v2" in out and "1280" in out
+
+
+def test_cli_image_size_names_the_set_and_query_rebuilds_the_same_input(workdir, cli):
+    from embedstore.extraction import encoder_for
+
+    path, _ = workdir
+    code, out, err = cli("extract", "meta.csv", "--images", "images", "--quiet", "--store", "s.zarr",
+                         "--image-size", "160", "--crop-pct", "1.0", cwd=path)
+    assert code == 0, err
+    assert "mobilenet_v2-160px-crop100" in out and "48 written" in out
+    store = FeatureStore.open(path / "s.zarr")
+    encoder, attrs = encoder_for(store, "mobilenet_v2-160px-crop100")
+    assert attrs["preprocessing"] == encoder.preprocessing.to_dict() and encoder.preprocessing.crop == 160
+    X, table = store.load("mobilenet_v2-160px-crop100")
+    files = [path / "images" / f"{i}.jpg" for i in table["id"][:2]]
+    np.testing.assert_allclose(X[:2], embed_images(encoder, files, device="cpu"), rtol=1e-2, atol=1e-2)  # float16 store
+    code, _, err = cli("extract", "meta.csv", "--images", "images", "--quiet", "--store", "s.zarr",
+                       "--image-size", "16", cwd=path)
+    assert code != 0 and "too small" in err and "\n" not in err.strip()

@@ -25,6 +25,8 @@ def extract(
     template: str = typer.Option("{id}.jpg", "--template", help="Image file name from the id, when there is no --path-col."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (safetensors or torch checkpoint) instead of downloading."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling where the encoder offers a choice: DINOv2 cls, mean or cls+mean; CNNs `stages` (every stage's pooled output, concatenated: finer texture than the last layer alone)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size in pixels instead of the encoder's (CNNs take any size; another scale is another view to stack)."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre crop's share of the resized image (timm's crop_pct): 0.875 is ImageNet's 256->224, 1.0 keeps the whole shorter side."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
@@ -49,7 +51,8 @@ def extract(
 
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
-    enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling)
+    enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling,
+                         image_size=image_size, crop_pct=crop_pct)
     result = run_extract(src, enc, store, name=name, weights=str(weights) if weights else None, batch_size=batch_size,
                          num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
                          shard=shard, retry_failed=retry_failed, progress=not quiet)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -38,6 +38,20 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def scaled(self, image_size: int | None = None, crop_pct: float | None = None) -> "Preprocessing":
+        """The same transform with a ``image_size`` square input and/or ``crop_pct`` = crop / resize.
+
+        timm's names: ``crop_pct`` 0.875 is the ImageNet evaluation crop (256 -> 224), 1.0
+        keeps the whole shorter side. Unset arguments keep this transform's value.
+        """
+        crop = self.crop if image_size is None else int(image_size)
+        pct = self.crop / self.resize if crop_pct is None else float(crop_pct)
+        if crop < 32:
+            raise EncoderError(f"image size {crop} is too small; use 32 pixels or more")
+        if not 0.1 <= pct <= 1.0:
+            raise EncoderError(f"crop_pct must be in [0.1, 1.0] (the centre crop's share of the resized image), not {pct}")
+        return replace(self, crop=crop, resize=round(crop / pct))
+
 
 @dataclass
 class Encoder:
@@ -50,6 +64,7 @@ class Encoder:
     pooling: str | None = None
     weights: str | None = None  # where the weights came from: a local path, a package, a hub tag
     channels_last: bool = True  # CNNs run faster in NHWC on CPU and GPU
+    input_options: dict = field(default_factory=dict)  # image_size / crop_pct given to create_encoder, if any
     _weights_sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,16 +143,50 @@ def list_encoders() -> list[dict]:
     return rows
 
 
-def create_encoder(name: str, weights: str | None = None, pooling: str | None = None, **kwargs) -> Encoder:
+def create_encoder(name: str, weights: str | None = None, pooling: str | None = None,
+                   image_size: int | None = None, crop_pct: float | None = None, **kwargs) -> Encoder:
     """Build the encoder registered as ``name``.
 
     ``weights`` is a local file (safetensors, or a torch checkpoint loadable
     with ``weights_only=True``) that replaces the default download; ``pooling``
     picks how token/feature maps become one vector where the encoder offers a
-    choice (DINOv2: ``cls``, ``mean``, ``cls+mean``).
+    choice (DINOv2: ``cls``, ``mean``, ``cls+mean``; CNNs: ``stages``).
+    ``image_size`` and ``crop_pct`` change the input from the encoder's default
+    (see :func:`with_input_size`).
     """
     if name in _ENCODERS:
-        return _ENCODERS[name].builder(weights=weights, pooling=pooling, **kwargs)
+        encoder = _ENCODERS[name].builder(weights=weights, pooling=pooling, **kwargs)
+    else:
+        encoder = _family_member(name, weights, pooling, kwargs)
+    return with_input_size(encoder, image_size, crop_pct)
+
+
+def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: float | None = None) -> Encoder:
+    """``encoder`` fed ``image_size`` square inputs cropped at ``crop_pct`` (None keeps the default).
+
+    A CNN with global pooling takes any size, and a texture at another scale
+    is another view of the image (dermoscopic structures are a few pixels
+    across): features at two sizes combine better than either alone. Models
+    tied to one input size (a ViT with fixed position embeddings) are refused
+    by a forward pass of a blank image, before anything is extracted.
+    """
+    if image_size is None and crop_pct is None:
+        return encoder
+    prep = encoder.preprocessing.scaled(image_size, crop_pct)
+    try:
+        with torch.inference_mode():
+            out = encoder.model(torch.zeros(1, 3, prep.crop, prep.crop))
+    except Exception as exc:  # noqa: BLE001 - any failure means the model cannot take this size
+        raise EncoderError(f"encoder {encoder.name} cannot take {prep.crop}x{prep.crop} inputs: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if out.shape[-1] != encoder.dim:
+        raise EncoderError(f"encoder {encoder.name} gives {out.shape[-1]}-d features at {prep.crop}x{prep.crop}, "
+                           f"not its {encoder.dim}; it needs its default input size")
+    options = {"image_size": image_size, "crop_pct": crop_pct}
+    return replace(encoder, preprocessing=prep, input_options={k: v for k, v in options.items() if v is not None})
+
+
+def _family_member(name: str, weights, pooling, kwargs) -> Encoder:
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FAMILIES and rest:
         return _FAMILIES[prefix].builder(rest, weights=weights, pooling=pooling, **kwargs)
