@@ -10,7 +10,8 @@ Parts:
   plain  logistic regression (C=1) and kNN (k=20) per encoder through `embedstore probe`, beside the same
          protocol written directly in scikit-learn; wall time against re-extracting the features
   tuned  logistic regression with class weights, C tuned by nested Optuna studies (inner group folds)
-  stack  both encoders' stage features (pooling="stages"): a logistic probe each + LightGBM on both with
+  stack  both encoders' stage features (pooling="stages") at two input sizes (the default 224 px crop, and
+         320 px keeping the whole shorter side): a logistic probe each + LightGBM on all with
          age/sex/localization, stacked, balanced decision
   mel    melanoma vs rest: the stack and its bases, ROC AUC and partial AUC above 80% TPR
   meltuned  the same with every base tuned for pAUC by nested Optuna studies (--trials per study)
@@ -36,7 +37,7 @@ from embedstore.store import FeatureStore  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "probe"
 ENCODERS = list(common.ENCODERS)  # --encoders narrows it
-STACK_FEATURES = ["mobilenet_v2-stages", "efficientnet_lite0-stages"]  # --stack-features changes it
+STACK_FEATURES = [f"{encoder}-stages{size}" for encoder in common.ENCODERS for size in ("", "-320px-crop100")]
 BOOT = 1000
 
 
@@ -143,7 +144,7 @@ STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
 
 def part_stack(store: FeatureStore) -> None:
     summary, seconds = _probe("stack", **_stack_options())
-    _show(f"stack of {' + '.join(STACK_FEATURES)}: logreg each + LightGBM on both with age/sex/localization, "
+    _show(f"stack of {' + '.join(STACK_FEATURES)}: logreg each + LightGBM on all with age/sex/localization, "
           f"balanced decision ({seconds:.0f} s)",
           summary["models"], ["balanced_accuracy", "roc_auc"])
 

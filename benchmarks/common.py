@@ -14,16 +14,29 @@ ENCODERS = ("mobilenet_v2", "efficientnet_lite0")
 def ham_store(path: Path = HAM_STORE, encoders=ENCODERS) -> Path:
     """The store of all 10,015 HAM10000 images with the offline encoders; extracts only what is missing.
 
-    ``encoders`` are feature-set names as extract names them: ``mobilenet_v2``, or ``mobilenet_v2-stages``
-    for that encoder with ``pooling="stages"``.
+    ``encoders`` are feature-set names as extract names them: ``mobilenet_v2``, ``mobilenet_v2-stages``
+    (``pooling="stages"``), ``mobilenet_v2-stages-320px-crop100`` (and ``image_size=320, crop_pct=1.0``).
     """
     from embedstore import create_encoder, extract, open_source
 
     source = open_source(HAM / "HAM10000_metadata.csv", images=HAM / "images", id_col="image_id")
     for name in encoders:
-        encoder, _, pooling = name.partition("-")
-        print(extract(source, create_encoder(encoder, pooling=pooling or None), path).summary())
+        print(extract(source, create_encoder(**encoder_options(name)), path).summary())
     return path
+
+
+def encoder_options(name: str) -> dict:
+    """``create_encoder`` arguments from a default feature-set name: encoder, then pooling / ``<N>px`` / ``crop<P>``."""
+    encoder, *parts = name.split("-")
+    options = {"name": encoder}
+    for part in parts:
+        if part.endswith("px"):
+            options["image_size"] = int(part[:-2])
+        elif part.startswith("crop"):
+            options["crop_pct"] = int(part[4:]) / 100
+        else:
+            options["pooling"] = part
+    return options
 
 
 def peak_rss_mb() -> float:

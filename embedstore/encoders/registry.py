@@ -164,9 +164,9 @@ def create_encoder(name: str, weights: str | None = None, pooling: str | None = 
 def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: float | None = None) -> Encoder:
     """``encoder`` fed ``image_size`` square inputs cropped at ``crop_pct`` (None keeps the default).
 
-    A CNN with global pooling takes any size, and a texture at another scale
-    is another view of the image (dermoscopic structures are a few pixels
-    across): features at two sizes combine better than either alone. Models
+    A CNN with global pooling takes any size, and another size is another view
+    of the image (dermoscopic structures are a few pixels across), which a
+    stack can combine with the default one (BENCHMARKS.md, "Probe"). Models
     tied to one input size (a ViT with fixed position embeddings) are refused
     by a forward pass of a blank image, before anything is extracted.
     """
