@@ -270,8 +270,8 @@ def extract(
         hashes = source.content_hashes(progress=advance)
     attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
-             "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype, "config": config,
-             "rows_per_chunk": rows_per_chunk}
+             "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
+             "config": config, "rows_per_chunk": rows_per_chunk}
     with store.preparing():
         update = store.update_manifest(table, hashes, source.describe())
         fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
