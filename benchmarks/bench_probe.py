@@ -37,6 +37,7 @@ from embedstore.store import FeatureStore  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "probe"
 ENCODERS = list(common.ENCODERS)  # --encoders narrows it
+# Four views: each encoder's stage features at 224 and at 320 px; --stack-features changes it.
 STACK_FEATURES = [f"{encoder}-stages{size}" for encoder in common.ENCODERS for size in ("", "-320px-crop100")]
 BOOT = 1000
 

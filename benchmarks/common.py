@@ -33,7 +33,7 @@ def encoder_options(name: str) -> dict:
         if part.endswith("px"):
             options["image_size"] = int(part[:-2])
         elif part.startswith("crop"):
-            options["crop_pct"] = int(part[4:]) / 100
+            options["crop_pct"] = float(part[4:]) / 100  # crop100, crop87.5
         else:
             options["pooling"] = part
     return options
