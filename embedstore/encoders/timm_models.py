@@ -50,6 +50,10 @@ class TokenPooling(nn.Module):
         return torch.cat([cls, patches], dim=1)
 
 
+# Built at 224 px; dynamic_img_size lets the same model take other multiples of 14 (--image-size 448, 518).
+_DINOV2_ARGS = {"img_size": 224, "num_classes": 0, "dynamic_img_size": True}
+
+
 def build_dinov2(name: str, weights: str | None = None, pooling: str | None = None, pretrained: bool = True) -> Encoder:
     """DINOv2 ``name`` (e.g. ``dinov2_vits14``); ``pretrained=False`` gives random weights (for timing only)."""
     import timm
@@ -58,15 +62,15 @@ def build_dinov2(name: str, weights: str | None = None, pooling: str | None = No
     pooling = check_pooling(name, pooling, DINOV2_POOLING, default="cls")
     arch = _DINOV2[name]
     if weights is not None:
-        vit = timm.create_model(arch, pretrained=False, img_size=224, num_classes=0, dynamic_img_size=True)
+        vit = timm.create_model(arch, pretrained=False, **_DINOV2_ARGS)
         load_into(vit, checkpoint_filter_fn(load_state_dict(weights), vit), str(weights))
         label = str(Path(weights).resolve())
     elif pretrained:
         with hub_download(name):
-            vit = timm.create_model(f"{arch}.lvd142m", pretrained=True, img_size=224, num_classes=0, dynamic_img_size=True)
+            vit = timm.create_model(f"{arch}.lvd142m", pretrained=True, **_DINOV2_ARGS)
         label = f"timm:{arch}.lvd142m"
     else:
-        vit = timm.create_model(arch, pretrained=False, img_size=224, num_classes=0, dynamic_img_size=True)
+        vit = timm.create_model(arch, pretrained=False, **_DINOV2_ARGS)
         label = "random"
     dim = vit.num_features * (2 if pooling == "cls+mean" else 1)
     return Encoder(name=name, model=TokenPooling(vit, pooling), preprocessing=DINOV2_PREPROCESSING, dim=dim,
