@@ -5,15 +5,18 @@ One call of :func:`extract`:
 1. reads the source's table and hashes every image's bytes;
 2. merges the table into the store's manifest (new images appended, changed
    ones marked by their new hash, removed ones reported);
-3. picks the rows of the feature set that are not fresh (never done, failed
-   on other bytes, or computed from an older version of the image);
+3. under the feature set's lock (exclusive, or shared between the shards of
+   one ``--shard i/n`` run), deletes the row chunks whose checksums fail, so
+   their rows become pending, then picks the rows that are not fresh (never
+   done, failed on other bytes, computed from an older version of the image);
 4. groups them by the store's row chunks, decodes them in DataLoader worker
    processes (uint8, so little crosses the process boundary), normalises on
    the device, runs the encoder (channels_last; bf16 autocast on CUDA), and
    writes each chunk-aligned block as soon as it is complete, data first and
    status last.
 
-Killing the process loses at most the block in flight; rerunning redoes
+A full or read-only disk is one line saying what was kept. Killing the
+process loses at most the block in flight; rerunning redoes
 exactly the rows that are not final, with the same batches, so the result
 equals an uninterrupted run. Memory is bounded by one block and the loader's
 prefetch, however many images there are.
@@ -41,7 +44,7 @@ from embedstore.encoders import Encoder, Preprocessing, create_encoder
 from embedstore.errors import ConfigError, EncoderError
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
-from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, utc_now
+from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, storage_errors, utc_now
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
@@ -169,6 +172,7 @@ class ExtractResult:
     n_written: int = 0
     n_skipped: int = 0
     n_failed: int = 0
+    n_repaired: int = 0  # corrupt row chunks found, removed and recomputed
     failures: list[tuple[str, str]] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -183,6 +187,8 @@ class ExtractResult:
             parts.append(f"{len(self.new)} new, {len(self.changed)} changed")
         if self.removed:
             parts.append(f"{len(self.removed)} no longer in the source (kept)")
+        if self.n_repaired:
+            parts.append(f"{self.n_repaired} corrupt chunk(s) recomputed")
         rate = f", {self.images_per_s:.1f} images/s" if self.n_written else ""
         return ", ".join(parts) + f" in {self.wall_s:.1f} s{rate}"
 
@@ -219,6 +225,23 @@ def _parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ConfigError(f"--shard {index}/{count}: I must be in 0..N-1")
     return index, count
+
+
+def _check_shard_gets_chunks(existing: FeatureStore | None, table, key: str, rows_per_chunk: int, index: int,
+                             count: int) -> None:
+    """Refuse, before any work, a shard that none of this source's row chunks falls to (it would do nothing)."""
+    if count == 1:
+        return
+    rows = existing.planned_rows(table["id"]) if existing else np.arange(len(table))
+    fixed = existing.chunking(key) if existing else None
+    rpc = fixed or rows_per_chunk
+    chunks = np.unique(rows // rpc)
+    if (chunks % count == index).any():
+        return
+    instead = ("fewer shards (the feature set's chunking is fixed)" if fixed else
+               f"fewer shards, or --rows-per-chunk {max(1, len(rows) // count)}")
+    raise ConfigError(f"--shard {index}/{count}: the {len(rows):,} images of this source fill {len(chunks)} row "
+                      f"chunk(s) of {rpc:,} rows, so shard {index} would get none; use {instead}")
 
 
 def _versions() -> dict:
@@ -261,10 +284,13 @@ def extract(
     if isinstance(encoder, str):
         encoder = create_encoder(encoder, weights=weights)
     table = source.table  # validates the source before anything is written
-    store = store if isinstance(store, FeatureStore) else FeatureStore.create_or_open(store)
     config = feature_set_config(encoder, tta, dtype)
     key = fingerprint(config)
     name = name or default_name(encoder, tta, dtype)
+    existing = store if isinstance(store, FeatureStore) else (
+        FeatureStore.create_or_open(store) if Path(store).exists() else None)
+    _check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
+    store = existing or FeatureStore.create_or_open(store)
 
     with progress_bar("hashing", len(table), enabled=progress) as advance:
         hashes = source.content_hashes(progress=advance)
@@ -278,25 +304,30 @@ def extract(
     result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
                            new=update.new, changed=update.changed, removed=update.removed)
 
-    with store.lock(key, "all" if shard_count == 1 else f"{shard_index}-of-{shard_count}"):
+    with store.lock(key, (shard_index, shard_count)):
+        with storage_errors(store.path, f"repairing feature set {name}"):
+            result.n_repaired = len(fs.repair_chunks((shard_index, shard_count)))  # their rows become pending
         rows = update.rows
-        status = fs.status.get_orthogonal_selection(rows)
-        same = fs.sha256.get_orthogonal_selection(rows) == np.asarray(hashes, dtype=object)
+        status = fs.read("status", rows)
+        same = fs.read("sha256", rows) == np.asarray(hashes, dtype=object)
         final = same & ((status == DONE) | ((status == FAILED) & (not retry_failed)))
         rpc = fs.rows_per_chunk
         todo = np.flatnonzero(~final & ((rows // rpc) % shard_count == shard_index))
         result.n_skipped = int(final.sum())
         todo = todo[np.argsort(rows[todo], kind="stable")]  # store order: chunk-aligned blocks
         blocks = np.split(todo, np.flatnonzero(np.diff(rows[todo] // rpc)) + 1) if len(todo) else []
-        _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
-                    default_workers(dev) if num_workers is None else num_workers, progress, result)
+        with storage_errors(store.path, f"writing feature set {name} to {store.path}",
+                            kept=lambda: f"{fs.n_final():,} rows are final and kept"):
+            _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
+                        default_workers(dev) if num_workers is None else num_workers, progress, result)
 
     result.wall_s = time.perf_counter() - t0
     if result.n_written:
-        fs.append_run({"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
-                       "batch_size": batch_size, "num_workers": num_workers, "shard": f"{shard_index}/{shard_count}",
-                       "n_written": result.n_written, "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
-                       "images_per_s": round(result.images_per_s, 2), "versions": _versions()})
+        store.append_run(key, {"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
+                               "batch_size": batch_size, "num_workers": num_workers,
+                               "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
+                               "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
+                               "images_per_s": round(result.images_per_s, 2), "versions": _versions()})
     return result
 
 

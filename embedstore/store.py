@@ -5,10 +5,11 @@ Layout (see README, "The store layout")::
     ham10000.zarr/                 zarr group; attrs: embedstore format, sources
       manifest.parquet             one row per image: id, sha256, _path, _source, the source's columns
       features/<key>/              one feature set; attrs: name, encoder config, weights hash, provenance
-        emb     [N, D] float16     chunks (rows_per_chunk, D), blosc-zstd with byte shuffle
+        emb     [N, D] float16     chunks (rows_per_chunk, D), blosc-zstd with byte shuffle, then crc32c
         status  [N] uint8          0 pending, 1 done, 2 failed; written last, so it commits a row
         sha256  [N] str            content hash of the image each row was computed from
         error   [N] str            why a row failed ('' otherwise)
+      .locks/                      flock files: prepare (metadata steps), <key>.set, <key>.shard-i-of-n, <key>.n<n>
 
 Row ``i`` of every feature set is row ``i`` of the manifest; rows are only
 ever appended, so a row number never changes meaning. A row is *fresh* when
@@ -21,27 +22,39 @@ disjoint chunk-aligned row blocks never touch the same file: that is what
 ``embedstore extract --shard i/n`` (and any distributed engine) relies on.
 zarr's local store writes every file through a temporary name and a rename,
 so a killed process never leaves a torn chunk or metadata file behind.
+
+Integrity: every chunk of a set created by this version ends in a crc32c
+(zarr's codec; older sets have none and are read as before), and every chunk
+is written even when it holds only fill values. A damaged chunk is refused on
+read (:class:`StoreError` naming its rows), counted by ``embedstore ls``, and
+deleted in every array and recomputed by the next ``extract``
+(:meth:`FeatureSet.repair_chunks`). Growing a set resizes its arrays one by one,
+status last; a kill in between leaves them at different lengths, which
+:attr:`FeatureSet.n_rows` (the shortest) tolerates and the next writer finishes.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
+import google_crc32c  # zarr's own dependency, the checksum of its crc32c codec
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from embedstore import __version__
+from embedstore import __version__, faults
 from embedstore.errors import StoreError
 from embedstore.sources import source_from_dict
 
@@ -49,6 +62,7 @@ FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 DTYPES = ("float16", "float32")
 MANIFEST_FILE = "manifest.parquet"
+_HOLDER_BYTES = 200  # what a lock file says about its holder
 _BASE_COLUMNS = ("id", "sha256", "_path", "_source")
 
 
@@ -79,6 +93,9 @@ class FeatureSetInfo:
     n_missing: int  # manifest rows with no features yet (new images, or never extracted)
     nbytes_stored: int
     attrs: dict = field(repr=False, default_factory=dict)
+    checksums: bool = False  # chunks carry a crc32c (sets written before it have none)
+    n_corrupt_chunks: int | None = None  # chunks failing their check; None when not verified
+    corrupt_rows: tuple[int, int] | None = None  # first and last row of the corrupt chunks
 
 
 @dataclass
@@ -91,16 +108,66 @@ class ManifestUpdate:
     removed: list[str]  # ids this source had before and no longer has (kept in the store)
 
 
+#: The arrays of a feature set, in the order they are grown and written: ``status`` last, because it commits rows.
+ARRAYS = ("emb", "sha256", "error", "status")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextmanager
+def storage_errors(path: Path, doing: str, kept: Callable[[], str] | None = None):
+    """Turn what the disk under ``path`` can refuse while ``doing`` (full, read-only) into one :class:`StoreError`.
+
+    ``kept`` says what survived a full disk (e.g. "412 rows are final and kept"); other OSErrors pass through.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            saved = kept() if kept else "nothing was lost"
+            raise StoreError(f"disk full while {doing}: {saved}; free space and rerun the same command "
+                             f"to resume") from None
+        if exc.errno in _NOT_WRITABLE:
+            raise StoreError(f"feature store {path} is not writable ({exc.strerror}: {exc.filename or path}); "
+                             f"make it writable or pass another --store") from None
+        raise
+
+
+def _unreadable_set(store: Path, key: str, what: str, exc: Exception) -> StoreError:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return StoreError(f"feature set {key} of {store} has unreadable metadata ({what}: {reason}); delete the folder "
+                      f"{store / 'features' / key} and rerun `embedstore extract` to recompute it")
+
+
+def _crc_ok(file: Path) -> bool | None:
+    """Whether a chunk file's trailing crc32c matches its bytes (read, not decompressed); None when it is absent."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    return len(data) > 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
 class FeatureSet:
-    """The zarr arrays of one feature set, and the only code that writes them."""
+    """The zarr arrays of one feature set, and the only code that writes them.
+
+    Arrays of sets created by this version end in zarr's crc32c codec, so a flipped or truncated chunk is found
+    by :meth:`corrupt_chunks` without decompressing and is refused on read; every chunk is written even when it
+    holds only fill values, so a missing chunk file beside a written status chunk is corruption too.
+    """
 
     def __init__(self, group: zarr.Group) -> None:
         self.group = group
         self.key = group.basename
-        self.emb = group["emb"]
-        self.status = group["status"]
-        self.sha256 = group["sha256"]
-        self.error = group["error"]
+        self.store_path = Path(str(group.store.root))
+        self.path = self.store_path / group.path
+        arrays = {}
+        for name in ARRAYS:
+            try:
+                arrays[name] = group[name].with_config({"write_empty_chunks": True})
+            except Exception as exc:  # noqa: BLE001 - a missing or corrupt zarr.json is damage on disk
+                raise _unreadable_set(self.store_path, self.key, f"array {name}", exc) from None
+        self.emb, self.sha256, self.error, self.status = (arrays[n] for n in ARRAYS)
 
     @property
     def attrs(self) -> dict:
@@ -108,18 +175,33 @@ class FeatureSet:
 
     @property
     def n_rows(self) -> int:
-        return int(self.status.shape[0])
+        """Rows present in every array (a growth killed half-way leaves some arrays longer; they are ignored)."""
+        return min(int(self._array(name).shape[0]) for name in ARRAYS)
 
     @property
     def rows_per_chunk(self) -> int:
         return int(self.status.chunks[0])
 
+    @property
+    def has_checksums(self) -> bool:
+        """True when every array ends in the crc32c codec (sets written before it have none)."""
+        return all(any(isinstance(c, Crc32cCodec) for c in self._array(n).metadata.codecs) for n in ARRAYS)
+
+    def _array(self, name: str) -> zarr.Array:
+        return getattr(self, name)
+
     def resize(self, n_rows: int) -> None:
-        """Grow every array to ``n_rows`` (new rows are pending)."""
-        if n_rows > self.n_rows:
-            self.emb.resize((n_rows, self.emb.shape[1]))
-            for arr in (self.status, self.sha256, self.error):
-                arr.resize((n_rows,))
+        """Grow every array shorter than ``n_rows`` (new rows are pending), status last.
+
+        A kill between two arrays leaves them at different lengths; :attr:`n_rows` reads the shortest, and
+        the next call (by the next writer) grows the rest: a half-done growth is repaired, never fatal.
+        """
+        for name in ARRAYS:
+            arr = self._array(name)
+            if arr.shape[0] < n_rows:
+                arr.resize((n_rows, *arr.shape[1:]))
+                if name != "status":
+                    faults.point("resize")
 
     def write_rows(self, rows: np.ndarray, emb: np.ndarray | None, sha: list[str], error: list[str], status: np.ndarray) -> None:
         """Write a block of rows; the status goes last, so a row is final only once its data is on disk."""
@@ -128,21 +210,112 @@ class FeatureSet:
             self.emb.set_orthogonal_selection((rows, slice(None)), emb.astype(self.emb.dtype, copy=False))
         self.sha256.set_orthogonal_selection(rows, np.asarray(sha, dtype=str))
         self.error.set_orthogonal_selection(rows, np.asarray(error, dtype=str))
+        faults.point("status-write")
         self.status.set_orthogonal_selection(rows, np.asarray(status, dtype=np.uint8))
+
+    # ------------------------------------------------------------- reading
+    def read(self, name: str, rows: np.ndarray | slice) -> np.ndarray:
+        """Rows of one array (a slice, or row numbers); a chunk that cannot be decoded raises :class:`StoreError`."""
+        arr = self._array(name)
+        try:
+            if isinstance(rows, slice):
+                return arr[rows]
+            return arr.get_orthogonal_selection(np.asarray(rows, dtype=np.int64))
+        except Exception as exc:  # noqa: BLE001 - a checksum or codec error is damage on disk, never a bug here
+            raise self._damaged(exc) from None
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored features of ``rows`` (in that order), refusing damaged chunks: never garbage.
+
+        For checksummed sets every chunk read must also exist (a deleted chunk would read as zeros).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.zeros((0, self.emb.shape[1]), dtype=self.emb.dtype)
+        if self.has_checksums:
+            missing = [c for c in np.unique(rows // self.rows_per_chunk) if not self._chunk_file("emb", c).is_file()]
+            if missing:
+                raise self._damaged(FileNotFoundError(f"chunk file {self._chunk_file('emb', missing[0])} is missing"))
+        if rows[0] == 0 and rows[-1] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+            return self.read("emb", slice(0, len(rows)))  # one contiguous read
+        try:
+            return self.emb.get_orthogonal_selection((rows, slice(None)))
+        except Exception as exc:  # noqa: BLE001 - see read
+            raise self._damaged(exc) from None
+
+    def read_intact(self, name: str, n: int, corrupt: list[int]) -> np.ndarray:
+        """The first ``n`` rows of one array, with the rows of ``corrupt`` chunks read as pending (fill values)."""
+        if not corrupt:
+            return self.read(name, slice(0, n))
+        arr = self._array(name)
+        out = np.full(n, arr.fill_value, dtype=arr.dtype if arr.dtype.kind != "T" else object)
+        rpc = self.rows_per_chunk
+        for c in range(-(-n // rpc)):
+            if c not in corrupt:
+                out[c * rpc:min(n, (c + 1) * rpc)] = self.read(name, slice(c * rpc, min(n, (c + 1) * rpc)))
+        return out
 
     def done_and_fresh(self, manifest_sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks over manifest rows: features done, and done from the current image (fresh)."""
         n = min(self.n_rows, len(manifest_sha))
         done = np.zeros(len(manifest_sha), dtype=bool)
-        done[:n] = self.status[:n] == DONE
+        done[:n] = self.read("status", slice(0, n)) == DONE
         fresh = done.copy()
-        fresh[:n] &= self.sha256[:n] == manifest_sha[:n]
+        fresh[:n] &= self.read("sha256", slice(0, n)) == manifest_sha[:n]
         return done, fresh
 
-    def append_run(self, record: dict, keep: int = 20) -> None:
-        """Add one extraction's provenance to the attributes (the last ``keep`` runs are kept)."""
-        runs = list(self.group.attrs.get("runs", []))[-(keep - 1):] + [record]
-        self.group.attrs["runs"] = runs
+    def _damaged(self, exc: Exception) -> StoreError:
+        """The one line for a read that hit damaged chunks: which rows, and how to get them back."""
+        name = self.attrs.get("name", self.key)
+        corrupt = self.corrupt_chunks() or []
+        rpc = self.rows_per_chunk
+        where = (f"rows {corrupt[0] * rpc}-{min(self.n_rows, (corrupt[-1] + 1) * rpc) - 1} ({len(corrupt)} corrupt "
+                 f"chunk(s))" if corrupt else "its chunks")
+        reason = "checksum mismatch, truncated or missing file" if corrupt else \
+            (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        if "derived_from" in self.attrs:
+            fix = "rerun the command that derived it (embedstore match --projection) to recompute them"
+        elif self.has_checksums:
+            fix = (f"rerun `embedstore extract` with encoder {self.attrs.get('encoder')} on {self.store_path} "
+                   f"to recompute them")
+        else:
+            fix = f"this set has no checksums: delete {self.path} and rerun `embedstore extract` to recompute it"
+        return StoreError(f"feature set {name} of {self.store_path}: {where} cannot be read ({reason}); {fix}")
+
+    # ------------------------------------------------------------- integrity
+    def _chunk_file(self, name: str, chunk: int) -> Path:
+        arr = self._array(name)
+        return self.path / name / arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
+
+    def chunks_of(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """The row chunks of this set that ``shard`` (i, n) owns: every n-th, from the i-th."""
+        index, count = shard
+        return [c for c in range(-(-self.n_rows // self.rows_per_chunk)) if c % count == index]
+
+    def corrupt_chunks(self, chunks: list[int] | None = None) -> list[int] | None:
+        """Row chunks (of ``chunks``, default all) whose files fail their crc32c, are truncated, or are missing
+        beside a written status chunk; None for a set without checksums. Reads the files, decompresses nothing."""
+        if not self.has_checksums:
+            return None
+        bad = []
+        for c in self.chunks_of() if chunks is None else chunks:
+            ok = {name: _crc_ok(self._chunk_file(name, c)) for name in ARRAYS}
+            if False in ok.values() or (ok["status"] and None in ok.values()):
+                bad.append(c)
+        return bad
+
+    def repair_chunks(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Delete the files of every corrupt chunk of ``shard`` in all arrays (status first), so its rows become
+        pending and the running extraction recomputes them; returns the chunks removed."""
+        corrupt = self.corrupt_chunks(self.chunks_of(shard)) or []
+        for c in corrupt:
+            for name in ("status", *ARRAYS[:-1]):
+                self._chunk_file(name, c).unlink(missing_ok=True)
+        return corrupt
+
+    def n_final(self) -> int:
+        """Rows whose status is final (done or failed), for what a failed write kept."""
+        return int((self.read("status", slice(0, self.n_rows)) != PENDING).sum())
 
 
 class FeatureStore:
@@ -186,11 +359,12 @@ class FeatureStore:
             if path.is_file() or any(path.iterdir()):
                 raise StoreError(f"{path} exists and is not a feature store; choose another --store path")
         if not (path / "zarr.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            root = zarr.open_group(str(path), mode="a", zarr_format=3)
-            root.attrs["embedstore"] = {"format": FORMAT_VERSION, "created_with": __version__, "created": utc_now()}
-            root.attrs["sources"] = []
-            root.require_group("features")
+            with storage_errors(path, f"creating the store {path}"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                root = zarr.open_group(str(path), mode="a", zarr_format=3)
+                root.attrs["embedstore"] = {"format": FORMAT_VERSION, "created_with": __version__, "created": utc_now()}
+                root.attrs["sources"] = []
+                root.require_group("features")
         return cls.open(path)
 
     # ---------------------------------------------------------------- manifest
@@ -253,8 +427,17 @@ class FeatureStore:
 
     # ------------------------------------------------------------ feature sets
     def _groups(self) -> dict[str, zarr.Group]:
+        """Every feature set's group by key; a set whose ``zarr.json`` is damaged raises one line naming it."""
         features = self.root.require_group("features")
-        return {name: grp for name, grp in features.groups()}
+        groups = {}
+        for folder in sorted((self.path / "features").iterdir()):
+            if folder.name.startswith(".") or not (folder / "zarr.json").is_file():
+                continue
+            try:
+                groups[folder.name] = features[folder.name]
+            except Exception as exc:  # noqa: BLE001 - a corrupt zarr.json is damage on disk
+                raise _unreadable_set(self.path, folder.name, "zarr.json", exc) from None
+        return groups
 
     def feature_set(self, key_or_name: str) -> FeatureSet:
         return FeatureSet(self._groups()[self.resolve(key_or_name)])
@@ -278,25 +461,44 @@ class FeatureStore:
             raise StoreError(f"{key_or_name!r} names several feature sets in {self.path}; pick one by name or key: {choices}")
         raise StoreError(f"no feature set {key_or_name!r} in {self.path}; it has: {choices}")
 
-    def info(self, key_or_name: str) -> FeatureSetInfo:
+    def info(self, key_or_name: str, verify: bool = False) -> FeatureSetInfo:
+        """Counts of one feature set; ``verify`` also checks every chunk file (``ls``), and then rows of
+        corrupt chunks count as missing instead of failing the read."""
         fs = self.feature_set(key_or_name)
         attrs = fs.attrs
         man_sha = self.manifest["sha256"].to_numpy()
         n = min(fs.n_rows, len(man_sha))
-        status = fs.status[:n]
-        same = fs.sha256[:n] == man_sha[:n]
+        corrupt = fs.corrupt_chunks() if verify else None
+        status = fs.read_intact("status", n, corrupt or [])
+        same = fs.read_intact("sha256", n, corrupt or []) == man_sha[:n]
         done = status == DONE
         stored = sum(f.stat().st_size for f in (self.path / "features" / fs.key).rglob("*") if f.is_file())
+        rpc = fs.rows_per_chunk
         return FeatureSetInfo(
             key=fs.key, name=attrs.get("name", fs.key), encoder=attrs.get("encoder", "?"),
             dim=int(fs.emb.shape[1]), dtype=str(fs.emb.dtype), n_rows=len(man_sha),
             n_done=int((done & same).sum()), n_failed=int(((status == FAILED) & same).sum()),
             n_stale=int((done & ~same).sum()), n_missing=int(len(man_sha) - (done & same).sum() - ((status == FAILED) & same).sum()),
-            nbytes_stored=stored, attrs=attrs,
+            nbytes_stored=stored, attrs=attrs, checksums=fs.has_checksums,
+            n_corrupt_chunks=None if corrupt is None else len(corrupt),
+            corrupt_rows=(corrupt[0] * rpc, min(fs.n_rows, (corrupt[-1] + 1) * rpc) - 1) if corrupt else None,
         )
 
-    def feature_sets(self) -> list[FeatureSetInfo]:
-        return [self.info(key) for key in sorted(self._groups())]
+    def feature_sets(self, verify: bool = False) -> list[FeatureSetInfo]:
+        return [self.info(key, verify) for key in sorted(self._groups())]
+
+
+    def chunking(self, key: str) -> int | None:
+        """The rows per chunk of feature set ``key`` (fixed when it was created); None if there is no such set."""
+        groups = self._groups()
+        return FeatureSet(groups[key]).rows_per_chunk if key in groups else None
+
+
+    def planned_rows(self, ids: pd.Series) -> np.ndarray:
+        """The store rows images ``ids`` will take (known ids keep theirs, new ones are appended), writing nothing."""
+        pos = pd.Index(self.manifest["id"]).get_indexer(pd.Index(ids.astype(str)))
+        new = pos < 0
+        return np.where(new, len(self.manifest) + np.cumsum(new) - 1, pos).astype(np.int64)
 
     def require_feature_set(self, key: str, name: str, attrs: dict, dim: int, dtype: str, rows_per_chunk: int) -> FeatureSet:
         """The feature set ``key``, created if absent, grown to the manifest's length."""
@@ -312,53 +514,107 @@ class FeatureStore:
                 f"pass --name to store this one under a new name"
             )
         n = len(self.manifest)
-        if key not in groups:
-            grp = self.root["features"].create_group(
-                key, attributes={**attrs, "name": name, "key": key, "dim": dim, "dtype": dtype,
-                                 "rows_per_chunk": rows_per_chunk, "created": utc_now()})
-            chunks = max(1, rows_per_chunk)
-            itemsize = np.dtype(dtype).itemsize
-            grp.create_array("emb", shape=(n, dim), dtype=dtype, chunks=(chunks, dim), fill_value=0,
-                             compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize),
-                             dimension_names=("image", "feature"))
-            grp.create_array("status", shape=(n,), dtype="uint8", chunks=(chunks,), fill_value=PENDING,
-                             dimension_names=("image",))
-            for arr in ("sha256", "error"):
-                grp.create_array(arr, shape=(n,), dtype=str, chunks=(chunks,), dimension_names=("image",))
-            return FeatureSet(grp)
-        fs = FeatureSet(groups[key])
-        fs.resize(n)
-        return fs
+        with storage_errors(self.path, f"preparing feature set {name} in {self.path}"):
+            if key not in groups:
+                return FeatureSet(self._create_feature_set(key, {**attrs, "name": name, "key": key, "dim": dim,
+                                                                 "dtype": dtype, "rows_per_chunk": rows_per_chunk,
+                                                                 "created": utc_now()}, n, max(1, rows_per_chunk)))
+            fs = FeatureSet(groups[key])
+            fs.resize(n)  # also finishes a growth that a kill interrupted
+            return fs
+
+
+    def _create_feature_set(self, key: str, attrs: dict, n: int, chunks: int) -> zarr.Group:
+        """The group and arrays of a new feature set; every array ends in a crc32c of each chunk."""
+        grp = self.root["features"].create_group(key, attributes=attrs)
+        emb_codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(attrs["dtype"]).itemsize)
+        grp.create_array("emb", shape=(n, attrs["dim"]), dtype=attrs["dtype"], chunks=(chunks, attrs["dim"]),
+                         fill_value=0, compressors=[emb_codec, Crc32cCodec()], dimension_names=("image", "feature"))
+        grp.create_array("status", shape=(n,), dtype="uint8", chunks=(chunks,), fill_value=PENDING,
+                         compressors=[ZstdCodec(level=0), Crc32cCodec()], dimension_names=("image",))
+        for arr in ("sha256", "error"):
+            grp.create_array(arr, shape=(n,), dtype=str, chunks=(chunks,),
+                             compressors=[ZstdCodec(level=0), Crc32cCodec()], dimension_names=("image",))
+        return grp
 
     @contextmanager
     def preparing(self):
-        """Serialise the short set-up step of concurrent writers (manifest merge, feature-set creation)."""
-        lock_dir = self.path / ".locks"
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / "prepare", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: the step takes a moment
-            self.__dict__.pop("manifest", None)  # another process may have changed it
-            yield
+        """Serialise the short steps of concurrent writers that change shared metadata (manifest merge,
+        feature-set creation and growth, run records); a full or read-only disk there is one line."""
+        with storage_errors(self.path, f"updating {self.path}"):
+            (self.path / ".locks").mkdir(exist_ok=True)
+            with open(self.path / ".locks" / "prepare", "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: the step takes a moment
+                self.__dict__.pop("manifest", None)  # another process may have changed it
+                yield
 
     @contextmanager
-    def lock(self, key: str, shard: str = "all"):
-        """Hold an exclusive lock on writing ``shard`` of feature set ``key`` (released when the process dies)."""
-        lock_dir = self.path / ".locks"
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / f"{key}.{shard}", "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise StoreError(
-                    f"feature set {key} of {self.path} is being written by {holder}; wait for it to finish"
-                ) from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"embedstore extract (pid {os.getpid()})")
-            fh.flush()
+    def lock(self, key: str, shard: tuple[int, int] = (0, 1)):
+        """Hold the locks of writing shard ``(i, n)`` of feature set ``key`` (released when the process dies).
+
+        An unsharded run (n = 1) holds ``<key>.set`` exclusively. A shard holds it shared, its own
+        ``<key>.shard-i-of-n`` exclusively and ``<key>.n<n>`` shared, then refuses if any ``<key>.n<m>``
+        (m != n) is held: of two runs with different n starting together both may refuse, never both run.
+        """
+        index, count = shard
+        me = f"embedstore extract{f' --shard {index}/{count}' if count > 1 else ''} (pid {os.getpid()})"
+        with ExitStack() as held:
+            with storage_errors(self.path, f"locking feature set {key}"):
+                (self.path / ".locks").mkdir(exist_ok=True)
+                held.enter_context(self._flock(key, "set", fcntl.LOCK_EX if count == 1 else fcntl.LOCK_SH, me))
+                if count > 1:
+                    held.enter_context(self._flock(key, f"shard-{index}-of-{count}", fcntl.LOCK_EX, me))
+                    held.enter_context(self._flock(key, f"n{count}", fcntl.LOCK_SH, me, wait=True))
+                    self._refuse_other_shard_counts(key, count)
             yield
+
+
+    @contextmanager
+    def _flock(self, key: str, part: str, mode: int, me: str, wait: bool = False):
+        """flock ``.locks/<key>.<part>`` (``wait``: block, for locks only ever held exclusively for an instant)
+        and note ``me`` in it; StoreError naming the holder when it is taken."""
+        fd = os.open(self.path / ".locks" / f"{key}.{part}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreError(f"feature set {key} of {self.path} is being written by {self._holder(fd)}; "
+                                 f"wait for it to finish") from None
+            os.pwrite(fd, me.encode().ljust(_HOLDER_BYTES), 0)  # one write: concurrent holders never interleave
+            yield
+        finally:
+            os.close(fd)
+
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        return os.pread(fd, _HOLDER_BYTES, 0).decode(errors="replace").strip() or "another process"
+
+
+    def _refuse_other_shard_counts(self, key: str, count: int) -> None:
+        """StoreError if shards of ``key`` with another shard count hold their ``<key>.n<m>`` lock."""
+        for file in (self.path / ".locks").glob(f"{key}.n*"):
+            other = file.name.rsplit(".n", 1)[1]
+            if not other.isdigit() or int(other) == count:
+                continue
+            fd = os.open(file, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: released at close
+            except BlockingIOError:
+                raise StoreError(f"feature set {key} of {self.path} is being written by {self._holder(fd)}; the "
+                                 f"shards of one run must share N: wait for it to finish, or use --shard I/{other}") from None
+            finally:
+                os.close(fd)
+
+
+    def append_run(self, key: str, record: dict, keep: int = 20) -> None:
+        """Add one extraction's provenance to a feature set's attributes (the last ``keep`` runs are kept).
+
+        Re-read from disk under :meth:`preparing`, so concurrent shards each keep their record.
+        """
+        with self.preparing():
+            group = zarr.open_group(self.root.store, path=f"features/{key}", mode="r+", zarr_format=3)
+            group.attrs["runs"] = list(group.attrs.get("runs", []))[-(keep - 1):] + [record]
 
     # ---------------------------------------------------------------- reading
     def load(self, features: str, *, columns: list[str] | None = None, ids=None) -> tuple[np.ndarray, pd.DataFrame]:
@@ -390,10 +646,7 @@ class FeatureStore:
                     f"{len(bad)} of the asked ids have no features in {fs.attrs.get('name')} (first: {bad[0]!r}): "
                     f"not in the store, failed, or not extracted yet"
                 )
-        if len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-            X = fs.emb[: len(rows)]  # one contiguous read
-        else:
-            X = fs.emb.get_orthogonal_selection((rows, slice(None))) if len(rows) else np.zeros((0, fs.emb.shape[1]))
+        X = fs.read_rows(rows)  # damaged chunks raise StoreError: never garbage
         table = manifest.iloc[rows]
         if columns is not None:
             missing = [c for c in columns if c not in manifest.columns]

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from embedstore.cli.app import app
-from embedstore.store import FAILED, FeatureStore
+from embedstore.store import FAILED, FeatureSetInfo, FeatureStore
 
 _out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -24,32 +24,49 @@ def _size(nbytes: int) -> str:
     return ""
 
 
+def _checks(info: FeatureSetInfo) -> str:
+    """The chunk-integrity cell: ok, how many chunks are corrupt, or that the set predates checksums."""
+    if not info.checksums:
+        return "no checksums"
+    return f"{info.n_corrupt_chunks} corrupt" if info.n_corrupt_chunks else "ok"
+
+
 @app.command()
 def ls(
     store: Path = typer.Argument(..., help="A feature store (the --store of `embedstore extract`)."),
     failures: bool = typer.Option(False, "--failures", help="List the images that could not be read, with the reason."),
 ) -> None:
-    """Show a store's images, sources and feature sets (rows done, failed, stale, size on disk)."""
+    """Show a store's images, sources and feature sets (rows done, failed, stale, size on disk, chunk checks).
+
+    Every chunk file's checksum is verified; corrupt chunks are reported (exit 0) with the command that recomputes them.
+    """
     st = FeatureStore.open(store)
     manifest = st.manifest
     columns = [c for c in manifest.columns if not c.startswith("_") and c not in ("id", "sha256")]
     _out.print(f"[bold]{store}[/]: {len(manifest):,} images from {len(st.root.attrs.get('sources', []))} source(s); "
                f"columns: {', '.join(columns) or '(none)'}")
     table = Table(show_lines=False)
-    for col in ("name", "key", "encoder", "dim", "dtype", "done", "failed", "stale", "missing", "on disk"):
+    for col in ("name", "key", "encoder", "dim", "dtype", "done", "failed", "stale", "missing", "on disk", "chunks"):
         table.add_column(col, justify="right" if col in ("dim", "done", "failed", "stale", "missing", "on disk") else "left")
-    infos = st.feature_sets()
+    infos = st.feature_sets(verify=True)
     for info in infos:
         table.add_row(info.name, info.key, info.encoder, str(info.dim), info.dtype, f"{info.n_done:,}",
-                      f"{info.n_failed:,}", f"{info.n_stale:,}", f"{info.n_missing:,}", _size(info.nbytes_stored))
+                      f"{info.n_failed:,}", f"{info.n_stale:,}", f"{info.n_missing:,}", _size(info.nbytes_stored),
+                      _checks(info))
     _out.print(table if infos else "no feature sets yet")
+    for info in infos:
+        if info.n_corrupt_chunks:
+            _out.print(f"[bold red]{info.name}[/]: {info.n_corrupt_chunks} corrupt chunk(s), rows "
+                       f"{info.corrupt_rows[0]}-{info.corrupt_rows[1]} (counted as missing); rerun `embedstore extract` "
+                       f"with encoder {info.encoder} on {store} to recompute them")
     if failures:
         for info in infos:
             fs = st.feature_set(info.key)
             n = min(fs.n_rows, len(manifest))
-            rows = np.flatnonzero(fs.status[:n] == FAILED)
+            corrupt = fs.corrupt_chunks() or []
+            rows = np.flatnonzero(fs.read_intact("status", n, corrupt) == FAILED)
             if len(rows):
-                errors = fs.error.get_orthogonal_selection(rows)
+                errors = fs.read("error", rows)
                 _out.print(f"\n[bold]{info.name}[/]: {len(rows)} failed")
                 for r, reason in zip(rows, errors):
                     _out.print(f"  {manifest['id'].iloc[r]}\t{reason}")
