@@ -4,15 +4,21 @@ Protocol (every step seeded by ``seed``):
 
 1. Load the feature sets from the store (rows every set has), the target, the
    group column and any metadata columns; drop rows without a target.
-2. Split: an official train/test column (``split_column``), a stratified group
-   hold-out (``holdout``), or none (cross-validation only).
+2. Split: an official train/(validation/)test column (``split_column``, values
+   mapped by ``split_map``), a stratified group hold-out (``holdout``), or none
+   (cross-validation only). Validation rows are never scored: with tuning they
+   choose the final head's hyperparameters (one fold: fit on train, score on
+   validation) and the final head is refitted on train + validation; without
+   tuning they are left out (``split_map: {valid: train}`` folds them into training).
 3. Stratified group k-fold on the training rows. For each fold a model is
    fitted on the other folds and predicts this one: the out-of-fold (OOF)
    predictions. With ``trials > 0`` each fold first runs its own Optuna study
    on its training part only (inner group folds), so the OOF estimate is nested
-   and no hyperparameter ever saw the rows it is scored on.
-4. The final head: hyperparameters tuned on all training rows (outer folds),
-   refitted on all of them, saved with a model card; it predicts the test rows
+   and no hyperparameter ever saw the rows it is scored on. A study is reused
+   only by exactly the same problem (:func:`embedstore.tune.study_problem`).
+4. The final head: hyperparameters tuned on all training rows (outer folds,
+   or the validation rows when there are some), refitted on all of them (and
+   the validation rows), saved with a model card; it predicts the test rows
    when there are any.
 5. Metrics on the test predictions (or the OOF ones without a test split), each
    with a bootstrap 95% interval resampled by group; per-fold metrics; a t-SNE
@@ -45,9 +51,9 @@ from embedstore import __version__
 from embedstore.errors import ConfigError, EmbedstoreError, StoreError, reject_unknown_options
 from embedstore.heads import DECISIONS, HEADS, BalancedDecision, StackHead, decide, make_head, select_columns
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
-from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
-from embedstore.store import FeatureStore
-from embedstore.tune import SEARCH_SPACES, default_storage, tune
+from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
+from embedstore.store import FeatureStore, fingerprint
+from embedstore.tune import SEARCH_SPACES, default_storage, digest, study_problem, tune
 
 MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
 BINARY_HEADLINE = ["roc_auc", "pauc_80", "balanced_accuracy", "sensitivity_at_90_specificity", "average_precision"]
@@ -71,6 +77,7 @@ class ProbeConfig:
     folds: int = 5
     inner_folds: int = 3
     split_column: str | None = None
+    split_map: dict = field(default_factory=dict)  # split-column value -> train, test, valid or drop
     holdout: float = 0.0
     trials: int = 0
     metric: str | None = None  # tuning metric; default balanced_accuracy (multiclass) or roc_auc (binary)
@@ -112,6 +119,10 @@ class ProbeConfig:
             raise ConfigError("--trials must be 0 (no tuning) or more")
         if self.split_column and self.holdout:
             raise ConfigError("give either a split column or a hold-out fraction, not both")
+        if not isinstance(self.split_map, dict):
+            raise ConfigError(f"split_map maps split-column values to train, valid, test or drop, not {self.split_map!r}")
+        if self.split_map and not self.split_column:
+            raise ConfigError("--split-map maps the values of a split column: give --split-column too")
         if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
             raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
         unknown = sorted(set(self.params) - set(HEADS) - {"stack"})
@@ -292,8 +303,9 @@ def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned
     return ColumnsHead(make_head(head, **params), columns)
 
 
-def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[str, ColumnsHead, str]]:
-    """(tuned-parameter key, estimator, head name) of every part of ``spec`` that has hyperparameters to tune.
+def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[str, list[str], ColumnsHead, str]]:
+    """(tuned-parameter key, feature sets, estimator, head name) of every part of ``spec`` that has
+    hyperparameters to tune.
 
     Each part is scored with the run's decision rule (wrapped as :func:`build_model` wraps the model).
     """
@@ -301,7 +313,7 @@ def _tunable(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[s
         parts = [(spec.head, spec.entry.split("+"), spec.head)]
     else:
         parts = _stack_bases(cfg, spec.entry.split("+"))
-    return [(name, _decided(cfg, _single(cfg, data, sets, h, {})), h) for name, sets, h in parts]
+    return [(name, sets, _decided(cfg, _single(cfg, data, sets, h, {})), h) for name, sets, h in parts]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -335,45 +347,92 @@ class Probe:
         self._split()
 
     def _split(self) -> None:
+        """Train, test and validation rows, the outer folds over the training rows, and what the final
+        head is tuned and fitted on (``split`` says it, for run.json)."""
         cfg, d = self.cfg, self.data
+        empty = np.array([], dtype=int)
         if cfg.split_column:
-            self.train, self.test = column_split(d.table[cfg.split_column])
+            split = column_split(d.table[cfg.split_column], cfg.split_map)
         elif cfg.holdout:
-            self.train, self.test = group_holdout(d.y, d.groups, cfg.holdout, cfg.seed)
+            split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed), empty, empty)
         else:
-            self.train, self.test = np.arange(len(d.y)), np.array([], dtype=int)
-        if d.groups is not None and len(self.test):
-            check_disjoint(d.groups, self.train, self.test)
-        for side, rows in (("training", self.train), ("test", self.test)):
+            split = ColumnSplit(np.arange(len(d.y)), empty, empty, empty)
+        self.train, self.test = split.train, split.test
+        self.valid = split.valid if cfg.trials else empty  # validation rows are used only to tune
+        sides = {"training": self.train, "test": self.test, "validation": self.valid}
+        if d.groups is not None:
+            for a, b in (("training", "test"), ("training", "validation"), ("validation", "test")):
+                if len(sides[a]) and len(sides[b]):
+                    check_disjoint(d.groups, sides[a], sides[b], (a, b))
+        for side, rows in sides.items():
             missing = set(range(len(d.classes))) - set(d.y[rows]) if len(rows) else set()
             if missing:
                 raise ConfigError(f"the {side} rows have no {[d.classes[k] for k in sorted(missing)]}: "
-                                  "every class needs rows on both sides of the split")
+                                  "every class needs rows on each side of the split")
         g = None if d.groups is None else d.groups[self.train]
         folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed)
         self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
+        self.fit_rows = np.sort(np.concatenate([self.train, self.valid]))
+        self.final_folds = [(self.train, self.valid)] if len(self.valid) else self.folds
+        self.split = {
+            "column": cfg.split_column, "map": cfg.split_map, "n_train": int(len(self.train)),
+            "n_test": int(len(self.test)), "n_valid": int(len(split.valid)), "n_dropped": int(len(split.dropped)),
+            "validation": ("chose the final head's hyperparameters (fit on train, scored on validation), "
+                           "then the final head was refitted on train + validation") if len(self.valid) else
+                          ("left out of training and scoring (no tuning); --split-map VALUE=train folds them "
+                           "into training") if len(split.valid) else None,
+        }
+        self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
 
     def _study_name(self, spec: ModelSpec, part: str, scope: str) -> str:
-        base = self.cfg.study_name or (
-            f"{Path(self.cfg.store).name}:{self.cfg.target}"
-            f"{':' + self.cfg.positive if self.cfg.positive else ''}:{self.metric_name}:seed{self.cfg.seed}"
-        )
-        return f"{base}:{part.replace(' × ', ':')}:{scope}"
+        """The study :meth:`_tune` used for ``part`` of ``spec`` at ``scope``; a stack's own head has one
+        study per base, named here comma-separated."""
+        if (spec.name, part, scope) in self.studies:
+            return self.studies[spec.name, part, scope]
+        return ", ".join(name for (model, _, sc), name in self.studies.items() if model == spec.name and sc == scope)
+
+    def _problem(self, sets: list[str], head: str, rows: np.ndarray, scope: str) -> dict:
+        """What, besides the search and the folds, decides the value of a trial tuning ``head`` on ``sets``."""
+        cfg, d = self.cfg, self.data
+        metadata = cfg.metadata if head in METADATA_HEADS else []
+        return {
+            "features": [d.feature_keys[name] for name in sets],
+            "rows": digest(d.ids[rows]),
+            "images": digest(d.table["sha256"].to_numpy()[rows]),
+            "metadata": metadata,
+            "metadata_values": digest(pd.util.hash_pandas_object(d.table[metadata].iloc[rows], index=False))
+            if metadata else None,
+            "target": cfg.target, "positive": cfg.positive, "classes": d.classes,
+            "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
+            "head": head, "params": _base_params(cfg, head), "metric": self.metric_name, "decision": cfg.decision,
+        }
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
-        """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only."""
+        """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.
+
+        Each part has its own study, named ``store:target:features:head:fingerprint:scope`` (or
+        ``--study-name:features:head:scope``) and reused only by exactly the same problem.
+        """
         if not self.cfg.trials:
             return {}
         tuned = {}
-        for key, est, head in _tunable(self.cfg, self.data, spec):
+        for key, sets, est, head in _tunable(self.cfg, self.data, spec):
             if head not in SEARCH_SPACES:
                 continue
             local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
+            fixed = frozenset(self.cfg.params.get(head, {}))
+            problem = study_problem(head, self.data.y[rows], local, self.cfg.seed, fixed,
+                                    **self._problem(sets, head, rows, scope))
+            part = f"{'+'.join(sets)}:{head}"
+            name = (f"{self.cfg.study_name}:{part}:{scope}" if self.cfg.study_name else
+                    f"{Path(self.cfg.store).name}:{self.cfg.target}{':' + self.cfg.positive if self.cfg.positive else ''}"
+                    f":{part}:{fingerprint(problem)}:{scope}")
+            self.studies[spec.name, key, scope] = name
             tuned[key], _ = tune(
                 est, head, self.data.X.iloc[rows], self.data.y[rows], local, self.metric, self.cfg.trials,
-                self.storage, self._study_name(spec, key, scope), self.cfg.seed,
+                self.storage, name, self.cfg.seed,
                 prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
-                fixed=frozenset(self.cfg.params.get(head, {})),
+                fixed=fixed, problem=problem,
             )
             self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
         return tuned
@@ -402,8 +461,8 @@ class Probe:
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
                               **scores, "seconds": round(time.perf_counter() - t0, 2)})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
-        tuned = self._tune(spec, self.train, self.folds, "final")
-        final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.train)
+        tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
+        final = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
         test_pred = decide(final, test_proba) if len(self.test) else None
         stack = stack_of(final)
@@ -477,8 +536,8 @@ def _card(probe: Probe, result: dict, metrics: dict) -> dict:
         "decision": cfg.decision,
         "tuned_params": result["tuned"],
         "fixed_params": {h: cfg.params[h] for h in cfg.params},
-        "trained_on": {"store": str(Path(cfg.store).resolve()), "n_rows": int(len(probe.train)),
-                       "n_groups": None if d.groups is None else int(len(set(d.groups[probe.train])))},
+        "trained_on": {"store": str(Path(cfg.store).resolve()), "n_rows": int(len(probe.fit_rows)),
+                       "n_groups": None if d.groups is None else int(len(set(d.groups[probe.fit_rows])))},
         "evaluation": "held-out test rows" if len(probe.test) else f"{cfg.folds}-fold group cross-validation (OOF)",
         "metrics": metrics,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -567,7 +626,7 @@ def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> 
             "feature_names": spec.entry.split("+"),
             "head": spec.head, "target": cfg.target, "groups": cfg.groups, "classes": d.classes,
             "positive_class": d.classes[1] if len(d.classes) == 2 else None,
-            "seed": cfg.seed, "models": [r["spec"].name for r in results],
+            "seed": cfg.seed, "models": [r["spec"].name for r in results], "split": probe.split,
             "study": {"storage": probe.storage, "name": probe._study_name(spec, spec.head, "final")} if cfg.trials else None,
             "seconds": round(seconds, 1),
         }

@@ -3,9 +3,17 @@
 Every function is seeded, returns integer row indices, and raises a
 :class:`~embedstore.errors.ConfigError` with a one-line message when the data
 cannot be split as asked (too few groups, a fold with no positives).
+
+An official split column (:func:`column_split`) has three sides: train, test and
+validation. The usual spellings of each are recognised (:data:`SPELLINGS`;
+``dev`` is validation, as in most ML datasets' train/dev/test); a validation
+split is never scored as test. Any other value is refused, listed, unless the
+user maps it (``--split-map VALUE=train|valid|test|drop``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,8 +23,14 @@ from embedstore.errors import ConfigError
 
 Split = tuple[np.ndarray, np.ndarray]
 
-_TRAIN_WORDS = {"train", "training", "trn", "dev", "0", "false"}
-_TEST_WORDS = {"test", "testing", "tst", "holdout", "val", "validation", "1", "true"}
+#: The recognised spellings of each side of an official split column (lower-cased, stripped).
+SPELLINGS = {
+    "train": {"train", "training", "trn", "0", "false"},
+    "test": {"test", "testing", "tst", "holdout", "1", "true"},
+    "valid": {"val", "valid", "validation", "dev", "development"},
+}
+#: What ``--split-map VALUE=ACTION`` can do with the rows of a value.
+SPLIT_ACTIONS = ("train", "test", "valid", "drop")
 
 
 def group_kfold(y, groups, n_splits: int = 5, seed: int = 0) -> list[Split]:
@@ -51,28 +65,67 @@ def group_holdout(y, groups, test_size: float = 0.2, seed: int = 0) -> Split:
     return group_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
 
 
-def column_split(values) -> Split:
-    """Train/test rows from an official split column (``train``/``test``, ``training``/``test``, 0/1, booleans)."""
-    words = pd.Series(values).astype(str).str.strip().str.lower()
-    unknown = sorted(set(words) - _TRAIN_WORDS - _TEST_WORDS)
+@dataclass
+class ColumnSplit:
+    """Row indices of each side of an official split column; ``dropped`` rows are on none."""
+
+    train: np.ndarray
+    test: np.ndarray
+    valid: np.ndarray
+    dropped: np.ndarray
+
+
+def column_split(values, split_map: dict | None = None) -> ColumnSplit:
+    """Train, test and validation rows from an official split column.
+
+    Values are read case-insensitively (:data:`SPELLINGS`: train/training/0/false,
+    test/testing/holdout/1/true, val/valid/validation/dev). ``split_map`` maps
+    values to an action of :data:`SPLIT_ACTIONS` and takes precedence (``{"valid":
+    "train"}`` folds validation rows into training, ``{"excluded": "drop"}`` leaves
+    rows out). Any other value is refused, listed, in one line.
+    """
+    words = pd.Series([_split_word(v) for v in values], dtype=object)
+    actions = {word: side for side, spelled in SPELLINGS.items() for word in spelled}
+    actions.update(_split_actions(split_map or {}, set(words)))
+    unknown = sorted(set(words) - set(actions))
     if unknown:
         raise ConfigError(
-            f"split column has values {unknown[:5]} that are neither train nor test "
-            "(expected train/test, training/test, 0/1 or true/false)"
+            f"split column has values {unknown[:8]} that are not train, valid or test: map each with "
+            f"--split-map VALUE=train|valid|test|drop (e.g. --split-map {unknown[0]}=drop)"
         )
-    is_test = words.isin(_TEST_WORDS).to_numpy()
-    if is_test.all() or not is_test.any():
-        raise ConfigError("split column puts every row on one side: it needs both train and test rows")
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    side = words.map(actions).to_numpy()
+    split = ColumnSplit(*(np.flatnonzero(side == name) for name in ("train", "test", "valid", "drop")))
+    if not len(split.train) or not len(split.test):
+        raise ConfigError("split column puts no row on the train or on the test side: it needs both")
+    return split
 
 
-def check_disjoint(groups, train, test) -> None:
+def _split_word(value) -> str:
+    """A split value as the word it is matched by: stripped, lower case; 1.0 reads as 1, a missing value as nan."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip().lower()
+
+
+def _split_actions(split_map: dict, words: set[str]) -> dict[str, str]:
+    """``split_map`` with its keys read as :func:`_split_word` does; refuses unknown actions and absent values."""
+    actions = {_split_word(k): str(v).strip().lower() for k, v in split_map.items()}
+    bad = {k: v for k, v in actions.items() if v not in SPLIT_ACTIONS}
+    if bad:
+        raise ConfigError(f"--split-map {bad}: each value maps to one of {', '.join(SPLIT_ACTIONS)}")
+    absent = sorted(set(actions) - words)
+    if absent:
+        raise ConfigError(f"--split-map names {absent}, which the split column does not have (it has {sorted(words)[:8]})")
+    return actions
+
+
+def check_disjoint(groups, train, test, sides: tuple[str, str] = ("train", "test")) -> None:
     """Raise ConfigError if any group has rows on both sides (e.g. an official split that leaks lesions)."""
     groups = np.asarray(groups)
     shared = set(groups[train]) & set(groups[test])
     if shared:
         example = sorted(map(str, shared))[:3]
         raise ConfigError(
-            f"{len(shared)} group(s) appear in both train and test (e.g. {example}): "
+            f"{len(shared)} group(s) appear in both {sides[0]} and {sides[1]} (e.g. {example}): "
             "the split leaks; fix the split column or drop --groups"
         )

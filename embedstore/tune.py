@@ -1,17 +1,32 @@
-"""Optuna studies for the heads: search spaces (declared here, in one place), pruning across folds, storage.
+"""Optuna studies for the heads: search spaces (declared here, in one place), pruning across folds, storage,
+and the identity of a study.
 
 A study maximises the mean of one metric over group folds. Each trial
 reports its running mean after every fold, so the median pruner stops a bad
 trial after a fold or two instead of paying for all of them; per-fold scores
 are kept as trial user attributes. Studies live in an Optuna storage (by
-default a sqlite file beside the feature store) and are created with
-``load_if_exists=True``, so rerunning an interrupted probe resumes its study
-and only runs the trials still missing. ``optuna-dashboard sqlite:///...`` shows them.
+default a sqlite file beside the feature store); ``optuna-dashboard sqlite:///...`` shows them.
+
+A study is reused only by exactly the same problem. :func:`study_problem` lists
+everything that decides a trial's value (features, rows, labels, folds, seed,
+head, search space, fixed parameters, metric, ...); its fingerprint
+(:func:`embedstore.store.fingerprint`) is stored as the study's ``fingerprint``
+user attribute, and :func:`tune` refuses a stored study of another fingerprint.
+
+Resuming is deterministic: trials run one at a time, each sampled by a TPE
+sampler seeded by (seed, number of finished trials), so a trial's parameters
+depend on the study's history only, never on how many processes it took.
+A trial left RUNNING by a dead process (killed mid-trial) is marked FAIL when
+the study is resumed; it neither counts nor shifts the seeds. One process at a
+time works on a study.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +34,10 @@ import numpy as np
 import optuna
 from sklearn.base import clone
 
+from embedstore import faults
 from embedstore.errors import ConfigError
 from embedstore.heads.decision import decide
+from embedstore.store import fingerprint
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
@@ -83,6 +100,44 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
     return float(np.mean(scores))
 
 
+def digest(values) -> str:
+    """A short sha256 of a sequence's values in order (row ids, labels, row indices): a study's data in 16 hex digits."""
+    a = np.asarray(values)
+    if a.dtype == object:
+        a = a.astype(str)
+    elif a.dtype.kind in "iub":
+        a = a.astype(np.int64)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def search_space(space: str) -> dict[str, str]:
+    """The distributions ``SEARCH_SPACES[space]`` searches, as Optuna's JSON (part of a study's identity)."""
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    SEARCH_SPACES[space](trial)
+    return {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(trial.distributions.items())}
+
+
+def study_problem(space: str, y, folds, seed: int, fixed, **context) -> dict:
+    """Everything that decides a trial's value, as plain JSON: the problem a study may be reused for.
+
+    This module adds what :func:`tune` sees (search space, fixed parameter names, labels, folds, seed);
+    ``context`` is what only the caller knows (feature fingerprints, row ids, target, metric, decision, ...).
+    ``fingerprint(study_problem(...))`` is the study's identity.
+    """
+    return {
+        "protocol": 1,  # TPE seeded per finished trial, median pruner over folds
+        "space": space,
+        "distributions": search_space(space),
+        "fixed": sorted(fixed),
+        "labels": digest(y),
+        "folds": [[digest(train), digest(test)] for train, test in folds],
+        "seed": seed,
+        **context,
+    }
+
+
 def tune(
     head,
     space: str,
@@ -97,42 +152,107 @@ def tune(
     prefix: str = "",
     fixed: frozenset = frozenset(),
     on_trial: Callable[[optuna.study.Study, optuna.trial.FrozenTrial], None] | None = None,
+    problem: dict | None = None,
 ) -> tuple[dict, optuna.Study]:
     """Search ``SEARCH_SPACES[space]`` for ``head`` (its other parameters stay) and return the best parameters.
 
     ``prefix`` addresses a nested estimator's parameters (e.g. ``"head__"``);
     parameters in ``fixed`` were set by the user and are left out of the search.
+    ``problem`` (from :func:`study_problem`) is the study's identity: a stored study
+    of that name made for another problem is refused.
 
     Runs only the trials the stored study still lacks (a finished study runs
-    none), so an interrupted probe resumes where it stopped.
+    none), so an interrupted probe resumes where it stopped, with the same result.
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
     optuna.logging.set_verbosity(logging.WARNING)
+    study = _open_study(storage, study_name)
+    if problem is not None:
+        _claim(study, problem, storage)
+    _fail_stale_trials(study)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("owner", _OWNER)
+        params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
+        value = cv_score(clone(head).set_params(**params), X, y, folds, metric, trial)
+        faults.point("trial-commit")
+        return value
+
+    while (n_done := len(_finished(study))) < n_trials:
+        study.sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, n_done))
+        study.optimize(objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
+        last = study.trials[-1]
+        if last.state == optuna.trial.TrialState.FAIL:
+            raise ConfigError(f"trial {last.number} of study {study_name!r} scored no number (NaN or infinite): "
+                              "the metric is undefined on these folds; choose another --metric")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise ConfigError(f"study {study_name!r} has no completed trial; every trial failed or was pruned")
+    return {k: v for k, v in study.best_params.items() if k not in fixed}, study
+
+
+#: Who runs a trial (host:pid), so a rerun can tell a trial left RUNNING by a dead process.
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _open_study(storage: str, study_name: str) -> optuna.Study:
     try:
-        study = optuna.create_study(
+        return optuna.create_study(
             study_name=study_name,
             storage=storage,
             direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
             load_if_exists=True,
         )
     except Exception as exc:  # noqa: BLE001 - a malformed URL, unknown dialect or missing driver is the user's input
         raise ConfigError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
-    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
-    def objective(trial: optuna.Trial) -> float:
-        params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
-        return cv_score(clone(head).set_params(**params), X, y, folds, metric, trial)
 
-    remaining = max(0, n_trials - len(done))
-    if remaining:
-        study.optimize(objective, n_trials=remaining, callbacks=[on_trial] if on_trial else None)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise ConfigError(f"study {study_name!r} has no completed trial; every trial failed or was pruned")
-    return {k: v for k, v in study.best_params.items() if k not in fixed}, study
+def _claim(study: optuna.Study, problem: dict, storage: str) -> None:
+    """Mark a new study with ``problem``'s fingerprint; refuse a stored study made for another problem."""
+    key = fingerprint(problem)
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None and study.trials:
+        raise ConfigError(f"study {study.study_name!r} in {storage} has trials of an unknown problem (no fingerprint: "
+                          "an older embedstore or another tool made it); pass another --study-name or --storage")
+    if stored is not None and stored != key:
+        raise ConfigError(f"study {study.study_name!r} in {storage} was tuned for another problem (fingerprint "
+                          f"{stored}, this one is {key}: other features, rows, folds, seed, head, parameters or "
+                          "metric); pass another --study-name or --storage")
+    if stored is None:
+        study.set_user_attr("problem", problem)
+        study.set_user_attr("fingerprint", key)
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Mark FAIL the trials a dead process left RUNNING (killed mid-trial), so they neither count nor block."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
+        if host in ("", socket.gethostname()) and not _alive(pid):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _trial_seed(seed: int, n_done: int) -> int:
+    """The sampler seed of the trial that follows ``n_done`` finished ones: a function of the history only."""
+    return int(hashlib.sha256(f"{seed}:{n_done}".encode()).hexdigest()[:8], 16)
 
 
 def _rows(X, rows):

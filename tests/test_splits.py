@@ -1,7 +1,13 @@
-"""Group-aware splits on the real HAM10000 table: no lesion on both sides, seeded, clear errors."""
+"""Group-aware splits on the real HAM10000 table: no lesion on both sides, seeded, clear errors; official split
+columns (train/valid/test) in a probe run: a validation split is never scored as test."""
+
+import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
+from threadpoolctl import threadpool_limits
 
 from embedstore.errors import ConfigError
 from embedstore.splits import check_disjoint, column_split, group_holdout, group_kfold
@@ -49,12 +55,28 @@ def test_check_disjoint_catches_a_leaking_split(ham_table):
 
 
 def test_column_split_reads_official_values():
-    train, test = column_split(["Training", "test", "train", "Test"])
-    assert list(train) == [0, 2] and list(test) == [1, 3]
-    with pytest.raises(ConfigError, match="neither train nor test"):
-        column_split(["train", "maybe"])
-    with pytest.raises(ConfigError, match="one side"):
+    split = column_split(["Training", "test", "train", "Test", 0, 1.0, True])
+    assert list(split.train) == [0, 2, 4] and list(split.test) == [1, 3, 5, 6] and not len(split.valid)
+    with pytest.raises(ConfigError, match="one side|no row on the train or on the test side"):
         column_split(["train", "train"])
+
+
+@pytest.mark.parametrize("word", ["val", "valid", "Validation", "dev"])
+def test_a_validation_split_is_never_the_test_side(word):
+    split = column_split(["train", word, "test", "train"])
+    assert list(split.valid) == [1] and list(split.test) == [2] and list(split.train) == [0, 3]
+
+
+def test_values_that_are_no_split_are_listed_and_refused_unless_mapped():
+    with pytest.raises(ConfigError, match=r"\['excluded', 'maybe'\] that are not train, valid or test: .*--split-map"):
+        column_split(["train", "maybe", "test", "excluded"])
+    split = column_split(["train", "maybe", "test", "Excluded", "valid"],
+                         {"maybe": "train", "excluded": "drop", "valid": "test"})
+    assert list(split.train) == [0, 1] and list(split.test) == [2, 4] and list(split.dropped) == [3]
+    with pytest.raises(ConfigError, match="one of train, test, valid, drop"):
+        column_split(["train", "test"], {"test": "score"})
+    with pytest.raises(ConfigError, match=r"names \['tset'\], which the split column does not have"):
+        column_split(["train", "test"], {"tset": "drop"})
 
 
 def test_too_few_groups_or_a_class_missing_from_a_fold():
@@ -64,3 +86,81 @@ def test_too_few_groups_or_a_class_missing_from_a_fold():
     g = np.array([f"n{i}" for i in range(40)] + ["p", "p", "p"])  # all positives in one lesion
     with pytest.raises(ConfigError, match="no rows of class"):
         group_kfold(y, g, n_splits=5)
+
+
+# ------------------------------------------------------------------ official split columns in a probe run
+
+
+@pytest.fixture(scope="module")
+def split_store(ham_store, ham_root, ham_subset, tmp_path_factory):
+    """A copy of the subset store whose table has a Derm7pt-style ``split`` column (train/valid/test, whole
+    lesions, ~60/20/20 of each class's lesions) and a ``release`` column (train/test/excluded)."""
+    from embedstore import extract, open_source
+
+    folder = tmp_path_factory.mktemp("split")
+    table = ham_subset.copy()
+    lesions = table.drop_duplicates("lesion_id").sort_values(["dx", "lesion_id"])
+    side = {lesion: ["test", "valid", "train", "train", "train"][k % 5]
+            for _, grp in lesions.groupby("dx") for k, lesion in enumerate(grp["lesion_id"])}
+    table["split"] = table["lesion_id"].map(side)
+    table["release"] = table["split"].replace({"valid": "excluded"})
+    table.to_csv(folder / "subset.csv", index=False)
+    store = folder / "ham.zarr"
+    shutil.copytree(ham_store, store)
+    extract(open_source(folder / "subset.csv", images=ham_root / "images", id_col="image_id"), "mobilenet_v2", store,
+            progress=False)  # features are up to date: this only merges the new columns into the table
+    return store, table.set_index("image_id")
+
+
+def _probe(store, out, **options):
+    from embedstore.probe import ProbeConfig, run_probe
+
+    cfg = {"store": str(store), "features": "mobilenet_v2", "target": "dx", "positive": "mel", "groups": "lesion_id",
+           "split_column": "split", "folds": 2, "inner_folds": 2, "n_boot": 20, "tsne_max": 60, "report": False,
+           "storage": f"sqlite:///{out.parent / 'studies.db'}", "out": str(out), **options}
+    with threadpool_limits(limits=1, user_api="blas"):
+        run_probe(ProbeConfig.from_dict(cfg))
+    return (pd.read_parquet(out / "predictions.parquet"), json.loads((out / "run.json").read_text()),
+            json.loads((out / "head" / "model_card.json").read_text()))
+
+
+def test_validation_rows_choose_the_hyperparameters_and_are_never_scored(split_store, tmp_path):
+    store, table = split_store
+    pred, run, card = _probe(store, tmp_path / "tuned", trials=2)
+    side = table.loc[pred["id"], "split"].to_numpy()
+    assert set(side[pred["split"].to_numpy() == "test"]) == {"test"}  # the test rows, all of them, and only them
+    assert (pred["split"] == "test").sum() == (table["split"] == "test").sum()
+    assert "valid" not in set(side)  # validation rows are neither test nor OOF predictions
+    n = table["split"].value_counts()
+    assert run["split"]["n_valid"] == n["valid"] and run["split"]["validation"].startswith("chose")
+    assert card["trained_on"]["n_rows"] == n["train"] + n["valid"]  # refitted on train + validation
+    import optuna
+
+    final = optuna.load_study(study_name=run["study"]["name"], storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert all(set(t.user_attrs) == {"owner", "fold_0"} for t in final.trials)  # one fold: train -> validation
+
+
+def test_without_tuning_validation_rows_are_left_out_unless_mapped_to_training(split_store, tmp_path):
+    store, table = split_store
+    pred, run, card = _probe(store, tmp_path / "plain")
+    assert "valid" not in set(table.loc[pred["id"], "split"]) and run["split"]["validation"].startswith("left out")
+    assert card["trained_on"]["n_rows"] == (table["split"] == "train").sum()
+    pred, run, card = _probe(store, tmp_path / "folded", split_map={"valid": "train"})
+    oof = table.loc[pred.loc[pred["split"] == "oof", "id"], "split"]
+    assert set(oof) == {"train", "valid"} and run["split"]["validation"] is None
+    assert card["trained_on"]["n_rows"] == table["split"].isin(["train", "valid"]).sum()
+
+
+def test_an_unknown_split_value_is_refused_unless_mapped(split_store, cli, tmp_path):
+    store, table = split_store
+    args = ("probe", store, "-f", "mobilenet_v2", "-t", "dx", "--positive", "mel", "-g", "lesion_id", "--folds", "2",
+            "--split-column", "release", "--n-boot", "20", "--no-report")
+    code, out, err = cli(*args, "--out", tmp_path / "refused")
+    assert code == 2 and "['excluded']" in err and "--split-map excluded=drop" in err and "Traceback" not in err
+    assert not (tmp_path / "refused").exists()
+    code, out, err = cli(*args, "--split-map", "excluded=drop", "--out", tmp_path / "dropped")
+    assert code == 0, err
+    pred = pd.read_parquet(tmp_path / "dropped" / "predictions.parquet")
+    assert "excluded" not in set(table.loc[pred["id"], "release"])
+    run = json.loads((tmp_path / "dropped" / "run.json").read_text())
+    assert run["split"]["n_dropped"] == (table["release"] == "excluded").sum()

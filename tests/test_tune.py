@@ -1,5 +1,8 @@
 """Optuna tuning on real HAM10000 features: per-fold reports, pruning, resumable sqlite studies."""
 
+import socket
+import subprocess
+
 import numpy as np
 import optuna
 import pytest
@@ -11,7 +14,7 @@ from embedstore.heads import HEADS, KNNHead, make_head
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
-from embedstore.tune import SEARCH_SPACES, cv_score, default_storage, tune
+from embedstore.tune import SEARCH_SPACES, cv_score, default_storage, study_problem, tune
 
 
 balanced_accuracy = metric_functions(7)["balanced_accuracy"]  # f(y_true, proba, y_pred), as the probe tunes
@@ -77,3 +80,36 @@ def test_default_storage_sits_beside_the_store_and_bad_urls_are_one_line(tmp_pat
     assert default_storage(tmp_path / "ham.zarr") == f"sqlite:///{tmp_path / 'ham.optuna.db'}"
     with pytest.raises(ConfigError, match="cannot open Optuna storage"):
         tune(KNNHead(), "knn", np.zeros((4, 2)), np.array([0, 1, 0, 1]), [], balanced_accuracy, 1, "nosuchdb://x", "s")
+
+
+def test_a_study_killed_mid_trial_resumes_to_the_uninterrupted_result(ham, tmp_path):
+    X, y, folds = ham
+    args = (X, y, folds, balanced_accuracy)
+    _, whole = tune(KNNHead(), "knn", *args, 5, f"sqlite:///{tmp_path / 'whole.db'}", "s", seed=3)
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    tune(KNNHead(), "knn", *args, 2, storage, "s", seed=3)
+    # A process that died in the middle of trial 2: the trial stays RUNNING under the dead process's pid.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stuck = optuna.load_study(study_name="s", storage=storage).ask()
+    stuck.set_user_attr("owner", f"{socket.gethostname()}:{dead.pid}")
+    _, resumed = tune(KNNHead(), "knn", *args, 5, storage, "s", seed=3)
+    states = [t.state for t in resumed.trials]
+    assert states[2] == optuna.trial.TrialState.FAIL and states.count(optuna.trial.TrialState.FAIL) == 1
+    finished = [t for t in resumed.trials if t.state != optuna.trial.TrialState.FAIL]
+    assert [(t.params, t.value) for t in finished] == [(t.params, t.value) for t in whole.trials]
+    assert resumed.best_params == whole.best_params
+
+
+def test_a_stored_study_of_another_problem_is_refused(ham, tmp_path):
+    X, y, folds = ham
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    problem = study_problem("knn", y, folds, 0, frozenset(), features=["mobilenet_v2"])
+    tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "s", problem=problem)
+    tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "s", problem=problem)  # the same: reused
+    other = study_problem("knn", y, folds[:2], 0, frozenset(), features=["mobilenet_v2"])
+    with pytest.raises(ConfigError, match="'s' in .* was tuned for another problem"):
+        tune(KNNHead(), "knn", X, y, folds[:2], balanced_accuracy, 1, storage, "s", problem=other)
+    tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "legacy")  # no fingerprint, as before
+    with pytest.raises(ConfigError, match="unknown problem"):
+        tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "legacy", problem=problem)

@@ -42,6 +42,17 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def _parse_split_map(items: list[str]) -> dict:
+    """``["excluded=drop", "valid=train"]`` (or one comma-separated item) -> ``{"excluded": "drop", "valid": "train"}``."""
+    mapping = {}
+    for item in (part for entry in items for part in entry.split(",") if part.strip()):
+        value, sep, action = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--split-map takes VALUE=ACTION (e.g. excluded=drop), got {item!r}")
+        mapping[value.strip()] = action.strip()
+    return mapping
+
+
 @app.command()
 def probe(
     store: Optional[Path] = typer.Argument(None, help="Feature store to read (or `store:` in --config)."),
@@ -57,13 +68,14 @@ def probe(
     positive: Optional[str] = typer.Option(None, "--positive", help="Make a binary positive-vs-rest problem (e.g. mel)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Stratified group folds (default 5)."),
     inner_folds: Optional[int] = typer.Option(None, "--inner-folds", help="Inner folds for tuning and stacking (default 3)."),
-    split_column: Optional[str] = typer.Option(None, "--split-column", help="Official train/test column (e.g. ISIC 2016)."),
+    split_column: Optional[str] = typer.Option(None, "--split-column", help="Official split column: train, test and validation rows (train/valid/test, training/test, 0/1, dev = validation); validation rows are never scored."),
+    split_map: list[str] = typer.Option([], "--split-map", help="VALUE=ACTION for a split-column value (repeatable): ACTION train, valid, test or drop, e.g. excluded=drop, valid=train."),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction held out as a grouped, stratified test set."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Metric to tune (default balanced_accuracy; roc_auc for binary)."),
     decision: Optional[str] = typer.Option(None, "--decision", help="Predicted class: argmax (default) or balanced, the most probable class after dividing by each class's training frequency (the rule for balanced accuracy; probabilities, and so AUC, unchanged)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Fixed head parameter HEAD.NAME=VALUE (repeatable), e.g. logreg.C=1."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file beside the store)."),
-    study_name: Optional[str] = typer.Option(None, "--study-name", help="Prefix of the Optuna study names."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Prefix of the Optuna study names; a stored study of that name tuned for another problem is refused."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, heads, tuning and bootstrap (default 0)."),
     n_boot: Optional[int] = typer.Option(None, "--n-boot", help="Bootstrap resamples per confidence interval (default 1000)."),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html and report.md."),
@@ -77,6 +89,7 @@ def probe(
         "store": str(store) if store else None, "features": features, "target": target, "groups": groups,
         "heads": head, "stack_heads": stack_heads, "stack_joint": stack_joint, "trials": trials, "metadata": metadata, "positive": positive,
         "folds": folds, "inner_folds": inner_folds, "split_column": split_column, "holdout": holdout,
+        "split_map": _parse_split_map(split_map) or None,
         "metric": metric, "decision": decision, "storage": storage, "study_name": study_name, "seed": seed, "n_boot": n_boot,
         "report": report, "out": str(out) if out else None,
     }
