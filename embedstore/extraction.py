@@ -2,7 +2,10 @@
 
 One call of :func:`extract`:
 
-1. reads the source's table and hashes every image's bytes;
+1. checks every option, reads the source's table and hashes the images
+   (only those whose size or mtime differ from what the store recorded:
+   a stat each for the rest), refusing a source none of whose images can be
+   read before anything is written;
 2. merges the table into the store's manifest (new images appended, changed
    ones marked by their new hash, removed ones reported);
 3. under the feature set's lock (exclusive, or shared between the shards of
@@ -41,10 +44,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from embedstore import __version__
 from embedstore.encoders import Encoder, Preprocessing, create_encoder
-from embedstore.errors import ConfigError, EncoderError
+from embedstore.errors import ConfigError, EncoderError, SourceError
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
-from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, storage_errors, utc_now
+from embedstore.store import DONE, DTYPES, FAILED, FeatureStore, fingerprint, storage_errors, utc_now
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
@@ -57,7 +60,8 @@ def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
     JPEGs are decoded at the smallest DCT scale that still covers the resize
     target (PIL's draft mode), which makes large images cheap; images over
     PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 megapixels)
-    raise rather than exhaust memory.
+    raise rather than exhaust memory. 16-bit grey images are scaled to 8 bits
+    (PIL's own conversion would clip them to white; 16-bit RGB PIL reads as 8-bit).
     """
     if not data:
         raise ValueError("empty file")
@@ -65,10 +69,19 @@ def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
     img.draft("RGB", (prep.resize, prep.resize))
-    img = img.convert("RGB")
+    img = _to_8_bits(img).convert("RGB")
     img = TF.resize(img, prep.resize, interpolation=_INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR))
     img = TF.center_crop(img, prep.crop)
     return TF.pil_to_tensor(img)
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit grey image (modes ``I;16*``, and ``I``, in which PIL may hold 16-bit PNGs) scaled to 8-bit ``L``:
+    0..65535 maps to 0..255 by rounding x / 257. Other images are returned as they are."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    wide = np.asarray(img).astype(np.int64)
+    return Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -244,6 +257,43 @@ def _check_shard_gets_chunks(existing: FeatureStore | None, table, key: str, row
                       f"chunk(s) of {rpc:,} rows, so shard {index} would get none; use {instead}")
 
 
+def check_options(*, device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
+                  dtype: str = "float16", rows_per_chunk: int = 1024,
+                  shard: str | tuple[int, int] = (0, 1)) -> tuple[torch.device, int, tuple[int, int]]:
+    """Refuse a bad extraction option in one line before any work (no model loaded, nothing hashed or
+    written); returns the device, the batch size and the shard (index, count)."""
+    dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
+    if batch_size < 1 or rows_per_chunk < 1:
+        raise ConfigError("--batch-size and --rows-per-chunk must be at least 1")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--workers must be 0 (decode in the main process) or more, not {num_workers}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dev, batch_size, _parse_shard(shard)
+
+
+def _existing_store(path: str | Path) -> FeatureStore | None:
+    """The store at ``path`` if something is there (anything but a store is refused now, before hashing);
+    None when it is still to be created, which waits until there is something to write."""
+    return FeatureStore.create_or_open(path) if Path(path).exists() else None
+
+
+def _check_some_readable(source: Source, table, hashes: list[str]) -> None:
+    """Refuse a source none of whose images can be read (a wrong --images or --template), before any
+    model work and before the store is written."""
+    if any(hashes):
+        return
+    first = table["_path"].iloc[0]
+    try:
+        source.read_bytes(first)
+        reason = "unreadable"
+    except Exception as exc:  # noqa: BLE001 - any reason is reported, none is fatal here
+        reason = failure_reason(exc)
+    raise SourceError(f"none of the {len(table):,} images of the source can be read (first: {source.where(first)}: "
+                      f"{reason}); check --images and --template (or --path-col, --metadata)")
+
+
 def _versions() -> dict:
     import torchvision
     import zarr
@@ -276,30 +326,30 @@ def extract(
     chunk, so n processes (or machines sharing the store) can split the work.
     """
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    if batch_size < 1 or rows_per_chunk < 1:
-        raise ConfigError("--batch-size and --rows-per-chunk must be at least 1")
-    shard_index, shard_count = _parse_shard(shard)
+    dev, batch_size, (shard_index, shard_count) = check_options(
+        device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, rows_per_chunk=rows_per_chunk,
+        shard=shard)
     if isinstance(encoder, str):
         encoder = create_encoder(encoder, weights=weights)
     table = source.table  # validates the source before anything is written
     config = feature_set_config(encoder, tta, dtype)
     key = fingerprint(config)
     name = name or default_name(encoder, tta, dtype)
-    existing = store if isinstance(store, FeatureStore) else (
-        FeatureStore.create_or_open(store) if Path(store).exists() else None)
+    existing = store if isinstance(store, FeatureStore) else _existing_store(store)
     _check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
-    store = existing or FeatureStore.create_or_open(store)
 
-    with progress_bar("hashing", len(table), enabled=progress) as advance:
-        hashes = source.content_hashes(progress=advance)
+    with progress_bar("hashing", len(table), enabled=progress) as advance:  # unchanged images: a stat each
+        recorded = existing.recorded_images(table, source.describe()) if existing else None
+        state = source.content_hashes(recorded=recorded, progress=advance)
+    hashes = state["sha256"].tolist()
+    _check_some_readable(source, table, hashes)
+    store = existing or FeatureStore.create_or_open(store)
     attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
              "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
              "config": config, "rows_per_chunk": rows_per_chunk}
     with store.preparing():
-        update = store.update_manifest(table, hashes, source.describe())
+        update = store.update_manifest(table, state, source.describe())
         fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
     result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
                            new=update.new, changed=update.changed, removed=update.removed)

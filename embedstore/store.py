@@ -3,7 +3,8 @@
 Layout (see README, "The store layout")::
 
     ham10000.zarr/                 zarr group; attrs: embedstore format, sources
-      manifest.parquet             one row per image: id, sha256, _path, _source, the source's columns
+      manifest.parquet             one row per image: id, sha256, _path, _source, _size, _mtime_ns,
+                                   the source's columns
       features/<key>/              one feature set; attrs: name, encoder config, weights hash, provenance
         emb     [N, D] float16     chunks (rows_per_chunk, D), blosc-zstd with byte shuffle, then crc32c
         status  [N] uint8          0 pending, 1 done, 2 failed; written last, so it commits a row
@@ -13,9 +14,12 @@ Layout (see README, "The store layout")::
 
 Row ``i`` of every feature set is row ``i`` of the manifest; rows are only
 ever appended, so a row number never changes meaning. A row is *fresh* when
-its status is done and its ``sha256`` equals the manifest's: rows of images
-that changed since extraction are *stale*, and :meth:`FeatureStore.load`
-refuses them rather than return them silently.
+its status is done and its ``sha256`` equals the manifest's, and the image
+on disk still has that hash: rows of images that changed since extraction are
+*stale*, and :meth:`FeatureStore.load` refuses them rather than return them
+silently. The manifest records each image's size and mtime beside its hash,
+so checking an unchanged image costs one ``stat`` and only changed ones are
+hashed again.
 
 All arrays of a feature set share the row chunking, so processes writing
 disjoint chunk-aligned row blocks never touch the same file: that is what
@@ -55,15 +59,15 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from embedstore import __version__, faults
-from embedstore.errors import StoreError
-from embedstore.sources import source_from_dict
+from embedstore.atomic import clean_stale, write_file
+from embedstore.errors import SourceError, StoreError
+from embedstore.sources import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, source_from_dict
 
 FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 DTYPES = ("float16", "float32")
 MANIFEST_FILE = "manifest.parquet"
 _HOLDER_BYTES = 200  # what a lock file says about its holder
-_BASE_COLUMNS = ("id", "sha256", "_path", "_source")
 
 
 def fingerprint(config: dict) -> str:
@@ -329,6 +333,7 @@ class FeatureStore:
         self.path = path
         self.root = root
         self._sources: dict[int, object] = {}
+        self._unchanged: tuple[pd.DataFrame, np.ndarray] | None = None  # see changed_images
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -370,11 +375,21 @@ class FeatureStore:
     # ---------------------------------------------------------------- manifest
     @cached_property
     def manifest(self) -> pd.DataFrame:
-        """One row per image; row ``i`` is row ``i`` of every feature set."""
+        """One row per image; row ``i`` is row ``i`` of every feature set.
+
+        A manifest written before image sizes and mtimes were recorded gets them as -1 (unknown): its
+        images are hashed again whenever they are checked, until the next extract records them.
+        """
         file = self.path / MANIFEST_FILE
         if not file.is_file():
-            return pd.DataFrame({c: pd.Series(dtype=object if c != "_source" else np.int64) for c in _BASE_COLUMNS})
-        return pd.read_parquet(file)
+            return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "sha256", "_path") else np.int64)
+                                 for c in RESERVED_COLUMNS})
+        manifest = pd.read_parquet(file)
+        if STAT_COLUMNS[0] not in manifest:
+            at = manifest.columns.get_loc("_source") + 1
+            for i, col in enumerate(STAT_COLUMNS):
+                manifest.insert(at + i, col, np.int64(UNKNOWN_STAT))
+        return manifest
 
     def _source_index(self, desc: dict) -> int:
         sources = list(self.root.attrs.get("sources", []))
@@ -383,18 +398,21 @@ class FeatureStore:
             self.root.attrs["sources"] = sources
         return sources.index(desc)
 
-    def update_manifest(self, table: pd.DataFrame, sha256: list[str], source_desc: dict) -> ManifestUpdate:
+    def update_manifest(self, table: pd.DataFrame, hashes: pd.DataFrame, source_desc: dict) -> ManifestUpdate:
         """Merge a source's table into the manifest: new images are appended, known ones updated in place.
 
-        The manifest is replaced atomically (written aside, then renamed).
+        ``hashes`` is :meth:`Source.content_hashes` of the table's images (sha256, size, mtime). Call it
+        inside :meth:`preparing`. The manifest is replaced atomically (see :meth:`_write_manifest`).
         Images the same source had before and no longer lists are reported in
         :attr:`ManifestUpdate.removed` and kept, with their features.
         """
         old = self.manifest
         src = self._source_index(source_desc)
         incoming = table.copy()
-        incoming.insert(1, "sha256", np.asarray(sha256, dtype=object))
+        incoming.insert(1, "sha256", hashes["sha256"].to_numpy(dtype=object))
         incoming.insert(3, "_source", np.full(len(incoming), src, dtype=np.int64))
+        for i, col in enumerate(STAT_COLUMNS):
+            incoming.insert(4 + i, col, hashes[col].to_numpy(dtype=np.int64))
         pos = pd.Index(old["id"]).get_indexer(incoming["id"])
         is_new = pos < 0
         known = ~is_new
@@ -408,7 +426,8 @@ class FeatureStore:
             values[pos[known]] = incoming[col].astype(object).to_numpy()[known]
             merged[col] = pd.Series(values, index=merged.index).infer_objects()
         merged = pd.concat([merged, incoming[is_new]], ignore_index=True)
-        merged["_source"] = merged["_source"].astype(np.int64)
+        for col in ("_source", *STAT_COLUMNS):
+            merged[col] = merged[col].astype(np.int64)
         rows = np.where(is_new, len(old) + np.cumsum(is_new) - 1, pos).astype(np.int64)
         if not merged.equals(old):
             self._write_manifest(merged)
@@ -420,10 +439,89 @@ class FeatureStore:
         )
 
     def _write_manifest(self, manifest: pd.DataFrame) -> None:
-        tmp = self.path / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-        manifest.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path / MANIFEST_FILE)
+        """Replace the manifest atomically (:func:`embedstore.atomic.write_file`): readers and a kill see the
+        old one or the new one. What killed writers left beside it is removed first; under :meth:`preparing`
+        no other writer is mid-write, so an older embedstore's ``.manifest.parquet.<pid>.tmp`` is a leftover too.
+        """
+        target = self.path / MANIFEST_FILE
+        clean_stale(target)
+        for leftover in self.path.glob(f".{MANIFEST_FILE}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+        def write(tmp: Path) -> None:
+            manifest.to_parquet(tmp, index=False)
+            faults.point("manifest-replace")
+
+        write_file(target, write)
         self.__dict__.pop("manifest", None)
+
+    # --------------------------------------------------------------- freshness
+    def _source(self, index: int):
+        """The source of the manifest rows whose ``_source`` is ``index``, reopened once (SourceError if it cannot be)."""
+        if index not in self._sources:
+            self._sources[index] = source_from_dict(self.root.attrs["sources"][index])
+        return self._sources[index]
+
+    def recorded_images(self, table: pd.DataFrame, source_desc: dict) -> pd.DataFrame | None:
+        """What the manifest recorded of ``table``'s images (``sha256``, ``_size``, ``_mtime_ns``), aligned
+        with it, so that :meth:`Source.content_hashes` reads only the images whose size or mtime changed.
+
+        Rows the manifest does not hold from this source at the same path get '' and -1 (hashed); None
+        when the store has never seen this source.
+        """
+        sources = list(self.root.attrs.get("sources", []))
+        if source_desc not in sources:
+            return None
+        old = self.manifest
+        pos = pd.Index(old["id"]).get_indexer(table["id"])
+        known = pos >= 0
+        known[known] = ((old["_source"].to_numpy()[pos[known]] == sources.index(source_desc))
+                        & (old["_path"].to_numpy()[pos[known]] == table["_path"].to_numpy()[known]))
+        out = {"sha256": np.full(len(table), "", dtype=object)}
+        out.update({col: np.full(len(table), UNKNOWN_STAT, dtype=np.int64) for col in STAT_COLUMNS})
+        for col, values in out.items():
+            values[known] = old[col].to_numpy()[pos[known]]
+        return pd.DataFrame(out)
+
+    def changed_images(self, rows: np.ndarray) -> np.ndarray:
+        """Which of the manifest ``rows`` hold an image whose bytes differ from the sha256 the manifest recorded.
+
+        Each image is stat'ed; only those whose size or mtime differ from the recorded ones are read and
+        hashed again (all of them for a manifest written before sizes and mtimes were recorded; one stat
+        of the file for an HDF5 source). An image that cannot be found or read, or whose source cannot be
+        reopened (a store copied without its images), cannot be checked and counts as unchanged. Rows
+        found unchanged are remembered by this FeatureStore, so loading several feature sets checks each
+        image once; open the store again to check again.
+        """
+        manifest = self.manifest
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._unchanged is None or self._unchanged[0] is not manifest:
+            self._unchanged = (manifest, np.zeros(len(manifest), dtype=bool))
+        unchanged = self._unchanged[1]
+        changed = np.zeros(len(manifest), dtype=bool)
+        todo = rows[~unchanged[rows]]
+        source_of = manifest["_source"].to_numpy()
+        for index in np.unique(source_of[todo]):
+            sel = todo[source_of[todo] == index]
+            try:
+                source = self._source(int(index))
+            except SourceError:
+                unchanged[sel] = True  # cannot be checked
+                continue
+            recorded = manifest.iloc[sel].reset_index(drop=True)
+            now = source.content_hashes(recorded["_path"], recorded=recorded)["sha256"].to_numpy()
+            differs = (now != "") & (now != recorded["sha256"].to_numpy())
+            changed[sel[differs]] = True
+            unchanged[sel[~differs]] = True
+        return changed[rows]
+
+    def _stale_error(self, fs: FeatureSet, ids: np.ndarray) -> StoreError:
+        """The one line refusing features of changed images: how many, the first, and the command that refreshes them."""
+        return StoreError(
+            f"{len(ids)} images changed since feature set {fs.attrs.get('name')} was extracted "
+            f"(first: {ids[0]}); rerun `embedstore extract` with encoder {fs.attrs.get('encoder')} on "
+            f"{self.path} to refresh them"
+        )
 
     # ------------------------------------------------------------ feature sets
     def _groups(self) -> dict[str, zarr.Group]:
@@ -472,6 +570,7 @@ class FeatureStore:
         status = fs.read_intact("status", n, corrupt or [])
         same = fs.read_intact("sha256", n, corrupt or []) == man_sha[:n]
         done = status == DONE
+        same[done & same] = ~self.changed_images(np.flatnonzero(done & same))  # edited on disk since: stale
         stored = sum(f.stat().st_size for f in (self.path / "features" / fs.key).rglob("*") if f.is_file())
         rpc = fs.rows_per_chunk
         return FeatureSetInfo(
@@ -624,6 +723,9 @@ class FeatureStore:
         and not-yet-extracted images are left out). With ``ids``: exactly those
         rows in that order. Rows of images that changed since extraction raise
         :class:`StoreError`, whatever is asked: features are never silently stale.
+        Besides the manifest's hashes, the images of the returned rows are
+        checked on disk (:meth:`changed_images`: a stat each, a hash where it
+        changed).
         """
         fs = self.feature_set(features)
         manifest = self.manifest
@@ -631,11 +733,7 @@ class FeatureStore:
         done, fresh = fs.done_and_fresh(man_sha)
         stale = done & ~fresh
         if stale.any():
-            raise StoreError(
-                f"{int(stale.sum())} images changed since feature set {fs.attrs.get('name')} was extracted "
-                f"(first: {manifest['id'].iloc[int(np.argmax(stale))]}); rerun `embedstore extract` with "
-                f"encoder {fs.attrs.get('encoder')} on {self.path} to refresh them"
-            )
+            raise self._stale_error(fs, manifest["id"].to_numpy()[stale])
         if ids is None:
             rows = np.flatnonzero(fresh)
         else:
@@ -646,6 +744,9 @@ class FeatureStore:
                     f"{len(bad)} of the asked ids have no features in {fs.attrs.get('name')} (first: {bad[0]!r}): "
                     f"not in the store, failed, or not extracted yet"
                 )
+        changed = self.changed_images(rows)
+        if changed.any():
+            raise self._stale_error(fs, manifest["id"].to_numpy()[rows[changed]])
         X = fs.read_rows(rows)  # damaged chunks raise StoreError: never garbage
         table = manifest.iloc[rows]
         if columns is not None:
@@ -690,8 +791,5 @@ class FeatureStore:
         if not len(hit):
             raise StoreError(f"no image {image_id!r} in {self.path}")
         row = manifest.iloc[int(hit[0])]
-        src_idx = int(row["_source"])
-        if src_idx not in self._sources:
-            self._sources[src_idx] = source_from_dict(self.root.attrs["sources"][src_idx])
-        data = self._sources[src_idx].read_bytes(row["_path"])
+        data = self._source(int(row["_source"])).read_bytes(row["_path"])
         return Image.open(io.BytesIO(data)).convert("RGB")

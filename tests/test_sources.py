@@ -57,7 +57,9 @@ def test_isic2024_hdf5_layout_reads_lazily(isic2024):
         img = Image.open(io.BytesIO(src.read_bytes(path)))
         assert img.format == "JPEG" and min(img.size) > 50
     hashes = src.content_hashes()
-    assert len(set(hashes)) == 3 and all(len(h) == 64 for h in hashes)
+    assert len(set(hashes["sha256"])) == 3 and all(len(h) == 64 for h in hashes["sha256"])
+    st = (isic2024 / "test-image.hdf5").stat()
+    assert (hashes["_size"] == st.st_size).all()  # one stat of the HDF5 file stands for all its images
     with pytest.raises(SourceError, match="column 'image_id' not in test-metadata.csv"):
         _ = Hdf5Source(isic2024 / "test-image.hdf5", isic2024 / "test-metadata.csv", id_col="image_id").table
 

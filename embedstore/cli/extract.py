@@ -46,9 +46,12 @@ def extract(
     not fatal.
     """
     from embedstore.encoders import create_encoder
+    from embedstore.extraction import check_options
     from embedstore.extraction import extract as run_extract
     from embedstore.sources import open_source
 
+    check_options(device=device, batch_size=batch_size, num_workers=workers, dtype=dtype,
+                  rows_per_chunk=rows_per_chunk, shard=shard)  # before the model is loaded or anything read
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
     enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling,
