@@ -139,7 +139,8 @@ def test_manifest_records_size_and_mtime_and_old_manifests_are_checked_by_hashin
     manifest = pd.read_parquet(path / "s.zarr" / "manifest.parquet")
     assert list(manifest.columns[:6]) == ["id", "sha256", "_path", "_source", "_size", "_mtime_ns"]
     first = path / "images" / f"{table['image_id'][0]}.jpg"
-    assert (manifest["_size"].iloc[0], manifest["_mtime_ns"].iloc[0]) == (first.stat().st_size, first.stat().st_mtime_ns)
+    st = first.stat()
+    assert (manifest["_size"].iloc[0], manifest["_mtime_ns"].iloc[0]) == (st.st_size, st.st_mtime_ns)
 
     manifest.drop(columns=["_size", "_mtime_ns"]).to_parquet(path / "s.zarr" / "manifest.parquet")  # an older store
     reads = _count_reads(monkeypatch)
