@@ -162,7 +162,9 @@ def tune(
     of that name made for another problem is refused.
 
     Runs only the trials the stored study still lacks (a finished study runs
-    none), so an interrupted probe resumes where it stopped, with the same result.
+    none), so an interrupted probe resumes where it stopped, with the same result;
+    the best of the study's first ``n_trials`` finished trials is returned, so
+    ``n_trials=3`` gives the same answer after a longer run of the study as before it.
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
@@ -173,7 +175,7 @@ def tune(
     _fail_stale_trials(study)
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("owner", _OWNER)
+        trial.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")  # a rerun tells a dead owner's trial
         params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
         value = cv_score(clone(head).set_params(**params), X, y, folds, metric, trial)
         faults.point("trial-commit")
@@ -186,14 +188,11 @@ def tune(
         if last.state == optuna.trial.TrialState.FAIL:
             raise ConfigError(f"trial {last.number} of study {study_name!r} scored no number (NaN or infinite): "
                               "the metric is undefined on these folds; choose another --metric")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in _finished(study)[:n_trials] if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise ConfigError(f"study {study_name!r} has no completed trial; every trial failed or was pruned")
-    return {k: v for k, v in study.best_params.items() if k not in fixed}, study
-
-
-#: Who runs a trial (host:pid), so a rerun can tell a trial left RUNNING by a dead process.
-_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+    best = max(complete, key=lambda t: t.value)  # of the first n_trials: a longer study stored earlier changes nothing
+    return {k: v for k, v in best.params.items() if k not in fixed}, study
 
 
 def _open_study(storage: str, study_name: str) -> optuna.Study:

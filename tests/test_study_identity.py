@@ -12,7 +12,7 @@ import pytest
 import yaml
 from threadpoolctl import threadpool_limits
 
-OPTS = ("-t", "dx", "--positive", "mel", "-g", "lesion_id", "--head", "logreg", "--inner-folds", "2",
+OPTS = ("-t", "dx", "--positive", "mel", "-g", "lesion_id", "--head", "knn", "--inner-folds", "2",
         "--trials", "3", "--n-boot", "20", "--no-report")
 
 
@@ -42,7 +42,7 @@ def test_each_feature_set_of_a_comparison_is_tuned_in_its_own_studies(probe):
     probe("cmp", "-f", "mobilenet_v2,efficientnet_lite0", "--folds", "2")
     studies = trials_per_study(probe.storage)
     for name in ("mobilenet_v2", "efficientnet_lite0"):
-        mine = {s: n for s, n in studies.items() if f":{name}:logreg:" in s}
+        mine = {s: n for s, n in studies.items() if f":{name}:knn:" in s}
         assert sorted(s.rsplit(":", 1)[1] for s in mine) == ["final", "fold0", "fold1"], studies
         assert set(mine.values()) == {3}  # three trials ran for each of them
     assert len(studies) == 6
@@ -65,9 +65,9 @@ def test_other_folds_get_new_studies_and_the_same_command_reuses_its_own(probe, 
 
 def test_a_given_study_name_reused_for_another_problem_is_refused(probe):
     probe("named", "-f", "mobilenet_v2", "--folds", "2", "--study-name", "mine")
-    assert sorted(trials_per_study(probe.storage)) == [f"mine:mobilenet_v2:logreg:{s}" for s in ("final", "fold0", "fold1")]
+    assert sorted(trials_per_study(probe.storage)) == [f"mine:mobilenet_v2:knn:{s}" for s in ("final", "fold0", "fold1")]
     output = probe("other", "-f", "mobilenet_v2", "--folds", "2", "--seed", "1", "--study-name", "mine", expect=2)
-    assert "error: study 'mine:mobilenet_v2:logreg:fold0'" in output and "tuned for another problem" in output
+    assert "error: study 'mine:mobilenet_v2:knn:fold0'" in output and "tuned for another problem" in output
     assert "Traceback" not in output
-    study = optuna.load_study(study_name="mine:mobilenet_v2:logreg:final", storage=probe.storage)
+    study = optuna.load_study(study_name="mine:mobilenet_v2:knn:final", storage=probe.storage)
     assert study.user_attrs["problem"]["features"] and len(study.user_attrs["fingerprint"]) == 16

@@ -87,7 +87,7 @@ def test_a_study_killed_mid_trial_resumes_to_the_uninterrupted_result(ham, tmp_p
     args = (X, y, folds, balanced_accuracy)
     _, whole = tune(KNNHead(), "knn", *args, 5, f"sqlite:///{tmp_path / 'whole.db'}", "s", seed=3)
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
-    tune(KNNHead(), "knn", *args, 2, storage, "s", seed=3)
+    first_two, _ = tune(KNNHead(), "knn", *args, 2, storage, "s", seed=3)
     # A process that died in the middle of trial 2: the trial stays RUNNING under the dead process's pid.
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -99,6 +99,8 @@ def test_a_study_killed_mid_trial_resumes_to_the_uninterrupted_result(ham, tmp_p
     finished = [t for t in resumed.trials if t.state != optuna.trial.TrialState.FAIL]
     assert [(t.params, t.value) for t in finished] == [(t.params, t.value) for t in whole.trials]
     assert resumed.best_params == whole.best_params
+    # Asking for fewer trials than stored answers the best of the first ones, as before the study grew.
+    assert tune(KNNHead(), "knn", *args, 2, storage, "s", seed=3)[0] == first_two
 
 
 def test_a_stored_study_of_another_problem_is_refused(ham, tmp_path):
