@@ -1,6 +1,8 @@
 """scikit-learn-compatible heads on cached embeddings, and the stacker that combines them.
 
-``make_head("logreg", C=0.5)`` builds a head by name; :data:`HEADS` lists them.
+``make_head("logreg", C=0.5)`` builds a head by name; :data:`HEADS` lists them;
+:func:`coerce_params` checks the parameters a user fixes; :func:`save_head` and
+:func:`load_head` write and read a fitted head without pickle.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from embedstore.heads.knn import KNNHead
 from embedstore.heads.lgbm import LGBMHead
 from embedstore.heads.linear import LogRegHead, SVMHead
 from embedstore.heads.mlp import MLPHead
+from embedstore.heads.params import coerce_params, head_parameters
+from embedstore.heads.saved import load_head, save_head
 from embedstore.heads.stack import StackHead, select_columns
 
 #: Base heads by name (the stack is built from these by :mod:`embedstore.probe`).
@@ -27,5 +31,6 @@ def make_head(name: str, **params):
 
 __all__ = [
     "DECISIONS", "HEADS", "BalancedDecision", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
-    "StackHead", "decide", "make_head", "select_columns", "undersample_indices",
+    "StackHead", "coerce_params", "decide", "head_parameters", "load_head", "make_head", "save_head", "select_columns",
+    "undersample_indices",
 ]
