@@ -65,7 +65,7 @@ def _show(title: str, models: dict, names: list[str]) -> None:
 
 def _probe(name: str, **options) -> tuple[dict, float]:
     cfg = ProbeConfig.from_dict({"store": str(HAM_STORE), "target": "dx", "groups": "lesion_id", "folds": 5,
-                                 "seed": 0, "n_boot": BOOT, "report": False, "out": str(OUT / name),
+                                 "seed": 0, "n_boot": BOOT, "report": False, "out": str(OUT / name), "overwrite": True,
                                  "storage": f"sqlite:///{OUT / 'studies.db'}", **options})
     t0 = time.perf_counter()
     summary = run_probe(cfg)

@@ -27,19 +27,21 @@ Protocol (every step seeded by ``seed``):
 Several ``features`` entries and/or several ``heads`` make a comparison: every
 entry × head is evaluated the same way and tabulated (CSV, Markdown, LaTeX);
 the best one (by the first headline metric) becomes the run's head.
+
+The run folder is written aside and replaces ``out`` in one step
+(:func:`embedstore.atomic.replacing_folder`): only a folder that an earlier
+run wrote, only with ``overwrite``, checked before any model is fitted. The
+head is saved with skops (:mod:`embedstore.heads.saved`), never as a pickle.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import yaml
@@ -48,8 +50,11 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from embedstore import __version__
+from embedstore.atomic import check_replaceable, replacing_folder, write_file
 from embedstore.errors import ConfigError, EmbedstoreError, StoreError, reject_unknown_options
-from embedstore.heads import DECISIONS, HEADS, BalancedDecision, StackHead, decide, make_head, select_columns
+from embedstore.heads import (DECISIONS, HEADS, BalancedDecision, StackHead, coerce_params, decide, load_head,
+                              make_head, save_head, select_columns)
+from embedstore.heads.saved import MODEL_FILE
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, fingerprint
@@ -68,6 +73,7 @@ class ProbeConfig:
     target: str
     features: list[str]  # each entry a feature set, or several joined by "+" (concatenated / stacked)
     out: str = "runs/probe"
+    overwrite: bool = False  # replace an existing run folder at ``out`` (never a folder embedstore did not write)
     groups: str | None = None
     heads: list[str] = field(default_factory=lambda: ["logreg"])
     stack_heads: list[str] = field(default_factory=lambda: ["logreg"])  # stack bases, one per feature set each
@@ -125,9 +131,13 @@ class ProbeConfig:
             raise ConfigError("--split-map maps the values of a split column: give --split-column too")
         if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
             raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
-        unknown = sorted(set(self.params) - set(HEADS) - {"stack"})
+        if not isinstance(self.params, dict):
+            raise ConfigError(f"params must map head names to their parameters (e.g. {{logreg: {{C: 0.5}}}}), "
+                              f"not {self.params!r}")
+        unknown = sorted(set(self.params) - set(HEADS) - {"stack"}, key=str)
         if unknown:
             raise ConfigError(f"params are keyed by head name; {unknown} is not a head")
+        self.params = {head: coerce_params(head, values) for head, values in self.params.items()}
 
 
 # ----------------------------------------------------------------------------- data
@@ -187,8 +197,30 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
         y = np.searchsorted(classes, labels)
     if len(classes) < 2:
         raise ConfigError(f"target {cfg.target!r} has a single class ({classes[0]!r}); a probe needs two or more")
-    groups = table[cfg.groups].astype(str).to_numpy() if cfg.groups else None
+    groups = _group_labels(cfg, table)
+    _check_class_groups(cfg, y, classes, groups)
     return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
+
+
+def _group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
+    """The group column as strings; ConfigError when some rows have none (each would silently be one group)."""
+    if not cfg.groups:
+        return None
+    empty = int(table[cfg.groups].isna().sum())
+    if empty:
+        raise ConfigError(f"group column {cfg.groups!r} is empty in {empty} of {len(table)} rows: fill it (e.g. with "
+                          "the image id, one group per image) or choose another --groups")
+    return table[cfg.groups].astype(str).to_numpy()
+
+
+def _check_class_groups(cfg: ProbeConfig, y: np.ndarray, classes: list[str], groups: np.ndarray | None) -> None:
+    """ConfigError naming a class with fewer groups (images, without groups) than folds: a fold would miss it."""
+    units = np.arange(len(y)) if groups is None else groups
+    for code, n in pd.Series(units).groupby(y).nunique().items():
+        if n < cfg.folds:
+            what = f"{cfg.groups} group(s)" if cfg.groups else "image(s)"
+            raise ConfigError(f"class {classes[code]!r} has {n} {what}, fewer than the {cfg.folds} folds: a fold has no "
+                              f"rows of class {classes[code]!r}; use fewer folds (--folds) or merge rare classes")
 
 
 def common_ids(store: FeatureStore, keys) -> list[str]:
@@ -525,8 +557,9 @@ def _card(probe: Probe, result: dict, metrics: dict) -> dict:
     cfg, d = probe.cfg, probe.data
     spec = result["spec"]
     return {
-        "format": 1,
+        "format": 2,  # 2: the head is model.skops (format 1, model.joblib, was a pickle)
         "model": spec.name,
+        "model_file": MODEL_FILE,
         "head": spec.head,
         "features": [{**d.infos[n], "given_as": n} for n in spec.entry.split("+")],
         "metadata": cfg.metadata,
@@ -616,8 +649,7 @@ def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> 
     spec = best["spec"]
     rows = probe.scored_rows()
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(out, overwrite=cfg.overwrite, kind="probe") as tmp:
         run = {
             "format": 1, "kind": "probe", "embedstore_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -651,16 +683,10 @@ def _write_run(probe: Probe, results: list[dict], out: Path, seconds: float) -> 
             (tmp / "comparison.tex").write_text(comparison_latex(table, headline))
         head = tmp / "head"
         head.mkdir()
-        joblib.dump(best["model"], head / "model.joblib")
+        save_head(best["model"], head)
         card = _card(probe, best, metrics)
         (head / "model_card.json").write_text(json.dumps(card, indent=2))
         (head / "MODEL_CARD.md").write_text(_card_markdown(card))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": out, "headline": headline, "metrics": metrics, "models": models, "model": spec.name}
 
 
@@ -691,13 +717,13 @@ def run_probe(cfg: ProbeConfig, progress=None) -> dict:
     model (``"tuned"``) and writing step (``"step"``).
     """
     t0 = time.perf_counter()
+    out = Path(cfg.out)
+    check_replaceable(out, cfg.overwrite)  # before any model is fitted
     probe = Probe(cfg, progress)
     specs = [ModelSpec(entry, head) for entry in cfg.features for head in cfg.heads]
     with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
         results = [probe.evaluate_model(spec) for spec in specs]
         probe.progress("step", "writing the run folder (bootstrap CIs, t-SNE)")
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         summary = _write_run(probe, results, out, time.perf_counter() - t0)
     if cfg.report:
         probe.progress("step", "writing the report")
@@ -717,16 +743,32 @@ def _write_report(out: Path):
 # ----------------------------------------------------------------------------- predict
 
 
-def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd.DataFrame:
-    """Apply a saved head to every row of ``store_path`` that has its feature sets; write CSV or parquet.
-
-    Refuses a store whose feature sets have another fingerprint than the ones the head was trained on.
-    """
-    head_dir = Path(head_dir)
+def _read_card(head_dir: Path) -> dict:
+    """The model card of a saved head; EmbedstoreError when ``head_dir`` has none or it is not JSON."""
     card_file = head_dir / "model_card.json"
     if not card_file.is_file():
         raise EmbedstoreError(f"{head_dir} is not a saved head (no model_card.json); pass a probe run's head/ folder")
-    card = json.loads(card_file.read_text())
+    try:
+        card = json.loads(card_file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EmbedstoreError(f"{card_file} is not valid JSON ({exc}); re-run the probe that wrote it") from None
+    if not isinstance(card, dict) or not {"features", "classes", "metadata", "target", "positive_class"} <= set(card):
+        raise EmbedstoreError(f"{card_file} is not a model card of embedstore; pass a probe run's head/ folder")
+    return card
+
+
+def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd.DataFrame:
+    """Apply a saved head to every row of ``store_path`` that has its feature sets; write CSV or parquet.
+
+    Refuses a head that is not a skops file of trusted types (:func:`embedstore.heads.load_head`), and a store
+    whose feature sets have another fingerprint than the ones the head was trained on. The file is written
+    aside and renamed into place.
+    """
+    head_dir = Path(head_dir)
+    card = _read_card(head_dir)
+    model = load_head(head_dir)
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a .csv or .parquet file to write")
     store = FeatureStore.open(store_path)
     keys = {}
     for feat in card["features"]:
@@ -745,8 +787,11 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     missing = [c for c in card["metadata"] if c not in store.manifest.columns]
     if missing:
         raise ConfigError(f"the head reads metadata column(s) {missing}, which {store_path} does not have")
-    X, table, _ = feature_frame(store, keys, card["metadata"], common_ids(store, keys.values()))
-    model = joblib.load(head_dir / "model.joblib")
+    ids = common_ids(store, keys.values())
+    if not ids:
+        raise StoreError(f"{store_path} has no finished rows of {', '.join(keys)} to predict: run `embedstore extract` "
+                         "first (`embedstore ls` shows what is pending or failed)")
+    X, table, _ = feature_frame(store, keys, card["metadata"], ids)
     proba = model.predict_proba(X)
     classes = np.asarray(card["classes"], dtype=object)
     frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[decide(model, proba)]})
@@ -757,12 +802,8 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
         if card["positive_class"] is not None:
             truth = np.where(truth == card["positive_class"], card["classes"][1], card["classes"][0])
         frame.insert(1, "y_true", truth)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
+    if Path(out).suffix == ".parquet":
+        write_file(out, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
-        frame.to_csv(tmp, index=False)
-    tmp.replace(out)
+        write_file(out, lambda tmp: frame.to_csv(tmp, index=False))
     return frame

@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +17,7 @@ from typer.testing import CliRunner
 
 from embedstore.cli import app
 from embedstore.errors import ConfigError
+from embedstore.heads import load_head
 from embedstore.probe import ProbeConfig, load_data, run_probe
 from embedstore.store import FeatureStore
 
@@ -116,7 +116,7 @@ def test_predict_applies_the_saved_head_and_refuses_other_fingerprints(plain_run
     assert code == 0, output
     pred = pd.read_csv(out)
     X, table = FeatureStore.open(ham_store).load("mobilenet_v2")
-    model = joblib.load(plain_run / "head" / "model.joblib")
+    model = load_head(plain_run / "head")
     frame = pd.DataFrame(X, columns=[f"mobilenet_v2/{j}" for j in range(X.shape[1])])
     assert np.allclose(pred[[c for c in pred if c.startswith("p_")]].to_numpy(), model.predict_proba(frame), atol=1e-6)
     assert (pred["y_true"] == table["dx"]).all()

@@ -31,14 +31,15 @@ def _load_config(path: Optional[Path]) -> dict:
 
 
 def _parse_params(items: list[str]) -> dict:
-    """``logreg.C=0.5`` -> ``{"logreg": {"C": 0.5}}`` (values parsed as YAML scalars)."""
+    """``logreg.C=0.5`` -> ``{"logreg": {"C": "0.5"}}``; the probe's config checks the names and coerces the
+    values to each parameter's type (:func:`embedstore.heads.coerce_params`)."""
     params: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         head, dot, name = key.partition(".")
         if not sep or not dot:
             raise ConfigError(f"--param takes HEAD.NAME=VALUE (e.g. logreg.C=0.5), got {item!r}")
-        params.setdefault(head, {})[name] = yaml.safe_load(value)
+        params.setdefault(head, {})[name] = value
     return params
 
 
@@ -73,13 +74,14 @@ def probe(
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction held out as a grouped, stratified test set."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Metric to tune (default balanced_accuracy; roc_auc for binary)."),
     decision: Optional[str] = typer.Option(None, "--decision", help="Predicted class: argmax (default) or balanced, the most probable class after dividing by each class's training frequency (the rule for balanced accuracy; probabilities, and so AUC, unchanged)."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Fixed head parameter HEAD.NAME=VALUE (repeatable), e.g. logreg.C=1."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Fixed head parameter HEAD.NAME=VALUE (repeatable), e.g. logreg.C=1 or logreg.class_weight=none."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file beside the store)."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Prefix of the Optuna study names; a stored study of that name tuned for another problem is refused."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, heads, tuning and bootstrap (default 0)."),
     n_boot: Optional[int] = typer.Option(None, "--n-boot", help="Bootstrap resamples per confidence interval (default 1000)."),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html and report.md."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (replaced if it exists)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/probe)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run folder at --out if a previous run wrote it (never anything else)."),
 ) -> None:
     """Train and evaluate classical heads on cached features with group-aware CV, tuning and stacking."""
     from embedstore.probe import ProbeConfig, run_probe
@@ -91,26 +93,32 @@ def probe(
         "folds": folds, "inner_folds": inner_folds, "split_column": split_column, "holdout": holdout,
         "split_map": _parse_split_map(split_map) or None,
         "metric": metric, "decision": decision, "storage": storage, "study_name": study_name, "seed": seed, "n_boot": n_boot,
-        "report": report, "out": str(out) if out else None,
+        "report": report, "out": str(out) if out else None, "overwrite": overwrite or None,
     }
     raw.update({k: v for k, v in cli.items() if v is not None})
     if param:
-        merged = dict(raw.get("params") or {})
-        for h, values in _parse_params(param).items():
-            merged[h] = {**merged.get(h, {}), **values}
+        merged = raw.get("params") or {}
+        if isinstance(merged, dict):  # anything else is refused, in one line, by the config's validation
+            for h, values in _parse_params(param).items():
+                merged[h] = {**merged[h], **values} if isinstance(merged.get(h), dict) else values
         raw["params"] = merged
     cfg = ProbeConfig.from_dict(raw)
     n_folds = len(cfg.features) * len(cfg.heads) * cfg.folds
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_err, transient=True) as bar:
-        task = bar.add_task("probe", total=n_folds)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=_err, transient=True)
+    task = bar.add_task("probe", total=n_folds)
 
-        def progress(event: str, message: str) -> None:
-            bar.update(task, description=message, advance=1 if event == "fold" else 0)
-            if event == "tuned":
-                bar.console.print(message, highlight=False)
+    def progress(event: str, message: str) -> None:
+        bar.start()  # at the first fold, so that an error in the input before it stays one line
+        bar.update(task, description=message, advance=1 if event == "fold" else 0)
+        if event == "tuned":
+            bar.console.print(message, highlight=False)
 
+    try:
         summary = run_probe(cfg, progress)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     metrics = summary["metrics"]
     figures = ", ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci_low']:.3f}, {metrics[m]['ci_high']:.3f}]"
                         for m in summary["headline"][:3])
