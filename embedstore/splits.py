@@ -115,7 +115,8 @@ def _split_actions(split_map: dict, words: set[str]) -> dict[str, str]:
         raise ConfigError(f"--split-map {bad}: each value maps to one of {', '.join(SPLIT_ACTIONS)}")
     absent = sorted(set(actions) - words)
     if absent:
-        raise ConfigError(f"--split-map names {absent}, which the split column does not have (it has {sorted(words)[:8]})")
+        raise ConfigError(f"--split-map names {absent}, which the split column does not have "
+                          f"(it has {sorted(words)[:8]})")
     return actions
 
 

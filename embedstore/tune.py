@@ -101,7 +101,7 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
 
 
 def digest(values) -> str:
-    """A short sha256 of a sequence's values in order (row ids, labels, row indices): a study's data in 16 hex digits."""
+    """A short sha256 (16 hex digits) of a sequence's values in order: row ids, labels, row indices."""
     a = np.asarray(values)
     if a.dtype == object:
         a = a.astype(str)

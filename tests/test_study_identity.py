@@ -65,7 +65,8 @@ def test_other_folds_get_new_studies_and_the_same_command_reuses_its_own(probe, 
 
 def test_a_given_study_name_reused_for_another_problem_is_refused(probe):
     probe("named", "-f", "mobilenet_v2", "--folds", "2", "--study-name", "mine")
-    assert sorted(trials_per_study(probe.storage)) == [f"mine:mobilenet_v2:knn:{s}" for s in ("final", "fold0", "fold1")]
+    names = [f"mine:mobilenet_v2:knn:{scope}" for scope in ("final", "fold0", "fold1")]
+    assert sorted(trials_per_study(probe.storage)) == names
     output = probe("other", "-f", "mobilenet_v2", "--folds", "2", "--seed", "1", "--study-name", "mine", expect=2)
     assert "error: study 'mine:mobilenet_v2:knn:fold0'" in output and "tuned for another problem" in output
     assert "Traceback" not in output
