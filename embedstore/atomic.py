@@ -11,6 +11,7 @@ never touching what embedstore did not write.
 * A folder is replaced only if embedstore wrote it: it carries the marker file ``.embedstore`` (older run
   folders: a ``run.json`` with ``format`` and ``kind``), or is empty. Anything else (the user's notes, a
   feature store, the working directory) is refused in one line, whatever ``overwrite`` says.
+* :func:`remove_folder` makes a folder vanish in one rename before deleting it.
 * :func:`clean_stale` removes the hidden leftovers of killed processes (their pid is gone) next to a path.
 """
 
@@ -154,6 +155,19 @@ def _exchange(a: Path, b: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return rc == 0
+
+
+def remove_folder(folder: str | Path, beside: str | Path | None = None) -> None:
+    """Delete ``folder`` so that it vanishes in one step: it is renamed to a hidden name beside ``beside``
+    (default: ``folder`` itself), then deleted. A kill during the deletion leaves only that hidden folder,
+    which :func:`clean_stale` of ``beside`` removes."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    aside = _hidden(Path(beside or folder), _TMP)
+    os.rename(folder, aside)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -59,7 +59,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from embedstore import __version__, faults
-from embedstore.atomic import clean_stale, write_file
+from embedstore.atomic import clean_stale, remove_folder, write_file
 from embedstore.errors import SourceError, StoreError
 from embedstore.sources import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, source_from_dict
 
@@ -74,6 +74,14 @@ def fingerprint(config: dict) -> str:
     """A short, stable key for a feature-set configuration (canonical JSON, sha256, 16 hex digits)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _features_digest(X: np.ndarray, ids) -> str:
+    """sha256 of float32 features and their ids: part of a derived feature set's key."""
+    h = hashlib.sha256(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    for i in ids:
+        h.update(f"\0{i}".encode())
+    return h.hexdigest()
 
 
 def utc_now() -> str:
@@ -546,6 +554,8 @@ class FeatureStore:
         if key_or_name in groups:
             return key_or_name
         by_name = [k for k, g in groups.items() if g.attrs.get("name") == key_or_name]
+        newest = max((groups[k].attrs.get("generation", 0) for k in by_name), default=0)
+        by_name = [k for k in by_name if groups[k].attrs.get("generation", 0) == newest]  # see put_features
         if len(by_name) == 1:
             return by_name[0]
         by_encoder = [k for k, g in groups.items() if g.attrs.get("encoder") == key_or_name]
@@ -757,30 +767,64 @@ class FeatureStore:
             table = table[["id", *[c for c in columns if c != "id"]]]
         return np.asarray(X, dtype=np.float32), table.reset_index(drop=True)
 
-    def put_features(self, name: str, X: np.ndarray, ids, *, parent: str, config: dict, overwrite: bool = False) -> str:
-        """Store derived features (e.g. projected by a trained head) as a new feature set; returns its key.
+    def put_features(self, name: str, X: np.ndarray, ids, *, parent: str, config: dict, overwrite: bool = False,
+                     before_commit: Callable[[str], None] | None = None) -> str:
+        """Store derived features (e.g. projected by a trained head) as a feature set named ``name``; returns its key.
 
-        The key is a fingerprint of the parent feature set and ``config``, so
-        the same derivation lands in the same place. ``overwrite`` replaces a
-        feature set of the same name with another configuration.
+        The key is a fingerprint of the parent feature set, ``config`` and the features themselves: the
+        same result lands in the same place and is not written twice. A kill at any moment leaves the
+        previous set of that name usable or the new one complete:
+
+        1. the new set is written whole under a provisional name (``<name> (being written)``);
+        2. ``before_commit(key)`` runs (e.g. to save the head that produced the features);
+        3. the set takes ``name`` in one attribute write, one ``generation`` above the set it replaces
+           (:meth:`resolve` serves the newest generation of a name, so both may exist for a moment);
+        4. with ``overwrite``, the sets that held ``name`` before are removed (crash point
+           ``projected-set-replace`` just before). Without it, a name held by other features is refused.
+
+        Leftovers of a killed call (a provisional set, a replaced set not yet removed) go on the next call.
         """
         parent_key = self.resolve(parent)
         parent_attrs = self.feature_set(parent_key).attrs
         X = np.asarray(X, dtype=np.float32)
-        key = fingerprint({"parent": parent_key, "config": config, "dim": int(X.shape[1])})
-        if overwrite:
-            for k, g in self._groups().items():
-                if g.attrs.get("name") == name and k != key:
-                    del self.root["features"][k]
-        attrs = {"encoder": f"{parent_attrs.get('encoder')}+{config.get('kind', 'derived')}", "derived_from": parent_key,
-                 "config": config, "weights": parent_attrs.get("weights")}
-        fs = self.require_feature_set(key, name, attrs, int(X.shape[1]), "float32", parent_attrs.get("rows_per_chunk", 1024))
         _, table = self.load(parent_key, ids=ids)
-        rows = pd.Index(self.manifest["id"]).get_indexer(table["id"])
-        order = np.argsort(rows)
-        fs.write_rows(rows[order], X[order], table["sha256"].to_numpy()[order].tolist(),
-                      [""] * len(rows), np.full(len(rows), DONE))
+        key = fingerprint({"parent": parent_key, "config": config, "dim": int(X.shape[1]),
+                           "features": _features_digest(X, table["id"])})
+        provisional = f"{name} (being written)"
+        clean_stale(self.path)
+        for k, g in self._groups().items():
+            if g.attrs.get("name") == provisional:
+                self.remove_feature_set(k)
+        groups = self._groups()
+        holders = [k for k, g in groups.items() if g.attrs.get("name") == name and k != key]
+        if holders and not overwrite:
+            raise StoreError(f"feature set name {name!r} in {self.path} already holds other features (key "
+                             f"{holders[0]}); pass overwrite=True to replace them")
+        if key in groups and groups[key].attrs.get("name") == name:
+            if before_commit is not None:
+                before_commit(key)  # the same features are stored already
+        else:
+            generation = 1 + max((groups[k].attrs.get("generation", 0) for k in holders), default=0)
+            attrs = {"encoder": f"{parent_attrs.get('encoder')}+{config.get('kind', 'derived')}",
+                     "derived_from": parent_key, "config": config, "weights": parent_attrs.get("weights"),
+                     "generation": generation}
+            fs = self.require_feature_set(key, provisional, attrs, int(X.shape[1]), "float32",
+                                          parent_attrs.get("rows_per_chunk", 1024))
+            rows = pd.Index(self.manifest["id"]).get_indexer(table["id"])
+            order = np.argsort(rows)
+            fs.write_rows(rows[order], X[order], table["sha256"].to_numpy()[order].tolist(),
+                          [""] * len(rows), np.full(len(rows), DONE))
+            if before_commit is not None:
+                before_commit(key)
+            fs.group.update_attributes({"name": name})
+        faults.point("projected-set-replace")
+        for k in holders:
+            self.remove_feature_set(k)
         return key
+
+    def remove_feature_set(self, key: str) -> None:
+        """Delete feature set ``key``: it leaves ``features/`` in one rename, then its files are deleted."""
+        remove_folder(self.path / "features" / key, beside=self.path)
 
     def open_image(self, image_id: str):
         """The image of ``image_id``, re-read from its source (for thumbnails; heads never need it)."""

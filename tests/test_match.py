@@ -134,3 +134,42 @@ def test_bad_input_gets_one_line(cli, ham_store, tmp_path):
     code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--method", "kmeans", "--out", tmp_path / "c")
     assert code == 2 and "--method" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_projected_set_is_replaced_only_once_the_new_one_is_complete(store_copy):
+    """put_features writes the new set whole, runs before_commit (the head is saved there), and only then
+    removes the set that held the name: a failure before that leaves the old set served, and the next
+    call clears the half-written one."""
+    store = FeatureStore.open(store_copy)
+    X, table = store.load("mobilenet_v2")
+    ids = table["id"].tolist()
+    old_x, new_x = X[:, :8], X[:, 8:16]
+    old = store.put_features("mobilenet_v2+test", old_x, ids, parent="mobilenet_v2", config={"kind": "test", "v": 1})
+
+    def killed(key):
+        raise RuntimeError("killed while saving the head")
+
+    with pytest.raises(RuntimeError):
+        store.put_features("mobilenet_v2+test", new_x, ids, parent="mobilenet_v2", config={"kind": "test", "v": 2},
+                           overwrite=True, before_commit=killed)
+    assert store.resolve("mobilenet_v2+test") == old
+    np.testing.assert_array_equal(store.load("mobilenet_v2+test")[0], old_x)
+
+    committed = []
+    new = store.put_features("mobilenet_v2+test", new_x, ids, parent="mobilenet_v2", config={"kind": "test", "v": 2},
+                             overwrite=True, before_commit=committed.append)
+    assert committed == [new] and store.resolve("mobilenet_v2+test") == new
+    assert [i.key for i in store.feature_sets() if i.name.startswith("mobilenet_v2+test")] == [new]
+    np.testing.assert_array_equal(store.load("mobilenet_v2+test")[0], new_x)
+    same = store.put_features("mobilenet_v2+test", new_x, ids, parent="mobilenet_v2", config={"kind": "test", "v": 2},
+                              overwrite=True)
+    assert same == new  # the same features are not written twice
+
+
+def test_match_never_replaces_a_folder_it_did_not_write(cli, ham_store, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--out", notes, "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "did not write" in err
+    assert (notes / "todo.txt").read_text() == "mine"

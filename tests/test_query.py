@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from embedstore.errors import StoreError
-from embedstore.match.index import index_path
+from embedstore.match.index import FeatureIndex, index_path
 from embedstore.match.projection import ProjectionHead
 from embedstore.match.query import head_path, query
 from embedstore.store import FeatureStore
@@ -59,17 +59,55 @@ def test_table_output_and_bad_items(cli, store_copy, multi_ids):
     assert code == 2 and "neither an image id" in err and len(err.strip().splitlines()) == 1
 
 
-def test_index_of_another_feature_set_is_refused(cli, store_copy, multi_ids):
+def _truncate(path, other):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage_sidecar(path, other):
+    path.with_suffix(".json").write_text('{"key": "0123", "ids": [')
+
+
+def _sidecar_of_another_set(path, other):
+    shutil.copy(other.with_suffix(".json"), path.with_suffix(".json"))
+
+
+def _index_and_sidecar_of_another_set(path, other):
+    shutil.copy(other, path)
+    shutil.copy(other.with_suffix(".json"), path.with_suffix(".json"))
+
+
+def _sidecar_of_another_build(path, other):
+    """The index file of an exact build beside the sidecar of an IVF build over the same ids."""
+    side = json.loads(path.with_suffix(".json").read_text())
+    X = np.random.default_rng(0).normal(size=(len(side["ids"]), side["dim"]))
+    FeatureIndex.build(X, side["ids"], key=side["key"], kind="ivf").save(path.parent / "ivf.faiss")
+    shutil.copy(path.parent / "ivf.json", path.with_suffix(".json"))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage_sidecar, _sidecar_of_another_set,
+                                    _index_and_sidecar_of_another_set, _sidecar_of_another_build])
+def test_damaged_or_mismatched_index_is_rebuilt(damage, cli, store_copy, multi_ids):
+    """The index is a cache: whatever is wrong with the saved one, query rebuilds it and answers as before."""
     store = FeatureStore.open(store_copy)
-    mobilenet, effnet = store.resolve("mobilenet_v2"), store.resolve("efficientnet_lite0")
-    query(store, multi_ids["id"][:1].tolist(), "mobilenet_v2")
-    src, dst = index_path(store_copy, mobilenet), index_path(store_copy, effnet)
-    shutil.copy(src, dst)
-    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
-    code, _, err = cli("query", store_copy, multi_ids["id"][0], "-f", "efficientnet_lite0")
-    assert code == 2 and f"built on feature set {mobilenet}, not {effnet}" in err
-    code, _, err = cli("query", store_copy, multi_ids["id"][0], "-f", "efficientnet_lite0", "--rebuild-index")
+    item = multi_ids["id"][0]
+    expected = query(store, [item], "mobilenet_v2", top_k=3, groups="lesion_id")
+    path = index_path(store_copy, store.resolve("mobilenet_v2"))
+    other = index_path(store_copy, store.resolve("efficientnet_lite0"))
+    query(store, [item], "efficientnet_lite0", top_k=1)
+    damage(path, other)
+    code, out, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "-k", "3", "--json")
     assert code == 0, err
+    pd.testing.assert_frame_equal(pd.DataFrame(json.loads(out)), expected, check_dtype=False)
+    FeatureIndex.load(path, key=store.resolve("mobilenet_v2"))  # the rebuilt index was saved, whole
+
+
+def test_group_column_must_exist(cli, store_copy, multi_ids):
+    code, _, err = cli("query", store_copy, multi_ids["id"][0], "-f", "mobilenet_v2", "-g", "patient_id")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no column 'patient_id'" in err and "lesion_id" in err  # the columns to choose from
+    store = FeatureStore.open(store_copy)
+    images = query(store, [multi_ids["id"][0]], "mobilenet_v2", top_k=3)  # no groups: single images are ranked
+    assert (images["group"] == images["image"]).all()
 
 
 def test_projected_feature_set_embeds_files_through_the_saved_head(store_copy, multi_ids, ham_root):

@@ -15,6 +15,7 @@ from embedstore.errors import ConfigError
 from embedstore.progress import progress_bar
 
 _out = Console()
+DEFAULT_GROUPS = "lesion_id"  # what `query` ranks when the store has that column and no --groups is given
 
 
 @app.command()
@@ -37,12 +38,13 @@ def match(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, heads and bootstrap (default 0)."),
     write_features: Optional[bool] = typer.Option(None, "--write-features/--no-write-features", help="Store the final projected features as a new feature set."),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Render report.html and report.md."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder (one that embedstore wrote)."),
 ) -> None:
     """Group images of the same lesion (FAISS kNN graph + threshold, DBSCAN or average linkage),
     optionally through a trained projection head, with lesion-grouped CV."""
     from embedstore.match.config import MatchConfig
-    from embedstore.match.run import check_out, load_inputs, run_match
+    from embedstore.atomic import check_replaceable
+    from embedstore.match.run import load_inputs, run_match
 
     head = None
     if epochs is not None or device is not None:
@@ -57,7 +59,7 @@ def match(
         cfg.head = cfg.head | head
     if not cfg.store or not cfg.features:
         raise ConfigError("give a STORE and --features (or store: and features: in --config)")
-    check_out(out, overwrite)
+    check_replaceable(out, overwrite)
     inputs = load_inputs(cfg)
     steps = cfg.folds * (len(cfg.head_candidates) + 1 if cfg.projection != "none" else 1) + 1
     with progress_bar(f"match {cfg.method}", steps, unit="steps") as advance:
@@ -78,7 +80,7 @@ def query(
     items: list[str] = typer.Argument(..., help="Image ids already in the store, or image files to embed."),
     features: str = typer.Option(..., "--features", "-f", help="Feature set to search (name, key or encoder)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Nearest lesions to list per query."),
-    groups: str = typer.Option("lesion_id", "--groups", "-g", help="Column whose values are ranked (images if absent)."),
+    groups: Optional[str] = typer.Option(None, "--groups", "-g", help="Column whose values are ranked (default: lesion_id when the store has it, else single images)."),
     index: str = typer.Option("auto", "--index", help="FAISS index to build when none is saved: auto, flat, ivf or hnsw."),
     rebuild_index: bool = typer.Option(False, "--rebuild-index", help="Rebuild the saved index."),
     device: str = typer.Option("auto", "--device", help="Device for embedding image files."),
@@ -91,12 +93,14 @@ def query(
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     fs = FeatureStore.open(store)
+    if groups is None and DEFAULT_GROUPS in fs.manifest.columns:
+        groups = DEFAULT_GROUPS
     result = run_query(fs, items, features, top_k=top_k, groups=groups, kind=index,
                        rebuild=rebuild_index, device=device)
     if as_json:
         typer.echo(result.to_json(orient="records", indent=2))
         return
-    table = Table(title=f"nearest {groups if groups in fs.manifest.columns else 'images'} ({fs.resolve(features)})")
+    table = Table(title=f"nearest {groups or 'images'} ({fs.resolve(features)})")
     for column in result.columns:
         table.add_column(column, justify="right" if column in ("rank", "similarity", "n_images") else "left",
                          no_wrap=column != "query", overflow="fold")

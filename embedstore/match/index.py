@@ -7,22 +7,24 @@ is exact (``IndexFlatIP``); IVF or HNSW are used when asked for or when the coll
 large, and the index moves to the GPU when faiss was built with GPU support and one is present.
 
 An index file lives in ``<store>.index/<feature-set key>.faiss`` with a JSON sidecar that holds
-the feature-set fingerprint, the ids it was built on and the centring vector, so an index is
-never used with features of another feature set (or with a store whose rows changed).
+the feature-set fingerprint, the ids it was built on, the centring vector and the sha256 of the
+index file, so an index is never used with features of another feature set (or with a store whose
+rows changed), nor beside a sidecar of another build. An index is a cache: whatever is wrong with
+it (damaged, truncated, mismatched), :func:`embedstore.match.query.load_index` rebuilds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from embedstore import faults
+from embedstore.atomic import write_file, write_text
 from embedstore.errors import ConfigError, StoreError
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
@@ -166,37 +168,79 @@ class FeatureIndex:
             )
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (the .faiss file) and its ``.json`` sidecar atomically."""
+        """Write ``path`` (the .faiss file), then its ``.json`` sidecar, each atomically.
+
+        The sidecar records the sha256 and size of the index file it belongs to and is written
+        second, so an index file without its sidecar, or beside the sidecar of another build,
+        is refused by :meth:`load` (and :func:`embedstore.match.query.load_index` rebuilds it).
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         index = self.index
         if hasattr(faiss, "index_gpu_to_cpu") and gpu_available() and "Gpu" in type(index).__name__:
             index = faiss.index_gpu_to_cpu(index)
+        write_file(path, lambda tmp: faiss.write_index(index, str(tmp)))
+        faults.point("index-save")
         sidecar = asdict(self.meta) | {
+            "index_file": {"sha256": file_sha256(path), "size": path.stat().st_size},
             "ids": self.ids.tolist(),
             "mean": None if self.mean is None else self.mean.astype(float).tolist(),
         }
-        _atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
-        _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(sidecar)))
+        write_text(sidecar_path(path), json.dumps(sidecar))
         return path
 
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> "FeatureIndex":
-        """Read an index saved by :meth:`save`; with ``key``, refuse one of another feature set."""
+        """Read an index saved by :meth:`save`; with ``key``, refuse one of another feature set.
+
+        Anything that is not an intact pair of index file and sidecar (missing, truncated, garbage,
+        or from different builds) raises :class:`StoreError`, never another exception.
+        """
         path = Path(path)
         if not path.exists() or not sidecar_path(path).exists():
             raise StoreError(f"no index at {path}; build one with embedstore query or embedstore match")
-        side = json.loads(sidecar_path(path).read_text())
-        ids = side.pop("ids")
-        mean = side.pop("mean")
+        side = _read_sidecar(path)
+        ids, mean, recorded = side.pop("ids"), side.pop("mean"), side.pop("index_file")
+        if recorded != {"sha256": file_sha256(path), "size": path.stat().st_size}:
+            raise StoreError(f"index file {path} is not the one its sidecar was written for (damaged, or "
+                             "another build); rebuild it (embedstore query ... --rebuild-index)")
         meta = IndexMeta(**side)
-        index = faiss.read_index(str(path))
+        try:
+            index = faiss.read_index(str(path))
+        except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError for any unreadable file
+            raise StoreError(f"index file {path} cannot be read ({str(exc).splitlines()[0][:120]}); "
+                             "rebuild it (embedstore query ... --rebuild-index)") from None
+        if index.ntotal != meta.n or index.d != meta.dim or len(ids) != meta.n:
+            raise StoreError(f"index file {path} does not hold the {meta.n} rows of width {meta.dim} its "
+                             "sidecar describes; rebuild it (embedstore query ... --rebuild-index)")
         set_search_params(index, meta.kind, nprobe=meta.params.get("nprobe", 32),
                           ef_search=meta.params.get("ef_search", 128), params={})
         out = cls(index, ids, meta, None if mean is None else np.asarray(mean, dtype=np.float32))
         if key is not None:
             out.check(key)
         return out
+
+
+def _read_sidecar(path: Path) -> dict:
+    """The sidecar of index ``path`` as a dict with every field :meth:`FeatureIndex.save` writes; StoreError otherwise."""
+    try:
+        side = json.loads(sidecar_path(path).read_text())
+        names = {f.name for f in fields(IndexMeta)} | {"ids", "mean", "index_file"}
+        if (not isinstance(side, dict) or set(side) != names or not isinstance(side["params"], dict)
+                or not isinstance(side["ids"], list)):
+            raise ValueError("fields differ from those embedstore writes")
+        return side
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"index sidecar {sidecar_path(path)} is damaged or from another version ({exc}); "
+                         "rebuild the index (embedstore query ... --rebuild-index)") from None
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def index_path(store_path: str | Path, key: str) -> Path:
@@ -243,14 +287,3 @@ def set_search_params(index, kind: str, nprobe: int, ef_search: int, params: dic
     elif kind == "hnsw":
         index.hnsw.efSearch = ef_search
         params["ef_search"] = ef_search
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -4,7 +4,9 @@ The question a clinician asks about a follow-up photo: which known lesion is thi
 already in the store use their stored features; image files are embedded with the encoder
 the feature set was extracted with (for a projected feature set: the parent's encoder, then
 the saved projection head). Both are searched in the feature set's saved FAISS index, which
-is built on first use and rebuilt when the store's rows have changed.
+is built on first use and rebuilt whenever it cannot serve the store's rows (they changed, or
+the index files are damaged or mismatched): an index is a cache. ``remove_orphans`` clears the
+indices and heads of feature sets that are gone.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedstore.errors import StoreError
-from embedstore.match.index import FeatureIndex, index_path
+from embedstore.atomic import clean_stale, remove_folder, written_by_embedstore
+from embedstore.errors import ConfigError, StoreError
+from embedstore.match.index import FeatureIndex, index_path, sidecar_path
 from embedstore.match.projection import ProjectionHead
 
 
@@ -27,22 +30,48 @@ def head_path(store, key: str) -> Path:
 def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tuple[FeatureIndex, np.ndarray, pd.DataFrame]:
     """The saved index of feature set ``key`` with the features and rows it covers.
 
-    Builds and saves it when missing, asked to, or built on other rows than the store now
-    holds; an index file that belongs to another feature set is refused.
+    The index is a cache: it is built and saved when missing or asked to, and rebuilt whenever the
+    saved one cannot serve these rows (damaged, of another feature set, built on other rows).
     """
     X, table = store.load(key)
     ids = table["id"].astype(str).to_numpy()
     path = index_path(store.path, key)
     if path.exists() and not rebuild:
-        index = FeatureIndex.load(path, key=key)
         try:
+            index = FeatureIndex.load(path, key=key)
             index.check(key, ids)
             return index, X, table
         except StoreError:
-            pass  # the store gained or lost rows since: the index is a cache, rebuild it
+            pass  # whatever is wrong with a cache, the cure is to rebuild it
     index = FeatureIndex.build(X, ids, key=key, kind=kind)
+    for leftover in (path, sidecar_path(path)):
+        clean_stale(leftover)
     index.save(path)
     return index, X, table
+
+
+def remove_orphans(store) -> list[Path]:
+    """Remove the indices and projection heads beside ``store`` whose feature set is gone (replaced by
+    a newer projection, or left behind by a killed run); returns what was removed."""
+    folder = index_path(store.path, "any").parent
+    if not folder.is_dir():
+        return []
+    keys = {info.key for info in store.feature_sets()}
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or entry.name.split(".")[0] in keys:
+            continue
+        if entry.suffix == ".head" and entry.is_dir() and (written_by_embedstore(entry) or (entry / "projection.json").is_file()):
+            remove_folder(entry)
+        elif entry.suffix in (".faiss", ".json") and entry.is_file():
+            entry.unlink()
+        else:
+            continue
+        removed.append(entry)
+    for entry in folder.iterdir():  # hidden copies of killed writes: .<name>.embedstore-tmp-<pid>-...
+        if entry.name.startswith(".") and ".embedstore-" in entry.name:
+            removed += clean_stale(folder / entry.name[1:].split(".embedstore-")[0])
+    return removed
 
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:
@@ -64,14 +93,24 @@ def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.
     return X
 
 
-def query(store, items: list[str], features: str, top_k: int = 5, groups: str | None = "lesion_id",
+def require_column(table: pd.DataFrame, column: str, purpose: str) -> None:
+    """Raise :class:`ConfigError` listing the store's columns unless ``table`` has ``column``."""
+    if column not in table.columns:
+        choices = ", ".join(c for c in table.columns if not c.startswith("_") and c != "sha256")
+        raise ConfigError(f"the store has no column {column!r} to {purpose}; choose --groups from: {choices}")
+
+
+def query(store, items: list[str], features: str, top_k: int = 5, groups: str | None = None,
           kind: str = "auto", rebuild: bool = False, device: str = "auto") -> pd.DataFrame:
-    """Top-``k`` nearest groups (lesions) for each query item, by the best image similarity.
+    """Top-``k`` nearest groups (e.g. lesions) for each query item, by the best image similarity.
 
     ``items`` are ids in the store or paths of image files. Returns one row per (query, rank):
     ``query, rank, group, similarity, image`` plus the group's size and, when the store has
-    a ``dx`` column, its diagnosis. With ``groups=None`` (or no such column) images are ranked.
+    a ``dx`` column, its diagnosis. ``groups`` names the column whose values are ranked (it must
+    exist); with ``groups=None``, and for images without a group value, single images are ranked.
     """
+    if groups is not None:
+        require_column(store.manifest, groups, "rank by")
     key = store.resolve(features)
     index, X, table = load_index(store, key, kind=kind, rebuild=rebuild)
     ids = table["id"].astype(str).to_numpy()
@@ -85,8 +124,8 @@ def query(store, items: list[str], features: str, top_k: int = 5, groups: str | 
     if files:
         for f, v in zip(files, embed_files(store, key, files, device=device)):
             vectors[str(f)] = v
-    use_groups = groups is not None and groups in table.columns
-    group_of = table[groups].astype(str).to_numpy() if use_groups else ids
+    use_groups = groups is not None
+    group_of = np.where(table[groups].notna(), table[groups].astype(str), ids) if use_groups else ids
     sizes = pd.Series(group_of).value_counts()
     Q = np.stack([vectors[str(i)] for i in items])
     depth = min(len(ids), max(top_k * 20, 50) if use_groups else top_k + 1)

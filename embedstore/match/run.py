@@ -22,8 +22,6 @@ written back to the store as a new feature set and its grouping of all images is
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from embedstore.atomic import check_replaceable, replacing_folder
 from embedstore.errors import ConfigError
 from embedstore.match.cluster import Grouper, floor_similarity
 from embedstore.match.config import MatchConfig
 from embedstore.match.index import FeatureIndex, normalise
 from embedstore.match.pairs import candidate_pairs, decided_pairs_table, knn_graph
 from embedstore.match.projection import ProjectionHead
+from embedstore.match.query import head_path, remove_orphans, require_column
 from embedstore.metrics import (
     bootstrap_ci,
     pair_counts_by_group,
@@ -250,11 +250,7 @@ def final_choice(result: CVResult, config: MatchConfig) -> tuple[float, dict]:
 
 def select_rows(table: pd.DataFrame, config: MatchConfig) -> np.ndarray:
     """Row numbers of images with a group whose lesion has at least ``min_group_size`` images."""
-    if config.groups not in table.columns:
-        raise ConfigError(
-            f"the store has no column {config.groups!r} to group by; "
-            f"choose --groups from: {', '.join(c for c in table.columns if not c.startswith('_') and c != 'sha256')}"
-        )
+    require_column(table, config.groups, "group by")
     groups = table[config.groups]
     has = groups.notna().to_numpy()
     sizes = groups.map(groups.value_counts()).fillna(0).to_numpy()
@@ -293,16 +289,11 @@ def load_inputs(config: MatchConfig) -> MatchInputs:
     return MatchInputs(store, key, store.info(key).name, X_all, table_all, rows)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
-
-
 def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, progress=None,
               inputs: MatchInputs | None = None) -> Path:
     """Run the match protocol on a store and write the run folder ``out``; returns its path."""
     out = Path(out)
-    check_out(out, overwrite)
+    check_replaceable(out, overwrite)
     inputs = inputs or load_inputs(config)
     store, key, X_all, table_all = inputs.store, inputs.key, inputs.X_all, inputs.table_all
     X = X_all[inputs.rows]
@@ -341,24 +332,29 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
 
 
 def write_projection(store, key, name, head, X_all, table_all, config) -> str:
-    """Project every row of the store with the final head and store it as a new feature set."""
-    from embedstore.match.query import head_path
+    """Project every row of the store with the final head and store it as the feature set
+    ``<name>+<projection>``, replacing the previous one only once the new set and its head are saved
+    (:meth:`FeatureStore.put_features`); then the heads and indices of replaced sets are removed."""
+    def save_head(new_key: str) -> None:
+        folder = head_path(store, new_key)
+        if not (folder / "projection.json").is_file():
+            with replacing_folder(folder, overwrite=True, kind="projection-head", what="projection head") as staging:
+                head.save(staging)
 
     new_key = store.put_features(
-        f"{name}+{config.projection}", head.transform(X_all), table_all["id"].astype(str).tolist(), parent=key, overwrite=True,
+        f"{name}+{config.projection}", head.transform(X_all), table_all["id"].astype(str).tolist(), parent=key,
+        overwrite=True, before_commit=save_head,
         config={"kind": config.projection, "head": head.get_params(), "groups": config.groups,
                 "min_group_size": config.min_group_size, "seed": config.seed},
     )
-    head.save(head_path(store, new_key))
+    remove_orphans(store)
     return new_key
 
 
 def write_run_folder(out: Path, overwrite: bool, run_info, config, metrics, result: CVResult,
                      clusters: pd.DataFrame, head) -> None:
-    """Write every file into a temporary folder beside ``out`` and move it into place at once."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    """Write every file into a staging folder that replaces ``out`` in one step (:mod:`embedstore.atomic`)."""
+    with replacing_folder(out, overwrite=overwrite, kind="match") as tmp:
         (tmp / "run.json").write_text(json.dumps(run_info, indent=2))
         (tmp / "config.yaml").write_text(config.to_yaml())
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -368,14 +364,6 @@ def write_run_folder(out: Path, overwrite: bool, run_info, config, metrics, resu
         clusters.to_csv(tmp / "clusters.csv", index=False)
         if head is not None:
             head.save(tmp / "head")
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise ConfigError(f"run folder {out} already exists; pass another --out or --overwrite")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def render_report(run_dir: Path) -> None:
