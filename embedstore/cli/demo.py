@@ -7,9 +7,11 @@ from pathlib import Path
 
 import typer
 
+from embedstore.atomic import check_replaceable
 from embedstore.cli.app import app
 from embedstore.cli.ls import ls
 from embedstore.demo import SAMPLE_DIR, sample_source
+from embedstore.errors import ConfigError
 
 
 @app.command()
@@ -33,25 +35,31 @@ def demo(
     from embedstore.probe import ProbeConfig, run_probe
     from embedstore.report import write_report
 
+    # Every option is checked before the extraction starts, so a mistake costs no model work.
+    _check_offline(encoder)
+    probe_cfg = ProbeConfig.from_dict({
+        "store": str(store), "features": [encoder], "target": "dx", "groups": "lesion_id",
+        "heads": ["logreg"], "trials": trials, "out": str(runs / "demo-probe"), "overwrite": True,
+    })
+    match_cfg = MatchConfig.from_dict({"store": str(store), "features": encoder, "groups": "lesion_id", "folds": 3})
+    for run in ("demo-probe", "demo-match"):
+        check_replaceable(runs / run, overwrite=True)
+
     typer.echo(f"sample: {SAMPLE_DIR} (200 HAM10000 images, CC BY-NC 4.0, Tschandl et al. 2018)")
     typer.echo("1/4 extract")
     result = run_extract(sample_source(), encoder, store, progress=not quiet)
     typer.echo(result.summary())
     ls(store, failures=False)
+    probe_cfg.features, match_cfg.features = [result.name], result.name
 
     typer.echo(f"2/4 probe: logistic regression on dx, 5 folds grouped by lesion_id, {trials} Optuna trials")
-    probe_cfg = ProbeConfig.from_dict({
-        "store": str(store), "features": [result.name], "target": "dx", "groups": "lesion_id",
-        "heads": ["logreg"], "trials": trials, "out": str(runs / "demo-probe"),
-    })
     summary = run_probe(probe_cfg)
     metrics = summary["metrics"]
     typer.echo("   " + ", ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci_low']:.3f}, {metrics[m]['ci_high']:.3f}]"
                                   for m in summary["headline"][:3]))
 
     typer.echo("3/4 match: images of the same lesion, cosine threshold chosen on training folds")
-    match_dir = run_match(MatchConfig(store=str(store), features=result.name, groups="lesion_id", folds=3),
-                          runs / "demo-match", overwrite=True)
+    match_dir = run_match(match_cfg, runs / "demo-match", overwrite=True)
     matched = json.loads((match_dir / "metrics.json").read_text())["metrics"]
     typer.echo("   " + ", ".join(f"{m} {matched[m]['value']:.3f}" for m in ("pairwise_f1", "recall@1", "mAP")))
 
@@ -62,3 +70,12 @@ def demo(
         reports.append(write_report(study["storage"], study=study.get("name")))
     for path in reports:
         typer.echo(f"   {path}")
+
+
+def _check_offline(encoder: str) -> None:
+    """The demo runs offline: refuse an encoder whose weights would have to be downloaded."""
+    from embedstore.encoders import list_encoders
+
+    offline = [e["name"] for e in list_encoders() if e["offline"] and ":" not in e["name"]]
+    if encoder not in offline:
+        raise ConfigError(f"the demo runs offline: --encoder must be one of {', '.join(offline)}, not {encoder!r}")

@@ -1,8 +1,15 @@
-"""Loading weights from local files, and turning failed hub downloads into one clear line."""
+"""Loading weights from local files, and turning failed hub downloads into one clear line.
+
+Before a pretrained download, one short TCP connect tells whether the Hugging Face hub is reachable;
+when it is not, the download runs in huggingface_hub's offline mode (the local cache only), so an
+offline machine gets its one line in a moment instead of minutes of retries.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -58,17 +65,89 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         raise EncoderError(f"weights in {source} do not fit this model: {'; '.join(parts)} keys")
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_host() -> tuple[str, int]:
+    """Host and port of the Hugging Face hub that pretrained weights come from (``HF_ENDPOINT`` respected)."""
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except ImportError:
+        endpoint = urlparse("https://huggingface.co")
+    return endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the hub cannot be reached (one TCP connect, at most ``timeout`` seconds), or None when it can.
+
+    Behind a proxy, or when the hub is already switched offline (``HF_HUB_OFFLINE``), nothing is tried.
+    """
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES) or _hf_offline_flag():
+        return None
+    host, port = _hub_host()
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _hf_offline_flag() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 @contextlib.contextmanager
-def hub_download(name: str):
-    """Turn any failure while fetching pretrained weights into one line that names the offline option."""
+def _hf_offline():
+    """Switch huggingface_hub to its offline mode (cached files only, no retries) for the block."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first line of ``text``, shortened at a word boundary (never mid-word) to about ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+@contextlib.contextmanager
+def hub_download(name: str):
+    """Turn any failure while fetching pretrained weights into one line that names the offline option.
+
+    When the hub cannot be reached, downloads switch to the local cache at once (weights fetched
+    before still load), instead of minutes of retries ending in a traceback.
+    """
+    unreachable = hub_unreachable()
+    try:
+        with _hf_offline() if unreachable else contextlib.nullcontext():
+            yield
     except EncoderError:
         raise
     except Exception as exc:  # noqa: BLE001 - network, hub and cache errors all mean the same to the user
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        if unreachable:
+            reason = f"no network: {unreachable}, and they are not in the local cache"
+        else:
+            reason = _first_line(str(exc)) or type(exc).__name__
         raise EncoderError(
             f"could not download the pretrained weights of {name} ({reason}); "
-            f"pass --weights PATH to load a local file (safetensors or a torch checkpoint), "
+            f"pass --weights FILE to load a local file (safetensors or a torch checkpoint), "
             f"or use an offline encoder (mobilenet_v2, efficientnet_lite0)"
         ) from None
