@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from embedstore.atomic import MARKER
 from embedstore.errors import EmbedstoreError
 from embedstore.report import write_comparison, write_report
 from embedstore.report.match_report import SHEET_PAIRS, normalise_pairs, worst_pairs
@@ -195,7 +196,8 @@ def test_rewriting_a_report_replaces_it_whole(ham_store, inputs, tmp_path):
     (run / "figures" / "stale.png").write_bytes(b"old")
     write_report(run)
     assert not (run / "figures" / "stale.png").exists()
-    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    hidden = [p for p in run.iterdir() if p.name.startswith(".") and p.name != MARKER]
+    assert not hidden, "temporary files left behind"
 
 
 # ---------------------------------------------------------------------------------- match runs
@@ -287,3 +289,18 @@ def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, in
     assert code == 2 and "--compare" in err
     code, out, _ = _cli(capsys, storage, "--out", str(tmp_path / "study"))
     assert code == 0 and (tmp_path / "study" / "report.html").is_file()
+
+
+HOSTILE = "<img src=x onerror=alert(1)> & <script>alert(2)"  # no "/": it names a folder of the run
+
+
+def test_labels_holding_html_are_text_in_both_reports(ham_store, tmp_path):
+    """A class name from the user's table is escaped in report.md as in report.html: never run as HTML."""
+    store = Path(shutil.copytree(ham_store, tmp_path / "hostile.zarr"))
+    manifest = pd.read_parquet(store / "manifest.parquet")
+    manifest["dx"] = manifest["dx"].replace({"mel": HOSTILE})
+    manifest.to_parquet(store / "manifest.parquet", index=False)
+    html = write_report(sklearn_probe_run(store, tmp_path, "mobilenet_v2", positive=HOSTILE))
+    for text in (html.read_text(), html.with_suffix(".md").read_text()):
+        assert "<script" not in text and "<img src=x" not in text
+        assert "&lt;img src=x onerror=alert(1)&gt; &amp; &lt;script&gt;alert(2)" in text

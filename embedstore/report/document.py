@@ -229,10 +229,14 @@ def _slug(text: str) -> str:
 
 
 def render_markdown(report: Report) -> str:
-    """The report as Markdown; figures are referenced as ``figures/<name>.png``."""
-    lines = [f"# {report.title}", ""]
+    """The report as Markdown; figures are referenced as ``figures/<name>.png``.
+
+    Text is escaped as in the HTML twin (``<``, ``>``, ``&``): a class name or id such as
+    ``<script>...</script>`` shows as text in a Markdown viewer and is never run as HTML.
+    """
+    lines = [f"# {_md(report.title)}", ""]
     if report.subtitle:
-        lines += [report.subtitle, ""]
+        lines += [_md(report.subtitle), ""]
     for block in report.blocks:
         lines += _block_markdown(block) + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -240,23 +244,29 @@ def render_markdown(report: Report) -> str:
 
 def _block_markdown(block: Block) -> list[str]:
     if isinstance(block, Heading):
-        return ["#" * min(max(block.level, 2), 4) + " " + block.text]
+        return ["#" * min(max(block.level, 2), 4) + " " + _md(block.text)]
     if isinstance(block, Paragraph):
-        return [block.text]
+        return [_md(block.text)]
     if isinstance(block, Note):
-        return [f"> **Note:** {block.text}"]
+        return [f"> **Note:** {_md(block.text)}"]
     if isinstance(block, Table):
         header = "| " + " | ".join(_md_cell(c) for c in block.columns) + " |"
         rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(block.columns))) + "|"
         rows = ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
-        return [header, rule, *rows] + ([""] + [f"*{block.caption}*"] if block.caption else [])
+        return [header, rule, *rows] + ([""] + [f"*{_md(block.caption)}*"] if block.caption else [])
     if isinstance(block, Figure):
-        return [f"![{block.alt or block.name}](figures/{block.name}.png)", "", f"*{block.caption}*"]
+        alt = _md(block.alt or block.name).replace("[", "\\[").replace("]", "\\]")
+        return [f"![{alt}](figures/{block.name}.png)", "", f"*{_md(block.caption)}*"]
     raise TypeError(f"unknown report block: {block!r}")
+
+
+def _md(text: str) -> str:
+    """Markdown text with HTML's special characters escaped (Markdown passes raw HTML through)."""
+    return html.escape(str(text), quote=False)
 
 
 def _md_cell(cell: Union[str, Cell]) -> str:
     cell = cell if isinstance(cell, Cell) else Cell(str(cell))
-    text = cell.text.replace("|", "\\|")
+    text = _md(" ".join(cell.text.split())).replace("|", "\\|")
     text = f"**{text}**" if cell.bold and text else text
-    return f"{text} {cell.note}" if cell.note else text
+    return f"{text} {_md(cell.note)}" if cell.note else text
