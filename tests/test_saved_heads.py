@@ -81,7 +81,8 @@ def _received_head(ham_store, runs, tmp_path) -> Path:
     """A copy of a real saved head whose model file the test replaces."""
     head = tmp_path / "received"
     shutil.copytree(_probe(ham_store, runs, "logreg") / "head", head)
-    (head / "model.skops").unlink()
+    for name in ("model.skops", "model.joblib"):  # (the latter: a head of an older embedstore)
+        (head / name).unlink(missing_ok=True)
     return head
 
 
