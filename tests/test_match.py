@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from embedstore.match.query import head_path, remove_orphans
 from embedstore.metrics import pairwise_prf
 from embedstore.store import FeatureStore
 
@@ -164,6 +165,11 @@ def test_projected_set_is_replaced_only_once_the_new_one_is_complete(store_copy)
     same = store.put_features("mobilenet_v2+test", new_x, ids, parent="mobilenet_v2", config={"kind": "test", "v": 2},
                               overwrite=True)
     assert same == new  # the same features are not written twice
+    for key in (old, new):  # the head of the replaced set is an orphan now
+        head_path(store, key).mkdir(parents=True)
+        (head_path(store, key) / "projection.json").write_text("{}")
+    assert remove_orphans(store) == [head_path(store, old)]
+    assert head_path(store, new).is_dir()
 
 
 def test_match_never_replaces_a_folder_it_did_not_write(cli, ham_store, tmp_path):
