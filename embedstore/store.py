@@ -596,12 +596,10 @@ class FeatureStore:
     def feature_sets(self, verify: bool = False) -> list[FeatureSetInfo]:
         return [self.info(key, verify) for key in sorted(self._groups())]
 
-
     def chunking(self, key: str) -> int | None:
         """The rows per chunk of feature set ``key`` (fixed when it was created); None if there is no such set."""
         groups = self._groups()
         return FeatureSet(groups[key]).rows_per_chunk if key in groups else None
-
 
     def planned_rows(self, ids: pd.Series) -> np.ndarray:
         """The store rows images ``ids`` will take (known ids keep theirs, new ones are appended), writing nothing."""
@@ -631,7 +629,6 @@ class FeatureStore:
             fs = FeatureSet(groups[key])
             fs.resize(n)  # also finishes a growth that a kill interrupted
             return fs
-
 
     def _create_feature_set(self, key: str, attrs: dict, n: int, chunks: int) -> zarr.Group:
         """The group and arrays of a new feature set; every array ends in a crc32c of each chunk."""
@@ -677,7 +674,6 @@ class FeatureStore:
                     self._refuse_other_shard_counts(key, count)
             yield
 
-
     @contextmanager
     def _flock(self, key: str, part: str, mode: int, me: str, wait: bool = False):
         """flock ``.locks/<key>.<part>`` (``wait``: block, for locks only ever held exclusively for an instant)
@@ -694,11 +690,9 @@ class FeatureStore:
         finally:
             os.close(fd)
 
-
     @staticmethod
     def _holder(fd: int) -> str:
         return os.pread(fd, _HOLDER_BYTES, 0).decode(errors="replace").strip() or "another process"
-
 
     def _refuse_other_shard_counts(self, key: str, count: int) -> None:
         """StoreError if shards of ``key`` with another shard count hold their ``<key>.n<m>`` lock."""
@@ -714,7 +708,6 @@ class FeatureStore:
                                  f"shards of one run must share N: wait for it to finish, or use --shard I/{other}") from None
             finally:
                 os.close(fd)
-
 
     def append_run(self, key: str, record: dict, keep: int = 20) -> None:
         """Add one extraction's provenance to a feature set's attributes (the last ``keep`` runs are kept).
