@@ -71,7 +71,7 @@ def test_weights_of_another_model_are_refused_in_one_line(tmp_path):
 
 def test_failed_hub_download_names_the_local_weights_option(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EncoderError, match="--weights PATH"):
+    with pytest.raises(EncoderError, match="--weights FILE"):
         create_encoder("timm:resnet18.a1_in1k")
 
 
