@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import skops.io as sio
 from sklearn.base import is_classifier
 
 from embedstore.errors import ConfigError
@@ -48,6 +47,8 @@ TRUSTED = frozenset({
 
 def save_head(model, folder: str | Path) -> Path:
     """Write the fitted ``model`` to ``folder/model.skops``; returns the file's path."""
+    import skops.io as sio  # imported when used: skops pulls in torch, which the CLI's start-up avoids
+
     path = Path(folder) / MODEL_FILE
     sio.dump(model, path)
     return path
@@ -56,6 +57,8 @@ def save_head(model, folder: str | Path) -> Path:
 def load_head(folder: str | Path):
     """The head saved in ``folder``; raises ConfigError, before building anything, for a pickle of an older
     embedstore, an unreadable file or one naming a type outside :data:`TRUSTED`."""
+    import skops.io as sio
+
     folder = Path(folder)
     path = folder / MODEL_FILE
     if not path.is_file():
