@@ -38,6 +38,12 @@ def _hidden(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}{kind}{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def staging_path(path: str | Path) -> Path:
+    """A hidden name beside ``path`` to build it under before renaming it into place; :func:`clean_stale`
+    removes it if this process dies first."""
+    return _hidden(Path(path), _TMP)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

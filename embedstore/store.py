@@ -59,7 +59,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from embedstore import __version__, faults
-from embedstore.atomic import clean_stale, remove_folder, write_file
+from embedstore.atomic import clean_stale, remove_folder, staging_path, write_file
 from embedstore.errors import SourceError, StoreError
 from embedstore.sources import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, source_from_dict
 
@@ -631,8 +631,15 @@ class FeatureStore:
             return fs
 
     def _create_feature_set(self, key: str, attrs: dict, n: int, chunks: int) -> zarr.Group:
-        """The group and arrays of a new feature set; every array ends in a crc32c of each chunk."""
-        grp = self.root["features"].create_group(key, attributes=attrs)
+        """The group and arrays of a new feature set; every array ends in a crc32c of each chunk.
+
+        They are built under a hidden name (which readers skip) and renamed into place whole, so a kill
+        while creating leaves no half-made set; the next creation removes the hidden leftover.
+        """
+        final = self.path / "features" / key
+        clean_stale(final)
+        staging = staging_path(final)
+        grp = self.root["features"].create_group(staging.name, attributes=attrs)
         emb_codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(attrs["dtype"]).itemsize)
         grp.create_array("emb", shape=(n, attrs["dim"]), dtype=attrs["dtype"], chunks=(chunks, attrs["dim"]),
                          fill_value=0, compressors=[emb_codec, Crc32cCodec()], dimension_names=("image", "feature"))
@@ -641,7 +648,8 @@ class FeatureStore:
         for arr in ("sha256", "error"):
             grp.create_array(arr, shape=(n,), dtype=str, chunks=(chunks,),
                              compressors=[ZstdCodec(level=0), Crc32cCodec()], dimension_names=("image",))
-        return grp
+        os.rename(staging, final)
+        return self.root["features"][key]
 
     @contextmanager
     def preparing(self):

@@ -259,3 +259,22 @@ def test_a_read_only_store_or_parent_folder_is_one_line(data, tmp_path, monkeypa
     code, _, err = cli(*args, "--store", tmp_path / "new.zarr")
     assert code == 2 and "is not writable (Permission denied" in one_line(err)
     assert arrays(store)["status"].tolist() == [DONE] * 24  # and the existing store is untouched
+
+
+def test_a_feature_set_is_created_whole_and_a_killed_creation_leaves_nothing_in_the_way(data, tmp_path):
+    """A new set is built under a hidden name and renamed into place; what a killed creation left is skipped by
+    readers and removed by the next creation of that set."""
+    store_path = copy(data, "base", tmp_path)
+    store = FeatureStore.open(store_path)
+    key = store.resolve(ENCODER)
+    info = store.info(key)
+    attrs = {k: v for k, v in info.attrs.items() if k not in ("name", "key", "dim", "dtype", "rows_per_chunk", "runs")}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    features = store_path / "features"
+    leftover = features / f".other.embedstore-tmp-{int(dead.stdout)}-abc123"
+    shutil.copytree(features / key, leftover)
+    (leftover / "emb" / "zarr.json").unlink()  # a creation killed half-way
+    assert [i.key for i in FeatureStore.open(store_path).feature_sets()] == [key]  # readers skip it
+    fs = FeatureStore.open(store_path).require_feature_set("other", "other-set", attrs, info.dim, info.dtype, 8)
+    assert fs.n_rows == info.n_rows and not leftover.exists()
+    assert sorted(p.name for p in features.iterdir() if p.is_dir()) == sorted([key, "other"])
