@@ -176,7 +176,7 @@ def remove_folder(folder: str | Path, beside: str | Path | None = None) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -204,7 +204,7 @@ def clean_stale(path: str | Path) -> list[Path]:
             if not entry.name.startswith(prefix):
                 continue
             pid = entry.name[len(prefix):].split("-")[0]
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             if kind == _OLD and not path.exists():
                 os.rename(entry, path)

@@ -35,6 +35,7 @@ import optuna
 from sklearn.base import clone
 
 from embedstore import faults
+from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError
 from embedstore.heads.decision import decide
 from embedstore.store import fingerprint
@@ -233,20 +234,8 @@ def _fail_stale_trials(study: optuna.Study) -> None:
     """Mark FAIL the trials a dead process left RUNNING (killed mid-trial), so they neither count nor block."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
-        if host in ("", socket.gethostname()) and not _alive(pid):
+        if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-
-
-def _alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _trial_seed(seed: int, n_done: int) -> int:
