@@ -177,6 +177,7 @@ def remove_folder(folder: str | Path, beside: str | Path | None = None) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this machine (whoever owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
