@@ -115,6 +115,7 @@ def digest(values) -> str:
 
 def search_space(space: str) -> dict[str, str]:
     """The distributions ``SEARCH_SPACES[space]`` searches, as Optuna's JSON (part of a study's identity)."""
+    optuna.logging.set_verbosity(logging.WARNING)  # the throw-away in-memory study below need not announce itself
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     SEARCH_SPACES[space](trial)
     return {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(trial.distributions.items())}
