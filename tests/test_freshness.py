@@ -297,6 +297,20 @@ def test_a_source_with_no_readable_image_fails_in_one_line_and_writes_nothing(wo
     assert sorted(p.name for p in (path / "s.zarr").rglob("*")) == before  # the existing store untouched
 
 
+def test_a_run_in_which_every_image_fails_exits_2_in_one_line(work, cli):
+    """Bytes that are there but no image (every file junk): the failures are recorded, and the run fails."""
+    path, table = work
+    junk = path / "junk"
+    junk.mkdir()
+    for image_id in table["image_id"]:
+        (junk / f"{image_id}.jpg").write_bytes(b"not a jpeg at all")
+    code, out, err = cli("extract", "meta.csv", "--images", "junk", "--quiet", "--store", "junk.zarr", cwd=path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"every image this run tried failed ({N}; first: " in err and ": not an image)" in err
+    code, out, _ = cli("ls", "junk.zarr", "--failures", cwd=path)
+    assert code == 0 and "not an image" in out
+
+
 def test_a_header_only_csv_fails_in_one_line_and_creates_no_store(work, cli):
     path, table = work
     table.head(0).to_csv(path / "header.csv", index=False)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from embedstore.cli.app import app
+from embedstore.errors import SourceError
 
 _err = Console(stderr=True)
 
@@ -60,6 +61,10 @@ def extract(
                          num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
                          shard=shard, retry_failed=retry_failed, progress=not quiet)
     typer.echo(result.summary())
+    if result.n_failed and not result.n_written and not result.n_skipped:
+        first, reason = result.failures[0]
+        raise SourceError(f"every image this run tried failed ({result.n_failed}; first: {first}: {reason}), so nothing "
+                          f"was extracted; `embedstore ls {store} --failures` lists them")
     if result.failures:
         shown = "; ".join(f"{i} ({r})" for i, r in result.failures[:5])
         more = f" and {len(result.failures) - 5} more" if len(result.failures) > 5 else ""
