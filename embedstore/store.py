@@ -216,8 +216,17 @@ class FeatureSet:
                     faults.point("resize")
 
     def write_rows(self, rows: np.ndarray, emb: np.ndarray | None, sha: list[str], error: list[str], status: np.ndarray) -> None:
-        """Write a block of rows; the status goes last, so a row is final only once its data is on disk."""
+        """Write a block of rows; the status goes last, so a row is final only once its data is on disk.
+
+        Rows that were final before (extracted from an older version of their image, or failed on it) are
+        first set back to pending: a kill while their new data is written leaves them pending, never final
+        with old status and new hash over features that are neither the old ones nor the new ones.
+        """
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows):
+            rewritten = rows[self.read("status", rows) != PENDING]
+            if len(rewritten):
+                self.status.set_orthogonal_selection(rewritten, np.full(len(rewritten), PENDING, dtype=np.uint8))
         if emb is not None and len(rows):
             self.emb.set_orthogonal_selection((rows, slice(None)), emb.astype(self.emb.dtype, copy=False))
         self.sha256.set_orthogonal_selection(rows, np.asarray(sha, dtype=str))

@@ -129,6 +129,37 @@ def test_first_extract_killed_resumes_bit_for_bit(point, sources, tmp_path):
     assert_same_store(fresh, ref)
 
 
+@pytest.mark.parametrize("edit", ["another photo", "junk bytes"])
+def test_extract_killed_while_rewriting_changed_images_never_serves_half_new_rows(edit, sources, tmp_path):
+    """Rows that were final are pending while their new data is written: a kill there (after the new hash and
+    features, or the zeros and error of an image that no longer decodes, before the status) leaves them pending,
+    never served; the rerun recomputes them as an uninterrupted run does."""
+    table = pd.read_csv(sources["first"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in table["image_id"]:
+        shutil.copy(sources["images"] / f"{image_id}.jpg", images / f"{image_id}.jpg")
+    edited, other = table["image_id"].iloc[0], table["image_id"].iloc[1]
+    args = ("extract", sources["first"], "--images", images, *EXTRACT_OPTS)
+    store, ref = tmp_path / "s.zarr", tmp_path / "ref.zarr"
+    ok(*args, "--store", store)
+    if edit == "junk bytes":
+        (images / f"{edited}.jpg").write_bytes(b"no longer an image")
+    else:
+        shutil.copy(sources["images"] / f"{other}.jpg", images / f"{edited}.jpg")
+    killed("status-write", *args, "--store", store)
+    assert edited not in set(FeatureStore.open(store).load("mobilenet_v2")[1]["id"])  # pending, not served
+    ok(*args, "--store", store)
+    ok(*args, "--store", ref)
+    assert_same_store(store, ref)
+    X, t = FeatureStore.open(store).load("mobilenet_v2")
+    if edit == "junk bytes":
+        assert edited not in set(t["id"])  # failed, with its reason
+    else:
+        rows = t.index[t["id"].isin([edited, other])]
+        np.testing.assert_array_equal(X[rows[0]], X[rows[1]])  # the edited row holds the new photo's features
+
+
 # ----------------------------------------------------------------------------------------------- probe
 
 PROBE_OPTS = ("-f", "mobilenet_v2", "-t", "dx", "-g", "lesion_id", "--folds", "3", "--n-boot", "50", "--no-report")
