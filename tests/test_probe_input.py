@@ -5,6 +5,7 @@ finished features gives `predict` nothing to do but say so."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -33,6 +34,10 @@ OPTS = ("-f", "mobilenet_v2", "-t", "dx", "-g", "lesion_id", "--folds", "2", "--
     ("logreg.norm=l3", "logreg.norm must be one of l2, standard, none"),
     ("lgbm.passthrough=age", "lgbm.passthrough is set by --metadata"),
     ("stack.n_splits=4", "stack.n_splits is set by --inner-folds"),
+    ("logreg.C=-1", "logreg.C must be > 0, not -1"),
+    ("logreg.pca=-5", "logreg.pca must be >= 1 (or 0 or none: off), not -5"),
+    ("knn.k=0", "knn.k must be >= 1, not 0"),
+    ("lgbm.subsample=1.5", "lgbm.subsample must be in (0, 1], not 1.5"),
 ])
 def test_a_bad_head_parameter_is_one_line_before_any_work(param, message, ham_store, cli, tmp_path):
     code, _, err = cli("probe", ham_store, *OPTS, "--head", "logreg,lgbm,stack", "-p", param, "--out", tmp_path / "r")
@@ -48,6 +53,30 @@ def test_values_take_the_type_of_the_parameter():
                           "lgbm": {"pca": None, "n_estimators": 50}, "knn": {"k": 7},
                           "svm": {"class_weight": "balanced"}}
     assert type(cfg.params["logreg"]["C"]) is float and type(cfg.params["knn"]["k"]) is int
+
+
+def test_every_numeric_head_parameter_has_a_range():
+    from embedstore.heads import HEADS
+    from embedstore.heads.params import _OPTIONAL, _RANGES, head_parameters
+
+    names = {n: v for head in [*HEADS, "stack"] for n, v in head_parameters(head).items()}
+    numeric = {n for n, v in names.items() if n in _OPTIONAL or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    assert set(_RANGES) <= set(names)
+    assert numeric - set(_RANGES) == {"n_jobs"}  # LightGBM takes any n_jobs (<= 0: its default thread count)
+
+
+def test_ranges_keep_their_edges_and_none():
+    assert ProbeConfig.from_dict({**BASE, "params": {
+        "lgbm": {"subsample": 1, "num_leaves": 2, "min_child_samples": 0, "pca": "none", "undersample": 1},
+        "logreg": {"pca": 0, "undersample": 0}, "mlp": {"alpha": 0}}}).params == {
+        "lgbm": {"subsample": 1.0, "num_leaves": 2, "min_child_samples": 0, "pca": None, "undersample": 1.0},
+        "logreg": {"pca": 0, "undersample": 0.0}, "mlp": {"alpha": 0.0}}
+    for head, name, value, rule in [("lgbm", "subsample", 0, "in (0, 1]"), ("knn", "temperature", 0, "> 0"),
+                                    ("lgbm", "undersample", 0.5, ">= 1 (or 0 or none: off)"),
+                                    ("svm", "calibration_folds", 1, ">= 2"), ("stack", "meta_C", -0.5, "> 0"),
+                                    ("mlp", "alpha", -1, ">= 0")]:
+        with pytest.raises(ConfigError, match=rf"^{head}\.{name} must be {re.escape(rule)}, not {value}$"):
+            ProbeConfig.from_dict({**BASE, "params": {head: {name: value}}})
 
 
 def test_recipe_params_are_checked_the_same_way():

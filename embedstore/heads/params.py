@@ -5,13 +5,17 @@
 names it has; a value becomes the type of the parameter's default (``C=1`` is
 ``1.0``, ``n_estimators=50.0`` is ``50``) or is refused in one line; ``none``
 and ``null`` mean None and ``true``/``false`` booleans, in any case; values
-with a fixed set of choices (``norm``, ``class_weight``) are checked against it.
+with a fixed set of choices (``norm``, ``class_weight``) are checked against it,
+and numbers against the range the head can fit with (``C`` > 0, ``k`` >= 1,
+``subsample`` in (0, 1], ...), so ``logreg.C=-1`` is one line, not a
+scikit-learn traceback after fitting started.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from embedstore.errors import ConfigError
 from embedstore.heads.base import NORMS
@@ -28,6 +32,58 @@ _SET_ELSEWHERE = {
 _OPTIONAL = {"pca": int, "undersample": float}
 #: Parameters with a fixed set of values (a class-weight mapping {class code: weight} is also taken).
 _CHOICES = {"norm": NORMS, "class_weight": ("balanced", None), "meta_class_weight": ("balanced", None)}
+
+
+
+class _Range(NamedTuple):
+    """Numbers from ``low`` to ``high``, each end included unless ``*_open``; with ``zero_is_off``, 0 is also
+    taken (the code reads 0 as None: no PCA, no undersampling)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    zero_is_off: bool = False
+
+    def __contains__(self, x) -> bool:
+        if x == 0 and self.zero_is_off:
+            return True
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return text + (" (or 0 or none: off)" if self.zero_is_off else "")
+
+
+_POSITIVE = _Range(0, low_open=True)
+_FRACTION = _Range(0, 1, low_open=True)
+#: Ranges of numeric parameters, by name across all heads (a name means the same in every head that has it),
+#: as what fitting with them needs: scikit-learn's or LightGBM's own checks, or what the head's code does.
+_RANGES = {
+    "C": _POSITIVE,  # LogisticRegression, LinearSVC
+    "meta_C": _POSITIVE,  # the stack's LogisticRegression
+    "learning_rate": _POSITIVE,  # MLPClassifier learning_rate_init, LightGBM
+    "temperature": _POSITIVE,  # knn votes exp(sim / temperature): 0 is nan, < 0 favours the farthest neighbours
+    "alpha": _Range(0),  # MLPClassifier L2 penalty
+    "reg_lambda": _Range(0),  # LightGBM lambda_l2
+    "k": _Range(1),  # faiss search
+    "hidden": _Range(1),  # units of the MLP's hidden layer
+    "max_iter": _Range(1),  # MLPClassifier needs >= 1; logreg with 0 returns an unoptimised model
+    "n_estimators": _Range(1),  # LightGBM boosting rounds
+    "num_leaves": _Range(2),  # LightGBM num_leaves > 1
+    "min_child_samples": _Range(0),  # LightGBM min_data_in_leaf >= 0
+    "calibration_folds": _Range(2),  # CalibratedClassifierCV cv
+    "subsample": _FRACTION,  # LightGBM bagging_fraction
+    "colsample_bytree": _FRACTION,  # LightGBM feature_fraction
+    "pca": _Range(1, zero_is_off=True),  # components (base.Preprocessor, LGBMHead)
+    # base.undersample_indices caps every class at this many times the smallest: < 1 cuts the smallest too, < 0 fails
+    "undersample": _Range(1, zero_is_off=True),
+}
 
 
 def head_parameters(head: str) -> dict:
@@ -56,6 +112,9 @@ def coerce_params(head: str, raw) -> dict:
             out[name] = _chosen(what, _CHOICES[name], value)
         else:
             out[name] = _coerce(what, _OPTIONAL.get(name) or type(known[name]), _word(value))
+            if name in _RANGES and out[name] is not None and out[name] not in _RANGES[name]:
+                shown = value.strip() if isinstance(value, str) else repr(value)
+                raise ConfigError(f"{what} must be {_RANGES[name]}, not {shown}")
     return out
 
 
