@@ -386,7 +386,7 @@ class Probe:
         if cfg.split_column:
             split = column_split(d.table[cfg.split_column], cfg.split_map)
         elif cfg.holdout:
-            split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed), empty, empty)
+            split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed, d.classes), empty, empty)
         else:
             split = ColumnSplit(np.arange(len(d.y)), empty, empty, empty)
         self.train, self.test = split.train, split.test
@@ -402,7 +402,7 @@ class Probe:
                 raise ConfigError(f"the {side} rows have no {[d.classes[k] for k in sorted(missing)]}: "
                                   "every class needs rows on each side of the split")
         g = None if d.groups is None else d.groups[self.train]
-        folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed)
+        folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed, class_names=d.classes)
         self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
         self.fit_rows = np.sort(np.concatenate([self.train, self.valid]))
         self.final_folds = [(self.train, self.valid)] if len(self.valid) else self.folds
@@ -480,7 +480,8 @@ class Probe:
             t0 = time.perf_counter()
             tuned = {}
             if cfg.trials:
-                inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], cfg.inner_folds, cfg.seed)
+                inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], cfg.inner_folds, cfg.seed,
+                                    class_names=d.classes)
                 tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
             model = _fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])

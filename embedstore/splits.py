@@ -33,12 +33,13 @@ SPELLINGS = {
 SPLIT_ACTIONS = ("train", "test", "valid", "drop")
 
 
-def group_kfold(y, groups, n_splits: int = 5, seed: int = 0) -> list[Split]:
+def group_kfold(y, groups, n_splits: int = 5, seed: int = 0, class_names=None) -> list[Split]:
     """Stratified group k-fold: folds keep class proportions as well as whole groups allow.
 
     ``groups=None`` makes every row its own group. Raises ConfigError when
     there are fewer groups than folds or when a test fold lacks a class that
-    the training data has (an AUC would be undefined there).
+    the training data has (an AUC would be undefined there), naming the class
+    by ``class_names[code]`` when ``y`` holds codes.
     """
     y = np.asarray(y)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
@@ -50,19 +51,20 @@ def group_kfold(y, groups, n_splits: int = 5, seed: int = 0) -> list[Split]:
     for k, (_, test) in enumerate(folds):
         missing = set(np.unique(y)) - set(np.unique(y[test]))
         if missing:
+            named = [class_names[c] if class_names is not None else c for c in sorted(m.item() for m in missing)]
             raise ConfigError(
-                f"fold {k} has no rows of class(es) {sorted(missing)}: too few groups of that class "
+                f"fold {k} has no rows of class(es) {', '.join(map(repr, named))}: too few groups of that class "
                 f"for {n_splits} folds; use fewer folds or merge rare classes"
             )
     return folds
 
 
-def group_holdout(y, groups, test_size: float = 0.2, seed: int = 0) -> Split:
+def group_holdout(y, groups, test_size: float = 0.2, seed: int = 0, class_names=None) -> Split:
     """A stratified group hold-out of about ``test_size`` of the rows (one fold of a group k-fold)."""
     if not 0.0 < test_size < 0.5:
         raise ConfigError(f"hold-out fraction must be between 0 and 0.5, got {test_size}")
     n_splits = int(round(1.0 / test_size))
-    return group_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+    return group_kfold(y, groups, n_splits=n_splits, seed=seed, class_names=class_names)[0]
 
 
 @dataclass

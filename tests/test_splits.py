@@ -84,8 +84,10 @@ def test_too_few_groups_or_a_class_missing_from_a_fold():
         group_kfold([0, 1, 0, 1], ["a", "a", "b", "b"], n_splits=5)
     y = np.array([0] * 40 + [1] * 3)
     g = np.array([f"n{i}" for i in range(40)] + ["p", "p", "p"])  # all positives in one lesion
-    with pytest.raises(ConfigError, match="no rows of class"):
+    with pytest.raises(ConfigError, match=r"no rows of class\(es\) 1:"):  # a plain code, never np.int64(1)
         group_kfold(y, g, n_splits=5)
+    with pytest.raises(ConfigError, match=r"no rows of class\(es\) 'mel':"):  # named, as the probe passes them
+        group_kfold(y, g, n_splits=5, class_names=["nv", "mel"])
 
 
 # ------------------------------------------------------------------ official split columns in a probe run
