@@ -95,6 +95,12 @@ def check_replaceable(out: str | Path, overwrite: bool, what: str = "run folder"
     """Raise :class:`ConfigError` unless ``out`` may become a new ``what``: absent, empty, or (with
     ``overwrite``) one that embedstore wrote."""
     out = Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError(f"--out {out} is the folder you are working in (or holds it); name a {what} inside it")
+    blocking = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"cannot make {what} {out}: {blocking} is a file, not a folder")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():

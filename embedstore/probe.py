@@ -770,6 +770,9 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     model = load_head(head_dir)
     if Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder; give a .csv or .parquet file to write")
+    inside = [d for d in Path(out).resolve().parents if (d / "zarr.json").is_file()]
+    if inside:
+        raise ConfigError(f"--out {out} is inside the zarr store {inside[-1]}; write predictions outside any store")
     store = FeatureStore.open(store_path)
     keys = {}
     for feat in card["features"]:

@@ -78,8 +78,31 @@ def test_the_store_itself_is_never_replaced(overwrite, ham_store, cli, no_fittin
 def test_the_working_directory_is_never_replaced(overwrite, ham_store, cli, no_fitting, tmp_path):
     (tmp_path / "data.csv").write_text("id,label\n1,a\n")
     code, _, err = cli("probe", ham_store, *OPTS, "--out", ".", *overwrite, cwd=tmp_path)
-    assert code == 2 and err.count("\n") == 1 and "did not write" in err, err
+    assert code == 2 and err.count("\n") == 1 and "the folder you are working in" in err, err
     assert (tmp_path / "data.csv").read_text() == "id,label\n1,a\n"
+    empty = tmp_path / "empty"  # an empty working directory too, and any folder holding it
+    empty.mkdir()
+    for out in (".", ".."):
+        code, _, err = cli("probe", ham_store, *OPTS, "--out", out, *overwrite, cwd=empty)
+        assert code == 2 and err.count("\n") == 1 and "the folder you are working in" in err, err
+    assert empty.is_dir()
+
+
+def test_a_run_folder_under_a_file_is_one_line_before_fitting(ham_store, cli, no_fitting, tmp_path):
+    (tmp_path / "table.csv").write_text("a\n")
+    code, _, err = cli("probe", ham_store, *OPTS, "--out", tmp_path / "table.csv" / "run")
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a folder" in err, err
+
+
+def test_predict_never_writes_into_a_store_and_an_unwritable_path_is_one_line(first_run, ham_store, cli, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(ham_store, store)
+    before = (store / "manifest.parquet").read_bytes()
+    code, _, err = cli("predict", first_run / "head", store, "--out", store / "manifest.parquet")
+    assert code == 2 and err.count("\n") == 1 and "inside the zarr store" in err, err
+    assert (store / "manifest.parquet").read_bytes() == before
+    code, _, err = cli("predict", first_run / "head", store, "--out", "/proc/predictions.csv")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
 
 
 def test_a_previous_run_is_replaced_only_with_overwrite(first_run, ham_store, cli, no_fitting):

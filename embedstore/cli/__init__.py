@@ -3,8 +3,8 @@
 Each command module registers itself on :data:`embedstore.cli.app.app`; the
 work is done by the library API so a notebook can do the same. :func:`main`
 turns every mistake on the command line (an unknown option or command, a
-missing argument, a value of the wrong type) and every :class:`EmbedstoreError`
-into one line on stderr and exit code 2; ``--help`` exits 0, and a bare
+missing argument, a value of the wrong type), every :class:`EmbedstoreError`
+and every path the system refuses (``OSError``) into one line on stderr and exit code 2; ``--help`` exits 0, and a bare
 ``embedstore`` prints the help and that line, and exits 2.
 """
 
@@ -56,6 +56,10 @@ def main() -> None:
         code = app(standalone_mode=False)
     except EmbedstoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a path the system refuses (missing folder, no permission, full disk) is the user's
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
     except _ABORTS:
         code = INTERRUPTED
