@@ -362,7 +362,9 @@ class FeatureStore:
         try:
             root = zarr.open_group(str(path), mode="r+", zarr_format=3)
         except Exception as exc:  # noqa: BLE001 - unreadable metadata is the user's broken input
-            raise StoreError(f"{path} is not a readable zarr v3 store: {str(exc).splitlines()[0]}") from None
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise StoreError(f"{path} is not a readable zarr v3 store (its metadata {path / 'zarr.json'} is damaged: "
+                             f"{reason}); restore it from a backup, or extract into a new store") from None
         meta = root.attrs.get("embedstore")
         if not isinstance(meta, dict):
             raise StoreError(f"{path} is a zarr store but not an embedstore feature store")
@@ -401,7 +403,17 @@ class FeatureStore:
         if not file.is_file():
             return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "sha256", "_path") else np.int64)
                                  for c in RESERVED_COLUMNS})
-        manifest = pd.read_parquet(file)
+        fix = ("the features cannot be matched to their images without it; restore it from a backup, or extract "
+               "into a new store")
+        try:
+            manifest = pd.read_parquet(file)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise StoreError(f"the manifest of {self.path} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
+        lacking = [c for c in RESERVED_COLUMNS if c not in STAT_COLUMNS and c not in manifest.columns]
+        if lacking:
+            raise StoreError(f"the manifest of {self.path} ({MANIFEST_FILE}) lacks the column(s) "
+                             f"{', '.join(lacking)} (it is not an embedstore manifest, or is damaged): {fix}")
         if STAT_COLUMNS[0] not in manifest:
             at = manifest.columns.get_loc("_source") + 1
             for i, col in enumerate(STAT_COLUMNS):
@@ -543,7 +555,14 @@ class FeatureStore:
     # ------------------------------------------------------------ feature sets
     def _groups(self) -> dict[str, zarr.Group]:
         """Every feature set's group by key; a set whose ``zarr.json`` is damaged raises one line naming it."""
-        features = self.root.require_group("features")
+        try:
+            features = self.root.require_group("features")
+        except Exception as exc:  # noqa: BLE001 - a corrupt features/zarr.json is damage on disk
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            meta = self.path / "features" / "zarr.json"
+            raise StoreError(f"the group of all feature sets of {self.path} has unreadable metadata ({meta}: "
+                             f"{reason}); it holds no features: delete {meta} and rerun the command "
+                             f"(it is recreated)") from None
         groups = {}
         for folder in sorted((self.path / "features").iterdir()):
             if folder.name.startswith(".") or not (folder / "zarr.json").is_file():

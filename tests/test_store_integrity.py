@@ -278,3 +278,85 @@ def test_a_feature_set_is_created_whole_and_a_killed_creation_leaves_nothing_in_
     fs = FeatureStore.open(store_path).require_feature_set("other", "other-set", attrs, info.dim, info.dtype, 8)
     assert fs.n_rows == info.n_rows and not leftover.exists()
     assert sorted(p.name for p in features.iterdir() if p.is_dir()) == sorted([key, "other"])
+
+
+# ----------------------------------------------------------------- damaged manifest and group metadata
+def test_a_damaged_manifest_is_one_line_naming_it(data, tmp_path, cli):
+    store = copy(data, "ref", tmp_path)
+    manifest = store / "manifest.parquet"
+    with open(manifest, "r+b") as fh:
+        fh.truncate(5000)
+    code, _, err = cli("ls", store)
+    line = one_line(err)
+    assert code == 2 and f"the manifest of {store} (manifest.parquet) is damaged" in line
+    assert "restore it from a backup, or extract into a new store" in line
+    code, _, err = cli("extract", data["grown"], "--images", data["images"], *CLI_OPTS, "--store", store)
+    assert code == 2 and "(manifest.parquet) is damaged" in one_line(err)
+    with pytest.raises(StoreError, match="is damaged"):
+        FeatureStore.open(store).load(ENCODER)
+
+
+def test_a_parquet_of_another_table_as_manifest_is_one_line(data, tmp_path, cli):
+    import pandas as pd
+
+    store = copy(data, "ref", tmp_path)
+    pd.DataFrame({"id": ["a", "b"], "pred": ["nv", "mel"], "prob": [0.9, 0.6]}).to_parquet(store / "manifest.parquet")
+    code, _, err = cli("ls", store)
+    line = one_line(err)
+    assert code == 2 and "(manifest.parquet) lacks the column(s) sha256, _path, _source" in line
+    code, _, err = cli("extract", data["grown"], "--images", data["images"], *CLI_OPTS, "--store", store)
+    assert code == 2 and "lacks the column(s)" in one_line(err)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "null", '{"zarr_format": 3, "node_type": "array"}'])
+def test_corrupt_group_metadata_is_one_line(data, tmp_path, cli, text):
+    store = copy(data, "ref", tmp_path)
+    (store / "features" / "zarr.json").write_text(text)
+    code, _, err = cli("ls", store)
+    line = one_line(err)
+    assert code == 2 and f"{store / 'features' / 'zarr.json'}" in line and "delete" in line
+    code, _, err = cli("extract", data["grown"], "--images", data["images"], *CLI_OPTS, "--store", store)
+    assert code == 2 and "the group of all feature sets" in one_line(err)
+    (store / "features" / "zarr.json").unlink()  # what the line says: it is recreated, nothing is lost
+    code, out, _ = cli("ls", store)
+    assert code == 0 and " ok" in out
+
+    (store / "zarr.json").write_text(text)
+    code, _, err = cli("ls", store)
+    assert code == 2 and "restore it from a backup" in one_line(err)
+
+
+# ------------------------------------------------------------- a repair that cannot recompute every row
+def test_a_repaired_chunk_shared_with_another_source_says_which_rows_stay_pending(ham_subset, data, encoder,
+                                                                                  tmp_path, cli):
+    """Two sources share one chunk; a flipped byte there makes the first source's extract delete the chunk. Its
+    rows of the second source are pending again: the summary says so, and the second source brings them back
+    bit for bit."""
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    ham_subset.iloc[1::9].head(20).to_csv(first, index=False)
+    ham_subset.iloc[2::9].head(20).to_csv(second, index=False)
+    opts = {**OPTS, "rows_per_chunk": 64}
+    store = tmp_path / "two.zarr"
+    for csv in (first, second):
+        extract(open_source(csv, images=data["images"], id_col="image_id"), encoder, store, **opts)
+    shutil.copytree(store, tmp_path / "ref.zarr")
+    (key,) = [p.name for p in (store / "features").iterdir() if p.is_dir()]
+    chunk = store / "features" / key / "emb" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+
+    result = extract(open_source(first, images=data["images"], id_col="image_id"), encoder, store, **opts)
+    assert (result.n_repaired, result.n_written, result.n_left_pending) == (1, 20, 20)
+    summary = result.summary()
+    assert "recomputed" not in summary
+    assert ("1 corrupt chunk(s) repaired, 20 row(s) of images this source does not list are pending again: "
+            "rerun extract with their source") in summary
+    info = FeatureStore.open(store).info(key)
+    assert (info.n_done, info.n_missing) == (20, 20)
+    code, out, _ = cli("ls", store)
+    assert code == 0 and " 20 " in out
+
+    result = extract(open_source(second, images=data["images"], id_col="image_id"), encoder, store, **opts)
+    assert (result.n_repaired, result.n_written, result.n_skipped, result.n_left_pending) == (0, 20, 0, 0)
+    assert_same_features(store, tmp_path / "ref.zarr")
