@@ -185,7 +185,8 @@ class ExtractResult:
     n_written: int = 0
     n_skipped: int = 0
     n_failed: int = 0
-    n_repaired: int = 0  # corrupt row chunks found, removed and recomputed
+    n_repaired: int = 0  # corrupt row chunks found and removed (their rows of this source recomputed)
+    n_left_pending: int = 0  # rows of those chunks, final before, whose images this source does not list
     failures: list[tuple[str, str]] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -200,10 +201,14 @@ class ExtractResult:
             parts.append(f"{len(self.new)} new, {len(self.changed)} changed")
         if self.removed:
             parts.append(f"{len(self.removed)} no longer in the source (kept)")
-        if self.n_repaired:
+        if self.n_repaired and not self.n_left_pending:
             parts.append(f"{self.n_repaired} corrupt chunk(s) recomputed")
         rate = f", {self.images_per_s:.1f} images/s" if self.n_written else ""
-        return ", ".join(parts) + f" in {self.wall_s:.1f} s{rate}"
+        line = ", ".join(parts) + f" in {self.wall_s:.1f} s{rate}"
+        if self.n_left_pending:  # a repair cannot recompute rows of another source's images: say so
+            line += (f"; {self.n_repaired} corrupt chunk(s) repaired, {self.n_left_pending} row(s) of images this "
+                     f"source does not list are pending again: rerun extract with their source")
+        return line
 
 
 def feature_set_config(encoder: Encoder, tta: bool, dtype: str) -> dict:
@@ -355,9 +360,28 @@ def extract(
                            new=update.new, changed=update.changed, removed=update.removed)
 
     with store.lock(key, (shard_index, shard_count)):
-        with storage_errors(store.path, f"repairing feature set {name}"):
-            result.n_repaired = len(fs.repair_chunks((shard_index, shard_count)))  # their rows become pending
         rows = update.rows
+        rpc, n_set = fs.rows_per_chunk, fs.n_rows
+        from embedstore.errors import StoreError  # (what FeatureSet.read raises for a damaged chunk)
+
+        def final_rows(start: int, stop: int) -> np.ndarray:  # before the repair; unreadable status: final
+            try:
+                return np.isin(fs.read("status", slice(start, stop)), (DONE, FAILED))
+            except StoreError:
+                if stop - start <= rpc:
+                    return np.ones(stop - start, dtype=bool)
+                return np.concatenate([final_rows(c, min(stop, c + rpc)) for c in range(start, stop, rpc)])
+
+        was_final = final_rows(0, n_set)  # one read; chunk by chunk only when a status chunk is damaged
+        with storage_errors(store.path, f"repairing feature set {name}"):
+            repaired = fs.repair_chunks((shard_index, shard_count))  # their rows become pending
+        result.n_repaired = len(repaired)
+        if repaired:  # this run recomputes only this source's rows of them; the others stay pending
+            left = np.zeros(n_set, dtype=bool)
+            for c in repaired:
+                left[c * rpc:(c + 1) * rpc] = was_final[c * rpc:(c + 1) * rpc]
+            left[rows[rows < n_set]] = False
+            result.n_left_pending = int(left.sum())
         status = fs.read("status", rows)
         same = fs.read("sha256", rows) == np.asarray(hashes, dtype=object)
         final = same & ((status == DONE) | ((status == FAILED) & (not retry_failed)))
