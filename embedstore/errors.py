@@ -32,3 +32,13 @@ def reject_unknown_options(options, known, what: str) -> None:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ConfigError(f"unknown {what} option(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none) for a one-line error,
+    shortened at a word boundary, never mid-word, to about ``limit`` characters (``None``: not shortened)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

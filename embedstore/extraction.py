@@ -44,7 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from embedstore import __version__
 from embedstore.encoders import Encoder, Preprocessing, create_encoder
-from embedstore.errors import ConfigError, EncoderError, SourceError
+from embedstore.errors import ConfigError, EncoderError, SourceError, first_line
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
 from embedstore.store import DONE, DTYPES, FAILED, FeatureStore, fingerprint, storage_errors, utc_now
@@ -94,7 +94,7 @@ def failure_reason(exc: BaseException) -> str:
         return "not an image"
     if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
         return f"image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc, None)
     if "truncated" in text:
         return "truncated image"
     return text[:200]

@@ -60,7 +60,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from embedstore import __version__, faults
 from embedstore.atomic import clean_stale, remove_folder, staging_path, write_file
-from embedstore.errors import SourceError, StoreError
+from embedstore.errors import SourceError, StoreError, first_line
 from embedstore.sources import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, source_from_dict
 
 FORMAT_VERSION = 1
@@ -146,7 +146,7 @@ def storage_errors(path: Path, doing: str, kept: Callable[[], str] | None = None
 
 
 def _unreadable_set(store: Path, key: str, what: str, exc: Exception) -> StoreError:
-    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    reason = first_line(exc)
     return StoreError(f"feature set {key} of {store} has unreadable metadata ({what}: {reason}); delete the folder "
                       f"{store / 'features' / key} and rerun `embedstore extract` to recompute it")
 
@@ -293,7 +293,7 @@ class FeatureSet:
         where = (f"rows {corrupt[0] * rpc}-{min(self.n_rows, (corrupt[-1] + 1) * rpc) - 1} ({len(corrupt)} corrupt "
                  f"chunk(s))" if corrupt else "its chunks")
         reason = "checksum mismatch, truncated or missing file" if corrupt else \
-            (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            first_line(exc, 160)
         if "derived_from" in self.attrs:
             fix = "rerun the command that derived it (embedstore match --projection) to recompute them"
         elif self.has_checksums:
@@ -362,7 +362,7 @@ class FeatureStore:
         try:
             root = zarr.open_group(str(path), mode="r+", zarr_format=3)
         except Exception as exc:  # noqa: BLE001 - unreadable metadata is the user's broken input
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            reason = first_line(exc)
             raise StoreError(f"{path} is not a readable zarr v3 store (its metadata {path / 'zarr.json'} is damaged: "
                              f"{reason}); restore it from a backup, or extract into a new store") from None
         meta = root.attrs.get("embedstore")
@@ -408,7 +408,7 @@ class FeatureStore:
         try:
             manifest = pd.read_parquet(file)
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            reason = first_line(exc)
             raise StoreError(f"the manifest of {self.path} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
         lacking = [c for c in RESERVED_COLUMNS if c not in STAT_COLUMNS and c not in manifest.columns]
         if lacking:
@@ -558,7 +558,7 @@ class FeatureStore:
         try:
             features = self.root.require_group("features")
         except Exception as exc:  # noqa: BLE001 - a corrupt features/zarr.json is damage on disk
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            reason = first_line(exc)
             meta = self.path / "features" / "zarr.json"
             raise StoreError(f"the group of all feature sets of {self.path} has unreadable metadata ({meta}: "
                              f"{reason}); it holds no features: delete {meta} and rerun the command "

@@ -36,7 +36,7 @@ from sklearn.base import clone
 
 from embedstore import faults
 from embedstore.atomic import pid_alive
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, first_line
 from embedstore.heads.decision import decide
 from embedstore.store import fingerprint
 
@@ -207,7 +207,7 @@ def _open_study(storage: str, study_name: str) -> optuna.Study:
             load_if_exists=True,
         )
     except Exception as exc:  # noqa: BLE001 - a malformed URL, unknown dialect or missing driver is the user's input
-        raise ConfigError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot open Optuna storage {storage!r}: {first_line(exc, None)}") from None
 
 
 def _claim(study: optuna.Study, problem: dict, storage: str) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedstore.cli.app import app
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, first_line
 
 _err = Console(stderr=True)
 
@@ -24,7 +24,7 @@ def _load_config(path: Optional[Path]) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(exc, None)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of probe options")
     return raw

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from embedstore.errors import EncoderError
+from embedstore.errors import EncoderError, first_line
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: f
             out = encoder.model(torch.zeros(1, 3, prep.crop, prep.crop))
     except Exception as exc:  # noqa: BLE001 - any failure means the model cannot take this size
         raise EncoderError(f"encoder {encoder.name} cannot take {prep.crop}x{prep.crop} inputs: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                           f"{first_line(exc, None)}") from None
     if out.shape[-1] != encoder.dim:
         raise EncoderError(f"encoder {encoder.name} gives {out.shape[-1]}-d features at {prep.crop}x{prep.crop}, "
                            f"not its {encoder.dim}; it needs its default input size")

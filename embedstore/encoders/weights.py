@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from embedstore.errors import EncoderError
+from embedstore.errors import EncoderError, first_line
 
 # Wrappers that training checkpoints put around the state dict, outermost first.
 _CONTAINER_KEYS = ("state_dict", "model", "teacher", "module")
@@ -39,7 +39,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the user's input
-        raise EncoderError(f"cannot read weights from {path}: {str(exc).splitlines()[0]}") from None
+        raise EncoderError(f"cannot read weights from {path}: {first_line(exc, None)}") from None
     for key in _CONTAINER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -120,14 +120,6 @@ def _hf_offline():
         constants.HF_HUB_OFFLINE = before
 
 
-def _first_line(text: str, limit: int = 200) -> str:
-    """The first line of ``text``, shortened at a word boundary (never mid-word) to about ``limit`` characters."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
-
-
 @contextlib.contextmanager
 def hub_download(name: str):
     """Turn any failure while fetching pretrained weights into one line that names the offline option.
@@ -145,7 +137,7 @@ def hub_download(name: str):
         if unreachable:
             reason = f"no network: {unreachable}, and they are not in the local cache"
         else:
-            reason = _first_line(str(exc)) or type(exc).__name__
+            reason = first_line(exc)
         raise EncoderError(
             f"could not download the pretrained weights of {name} ({reason}); "
             f"pass --weights FILE to load a local file (safetensors or a torch checkpoint), "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sklearn.base import is_classifier
 
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, first_line
 
 MODEL_FILE = "model.skops"
 LEGACY_FILE = "model.joblib"
@@ -80,7 +80,7 @@ def load_head(folder: str | Path):
     except ConfigError:
         raise
     except Exception as exc:  # a damaged or hostile file may fail in the zip, JSON or schema reader
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc, None)
         raise ConfigError(f"{path} is not a readable saved head ({reason}); re-run the probe") from None
     if not (is_classifier(model) and hasattr(model, "predict_proba")):
         raise ConfigError(f"{path} holds a {type(model).__name__}, not a fitted head; re-run the probe")

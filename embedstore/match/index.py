@@ -25,7 +25,7 @@ import numpy as np
 
 from embedstore import faults
 from embedstore.atomic import write_file, write_text
-from embedstore.errors import ConfigError, StoreError
+from embedstore.errors import ConfigError, StoreError, first_line
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 LARGE_COLLECTION = 200_000  # "auto" switches from exact to approximate search above this
@@ -207,7 +207,7 @@ class FeatureIndex:
         try:
             index = faiss.read_index(str(path))
         except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError for any unreadable file
-            raise StoreError(f"index file {path} cannot be read ({str(exc).splitlines()[0][:120]}); "
+            raise StoreError(f"index file {path} cannot be read ({first_line(exc, 120)}); "
                              "rebuild it (embedstore query ... --rebuild-index)") from None
         if index.ntotal != meta.n or index.d != meta.dim or len(ids) != meta.n:
             raise StoreError(f"index file {path} does not hold the {meta.n} rows of width {meta.dim} its "
