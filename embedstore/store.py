@@ -259,10 +259,7 @@ class FeatureSet:
                 raise self._damaged(FileNotFoundError(f"chunk file {self._chunk_file('emb', missing[0])} is missing"))
         if rows[0] == 0 and rows[-1] == len(rows) - 1 and np.all(np.diff(rows) == 1):
             return self.read("emb", slice(0, len(rows)))  # one contiguous read
-        try:
-            return self.emb.get_orthogonal_selection((rows, slice(None)))
-        except Exception as exc:  # noqa: BLE001 - see read
-            raise self._damaged(exc) from None
+        return self.read("emb", rows)
 
     def read_intact(self, name: str, n: int, corrupt: list[int]) -> np.ndarray:
         """The first ``n`` rows of one array, with the rows of ``corrupt`` chunks read as pending (fill values)."""
@@ -457,7 +454,7 @@ class FeatureStore:
         merged = pd.concat([merged, incoming[is_new]], ignore_index=True)
         for col in ("_source", *STAT_COLUMNS):
             merged[col] = merged[col].astype(np.int64)
-        rows = np.where(is_new, len(old) + np.cumsum(is_new) - 1, pos).astype(np.int64)
+        rows = self.planned_rows(incoming["id"])
         if not merged.equals(old):
             self._write_manifest(merged)
         return ManifestUpdate(
