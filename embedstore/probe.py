@@ -57,8 +57,8 @@ from embedstore.heads import (DECISIONS, HEADS, BalancedDecision, StackHead, coe
 from embedstore.heads.saved import MODEL_FILE
 from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
-from embedstore.store import FeatureStore, fingerprint
-from embedstore.tune import SEARCH_SPACES, default_storage, digest, study_problem, tune
+from embedstore.store import FeatureStore, digest, fingerprint
+from embedstore.tune import SEARCH_SPACES, default_storage, study_problem, tune
 
 MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
 BINARY_HEADLINE = ["roc_auc", "pauc_80", "balanced_accuracy", "sensitivity_at_90_specificity", "average_precision"]

@@ -76,12 +76,16 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _features_digest(X: np.ndarray, ids) -> str:
-    """sha256 of float32 features and their ids: part of a derived feature set's key."""
-    h = hashlib.sha256(np.ascontiguousarray(X, dtype=np.float32).tobytes())
-    for i in ids:
-        h.update(f"\0{i}".encode())
-    return h.hexdigest()
+def digest(values) -> str:
+    """A short sha256 (16 hex digits) of a sequence's values in order: row ids, labels, row indices, features."""
+    a = np.asarray(values)
+    if a.dtype == object:
+        a = a.astype(str)
+    elif a.dtype.kind in "iub":
+        a = a.astype(np.int64)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def utc_now() -> str:
@@ -815,7 +819,7 @@ class FeatureStore:
         X = np.asarray(X, dtype=np.float32)
         _, table = self.load(parent_key, ids=ids)
         key = fingerprint({"parent": parent_key, "config": config, "dim": int(X.shape[1]),
-                           "features": _features_digest(X, table["id"])})
+                           "features": digest(X), "ids": digest(table["id"])})
         provisional = f"{name} (being written)"
         clean_stale(self.path)
         for k, g in self._groups().items():

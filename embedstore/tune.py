@@ -38,7 +38,7 @@ from embedstore import faults
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, first_line
 from embedstore.heads.decision import decide
-from embedstore.store import fingerprint
+from embedstore.store import digest, fingerprint
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
@@ -99,18 +99,6 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
             if trial.should_prune():
                 raise optuna.TrialPruned()
     return float(np.mean(scores))
-
-
-def digest(values) -> str:
-    """A short sha256 (16 hex digits) of a sequence's values in order: row ids, labels, row indices."""
-    a = np.asarray(values)
-    if a.dtype == object:
-        a = a.astype(str)
-    elif a.dtype.kind in "iub":
-        a = a.astype(np.int64)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
 
 
 def search_space(space: str) -> dict[str, str]:
