@@ -15,11 +15,9 @@ kill is a kill (no ``finally`` runs).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +25,21 @@ import pandas as pd
 import pytest
 import zarr
 
-from embedstore.faults import ENV, POINTS
+from embedstore.faults import POINTS
 from embedstore.store import FeatureStore
+from processes import run_embedstore
 
 KILLED = -signal.SIGKILL
 
 
-def embedstore(*args, fault: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process; ``fault`` names the crash point to die at."""
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if fault:
-        env[ENV] = fault
-    return subprocess.run([sys.executable, "-m", "embedstore.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 def ok(*args, **kwargs) -> subprocess.CompletedProcess:
-    proc = embedstore(*args, **kwargs)
+    proc = run_embedstore(*args, **kwargs)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
 
 def killed(point: str, *args, **kwargs) -> None:
-    proc = embedstore(*args, fault=point, **kwargs)
+    proc = run_embedstore(*args, fault=point, **kwargs)
     assert proc.returncode == KILLED, f"not killed at {point}: rc={proc.returncode} {proc.stderr[-1500:]}"
 
 

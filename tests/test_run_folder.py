@@ -8,18 +8,15 @@ after it would show.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from embedstore.faults import ENV
 from embedstore.probe import Probe
 from embedstore.store import FeatureStore
+from processes import run_embedstore
 
 OPTS = ("-f", "mobilenet_v2", "-t", "dx", "-g", "lesion_id", "--folds", "2", "--n-boot", "20", "--no-report")
 
@@ -36,17 +33,9 @@ def no_fitting(monkeypatch):
 def first_run(ham_store, tmp_path_factory) -> Path:
     """A real probe run folder (C=1), written by a subprocess like a user's shell would."""
     out = tmp_path_factory.mktemp("runs") / "probe"
-    proc = _embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=1", "--out", out)
+    proc = run_embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def _embedstore(*args, fault: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if fault:
-        env[ENV] = fault
-    return subprocess.run([sys.executable, "-m", "embedstore.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -126,12 +115,12 @@ def test_a_kill_while_replacing_keeps_the_old_run_and_the_next_run_replaces_it(f
     out = runs / "probe"
     shutil.copytree(first_run, out)
     before = _snapshot(out)
-    proc = _embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=0.1", "--out", out, "--overwrite",
+    proc = run_embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=0.1", "--out", out, "--overwrite",
                        fault="folder-replace")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert _snapshot(out) == before  # the old run, whole
     assert [p.name for p in runs.iterdir() if p.name != "probe"]  # the killed run's staging copy, hidden
-    proc = _embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=0.1", "--out", out, "--overwrite")
+    proc = run_embedstore("probe", ham_store, *OPTS, "-p", "logreg.C=0.1", "--out", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in runs.iterdir()] == ["probe"]  # leftover cleaned
     config = (out / "config.yaml").read_text()

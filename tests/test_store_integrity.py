@@ -20,8 +20,8 @@ import zarr.storage._local as zarr_local
 
 from embedstore import FeatureStore, create_encoder, extract, open_source
 from embedstore.errors import ConfigError, StoreError
-from embedstore.faults import ENV
 from embedstore.store import DONE
+from processes import run_embedstore
 
 ENCODER = "mobilenet_v2"
 ARRAYS = ("emb", "sha256", "error", "status")
@@ -80,9 +80,8 @@ def one_line(err: str) -> str:
 # ------------------------------------------------------------------------------------------- item 3
 def test_a_growth_killed_between_arrays_is_read_and_then_finished_bit_for_bit(data, encoder, tmp_path, cli):
     store = copy(data, "base", tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "embedstore.cli", "extract", str(data["grown"]), "--images",
-                           str(data["images"]), "--store", str(store), *CLI_OPTS],
-                          env={**os.environ, ENV: "resize:2"}, capture_output=True, text=True, timeout=600)
+    proc = run_embedstore("extract", data["grown"], "--images", data["images"], "--store", store, *CLI_OPTS,
+                          fault="resize:2")
     assert proc.returncode == -9, proc.stderr[-1500:]  # killed with emb and sha256 grown, error and status not
     group = zarr.open_group(str(store), mode="r+")["features"]
     fs_group = group[next(iter(group.group_keys()))]
