@@ -1,0 +1,42 @@
+"""The options several commands share, declared once so a flag means the same in every command.
+
+Convention: the store is the first argument of every command that reads one (``extract`` writes
+one and takes it as ``--store/-s``); short flags mean the same everywhere (``-c`` config, ``-f``
+features, ``-g`` groups, ``-o`` out, ``-q`` quiet); options that a recipe can set default to
+``None`` here and their defaults are shown in the help as "(default X)", the config's value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+StoreArg = Annotated[Optional[Path], typer.Argument(help="Feature store to read (or `store:` in --config).",
+                                                    show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (configs/*.yaml); options "
+                                                   "given here override it.")]
+GroupsOpt = Annotated[Optional[str], typer.Option("--groups", "-g", help="Group column: no group is on both sides "
+                                                  "of a split (e.g. lesion_id); default none (each image its own).")]
+FoldsOpt = Annotated[Optional[int], typer.Option("--folds", help="Group folds of the cross-validation (default 5).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of folds, heads, tuning and bootstrap (default 0).")]
+NBootOpt = Annotated[Optional[int], typer.Option("--n-boot", help="Bootstrap resamples (by group) per 95% CI "
+                                                 "(default 1000).")]
+ReportOpt = Annotated[Optional[bool], typer.Option("--report/--no-report", help="Write report.html and report.md "
+                                                   "into the run folder (default: write them).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the folder at --out if embedstore wrote "
+                                            "it (never anything else).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (progress lines still go to a log).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, or cuda[:N].")]
+
+
+def out_option(default: str) -> object:
+    """``--out/-o``: where the command writes, with the command's default shown the same way everywhere."""
+    return Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Where to write (default {default}).")]
+
+
+def run_overrides(**options) -> dict:
+    """Command-line values for ``RunConfig.from_yaml``: paths as strings; ``None`` (not given) is left to the
+    recipe or the config's default."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}

@@ -1,0 +1,41 @@
+"""Where the files that live beside a feature store go: the one module that places them.
+
+A store ``stores/ham.zarr`` holds only zarr data. What embedstore derives from it and keeps
+for reuse sits next to it, named after it, so copying or deleting a store with its neighbours is
+one glob (``stores/ham*``):
+
+- ``stores/ham.optuna.db``: the default Optuna storage of the probe's tuning studies;
+- ``stores/ham.zarr.index/<key>.faiss`` (+ ``<key>.json``, its sidecar): the FAISS index of a feature set;
+- ``stores/ham.zarr.index/<key>.head/``: the projection head that produced the derived feature set ``key``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def study_storage(store_path: str | Path) -> str:
+    """The default Optuna storage URL of a store: ``sqlite:///<store folder>/<store name>.optuna.db``."""
+    store_path = Path(store_path).resolve()
+    return f"sqlite:///{store_path.parent / (store_path.name.removesuffix('.zarr') + '.optuna.db')}"
+
+
+def index_folder(store_path: str | Path) -> Path:
+    """The folder of a store's saved indices and projection heads (never inside the zarr tree)."""
+    store_path = Path(store_path)
+    return store_path.parent / f"{store_path.name}.index"
+
+
+def index_file(store_path: str | Path, key: str) -> Path:
+    """The saved FAISS index of feature set ``key``."""
+    return index_folder(store_path) / f"{key}.faiss"
+
+
+def index_sidecar(index: Path) -> Path:
+    """The JSON sidecar of a saved index: what it was built from, and its checksum."""
+    return Path(index).with_suffix(".json")
+
+
+def projection_head_folder(store_path: str | Path, key: str) -> Path:
+    """The projection head that produced the derived feature set ``key``."""
+    return index_folder(store_path) / f"{key}.head"

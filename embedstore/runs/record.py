@@ -1,0 +1,219 @@
+"""The typed run record: what a run folder's ``run.json`` and ``metrics.json`` hold.
+
+Frozen dataclasses in the spirit of zarr's ``GroupMetadata``: each knows its own JSON form
+(``to_dict``) and reads it back (``from_dict``), so the writer (probe, match) and every reader
+(the report, ``--compare``, the CLI summaries) share one definition of a run folder. The files
+carry ``format`` (:data:`RUN_FORMAT`); a reader refuses a format it does not know in one line.
+
+- :class:`Estimate`: one metric's value and its 95% interval (bounds ``None`` when not bootstrapped).
+- :class:`Metrics`: ``metrics.json``: the run's model's metrics, every compared model's, the headline.
+- :class:`ProbeRecord` / :class:`MatchRecord`: ``run.json`` of the two kinds of run (:class:`RunRecord`
+  holds the fields they share).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
+
+from embedstore import __version__
+from embedstore.clock import utc_now
+from embedstore.errors import EmbedstoreError
+
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric's point estimate and its 95% confidence interval (``None`` bounds: no interval)."""
+
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Estimate":
+        """``{"value", "ci_low", "ci_high"}`` (or a bare number) as written by :meth:`to_dict`."""
+        if isinstance(raw, Mapping):
+            return cls(_number(raw.get("value")), _number(raw.get("ci_low"), None), _number(raw.get("ci_high"), None))
+        return cls(_number(raw))
+
+    @classmethod
+    def of(cls, ci) -> "Estimate":
+        """From a :class:`embedstore.metrics.CI` (value, low, high)."""
+        return cls(ci.value, ci.low, ci.high)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+    @property
+    def has_ci(self) -> bool:
+        return _finite(self.ci_low) and _finite(self.ci_high)
+
+    def format(self, digits: int = 3) -> str:
+        """``0.812 [0.790, 0.833]``; just the value without an interval; a count as a whole number; ``–`` for none."""
+        if not _finite(self.value):
+            return "–"
+        if isinstance(self.value, int) or (float(self.value).is_integer() and abs(self.value) >= 10):
+            text = f"{int(self.value)}"
+        else:
+            text = f"{self.value:.{digits}f}"
+        if self.has_ci:
+            text += f" [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+        return text
+
+
+def _number(value: Any, missing: float | None = math.nan) -> float | None:
+    if value is None:
+        return missing
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return missing
+    return value
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _estimates(raw: Any) -> Mapping[str, Estimate]:
+    return MappingProxyType({str(k): Estimate.from_dict(v) for k, v in (raw or {}).items()})
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """``metrics.json``: the figures of a run, every one computed on rows no choice of the run was made on.
+
+    ``metrics`` are those of the run's model (``model``; for match, the grouping method); ``models``
+    are every model a probe compared (empty for match); ``headline`` names the metrics that have
+    bootstrap intervals, first the one the best model was chosen by; ``evaluated_on`` is ``test``
+    (held-out rows), ``oof`` (out-of-fold predictions) or ``cv`` (held-out folds, match).
+    """
+
+    headline: tuple[str, ...]
+    metrics: Mapping[str, Estimate]
+    n: int
+    n_groups: int | None = None
+    models: Mapping[str, Mapping[str, Estimate]] = field(default_factory=dict)
+    model: str | None = None
+    evaluated_on: str = "oof"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headline", tuple(self.headline))
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+        object.__setattr__(self, "models", MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.models.items()}))
+
+    def to_dict(self) -> dict:
+        return {
+            "headline": list(self.headline),
+            "metrics": {k: e.to_dict() for k, e in self.metrics.items()},
+            "models": {m: {k: e.to_dict() for k, e in v.items()} for m, v in self.models.items()},
+            "model": self.model, "evaluated_on": self.evaluated_on, "n": self.n, "n_groups": self.n_groups,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "Metrics":
+        models = {str(m): _estimates(v) for m, v in (raw.get("models") or {}).items()}
+        return cls(headline=tuple(str(h) for h in raw.get("headline") or ()), metrics=_estimates(raw.get("metrics")),
+                   n=int(raw.get("n") or 0), n_groups=raw.get("n_groups"), models=models, model=raw.get("model"),
+                   evaluated_on=str(raw.get("evaluated_on") or "oof"))
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """Where the Optuna study that chose the run's head lives (``embedstore report STORAGE --study NAME``)."""
+
+    storage: str
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    """``run.json``: what was run on what; the fields every kind of run has.
+
+    ``features`` are the store keys (fingerprints) of the feature sets read, ``feature_names``
+    the names they were given as; ``store`` is the store's absolute path.
+    """
+
+    kind: ClassVar[str] = ""
+    store: str
+    features: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    groups: str | None
+    seed: int
+    study: StudyRef | None = None
+    seconds: float | None = None
+    created: str = field(default_factory=utc_now)
+    embedstore_version: str = __version__
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "feature_names", tuple(self.feature_names))
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        for name, value in body.items():
+            if isinstance(value, tuple):
+                body[name] = list(value)
+        return {"format": RUN_FORMAT, "kind": self.kind, **body}
+
+    @staticmethod
+    def from_dict(raw: Mapping, where: str = "run.json") -> "ProbeRecord | MatchRecord":
+        """The record of ``raw``'s kind; EmbedstoreError (one line) for another format or kind, or missing fields."""
+        if raw.get("format") != RUN_FORMAT:
+            raise EmbedstoreError(f"{where} is of run format {raw.get('format')!r}; this embedstore reads format "
+                                  f"{RUN_FORMAT}: rerun it with this version or report it with the version that wrote it")
+        cls = RECORDS.get(raw.get("kind"))
+        if cls is None:
+            raise EmbedstoreError(f"{where} has kind {raw.get('kind')!r}; expected one of {', '.join(RECORDS)}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        missing = sorted(f.name for f in fields(cls) if f.name not in values and _required(f))
+        if missing:
+            raise EmbedstoreError(f"{where} lacks {', '.join(missing)}: the run folder is damaged; rerun the run")
+        if isinstance(values.get("study"), Mapping):
+            values["study"] = StudyRef(str(values["study"]["storage"]), str(values["study"]["name"]))
+        return cls(**values)
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeRecord(RunRecord):
+    """A probe: the head chosen (``head`` on ``feature_names``), the problem, every model compared, the split."""
+
+    kind: ClassVar[str] = "probe"
+    head: str
+    target: str
+    classes: tuple[str, ...]
+    positive_class: str | None = None
+    models: tuple[str, ...] = ()
+    split: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "models", tuple(self.models))
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchRecord(RunRecord):
+    """A match run: the grouping method and its chosen parameter, the projection head and the features it wrote."""
+
+    kind: ClassVar[str] = "match"
+    method: str
+    projection: str = "none"
+    parameter: Mapping[str, float] = field(default_factory=dict)
+    head: Mapping[str, Any] | None = None
+    projected_features: str | None = None
+
+
+RECORDS: dict[str, type[RunRecord]] = {"probe": ProbeRecord, "match": MatchRecord}
