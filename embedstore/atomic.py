@@ -11,6 +11,8 @@ never touching what embedstore did not write.
 * A folder is replaced only if embedstore wrote it: it carries the marker file ``.embedstore`` (older run
   folders: a ``run.json`` with ``format`` and ``kind``), or is empty. Anything else (the user's notes, a
   feature store, the working directory) is refused in one line, whatever ``overwrite`` says.
+* :func:`staging_path` and :func:`rename_into_place` build something new under a hidden name and give it its
+  name in one rename (a new feature set of the store).
 * :func:`remove_folder` makes a folder vanish in one rename before deleting it.
 * :func:`clean_stale` removes the hidden leftovers of killed processes (their pid is gone) next to a path.
 """
@@ -55,6 +57,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def rename_into_place(staging: str | Path, path: str | Path) -> None:
+    """Give a finished ``staging`` file or folder (see :func:`staging_path`) its final name ``path`` in one rename,
+    made durable by syncing the folder that holds it."""
+    os.rename(staging, path)
+    _fsync_dir(Path(path).parent)
 
 
 def write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -141,8 +150,7 @@ def replacing_folder(out: str | Path, *, overwrite: bool, kind: str, what: str =
 def _swap_in(staging: Path, out: Path) -> None:
     """Put ``staging`` at ``out``; the previous ``out`` (if any) ends up at ``staging`` and is deleted."""
     if not out.exists():
-        os.rename(staging, out)
-        _fsync_dir(out.parent)
+        rename_into_place(staging, out)
         return
     if not _exchange(staging, out):
         old = _hidden(out, _OLD)

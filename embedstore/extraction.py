@@ -43,11 +43,12 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from embedstore import __version__
+from embedstore.clock import utc_now
 from embedstore.encoders import Encoder, Preprocessing, create_encoder
 from embedstore.errors import ConfigError, EncoderError, SourceError, first_line
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
-from embedstore.store import DONE, DTYPES, FAILED, FeatureStore, fingerprint, storage_errors, utc_now
+from embedstore.store import DONE, DTYPES, FAILED, FeatureStore, fingerprint, storage_errors
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}

@@ -18,10 +18,10 @@ Layouts:
 :func:`open_source` picks the layout from the path; :func:`source_from_dict`
 reopens one from the description a store keeps.
 
-Hostile files never hang a read or escape the image folder: only regular
-files are opened (a FIFO, a device or a socket is refused with its kind,
-checked before opening), and an image path that leads out of the image
+Hostile files never hang a read or escape the image folder (:mod:`embedstore.images`):
+only regular files are opened, and an image path that leads out of the image
 folder, by ``..`` or through a symlink, is refused when the table is built.
+The columns embedstore adds to a table are :data:`embedstore.columns.RESERVED_COLUMNS`.
 
 :meth:`Source.content_hashes` records each image's size and mtime beside its
 sha256 and, given what was recorded before, hashes only the images whose size
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat as stat_module
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,51 +41,13 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from embedstore.columns import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT
 from embedstore.errors import SourceError
+from embedstore.images import IMAGE_SUFFIXES, escaping_paths, image_files, read_regular_file, regular_file_stat
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-STAT_COLUMNS = ("_size", "_mtime_ns")  # of the image file when its sha256 was taken; -1: unknown
-RESERVED_COLUMNS = ("id", "sha256", "_path", "_source", *STAT_COLUMNS)
-UNKNOWN_STAT = -1
 # An image modified this soon before its hash was taken may change again within the same mtime tick
 # (coarse clocks, FAT's 2 s): its mtime is recorded as unknown so that it is hashed again next time.
 _RACY_NS = 2_000_000_000
-_FILE_KINDS = ((stat_module.S_ISFIFO, "fifo"), (stat_module.S_ISCHR, "character device"),
-               (stat_module.S_ISBLK, "block device"), (stat_module.S_ISSOCK, "socket"),
-               (stat_module.S_ISDIR, "directory"))
-
-
-def _not_regular(mode: int) -> SourceError | None:
-    """The error for a file that is not a regular file (reading a FIFO or a device may block or never end)."""
-    if stat_module.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
-    return SourceError(f"not a regular file ({kind})")
-
-
-def read_regular_file(path: str | Path) -> bytes:
-    """The bytes of ``path``, refused with :class:`SourceError` unless it is a regular file.
-
-    The kind is checked with ``stat`` before opening, and again on the open descriptor (opened
-    non-blocking, so a FIFO swapped in meanwhile cannot block either).
-    """
-    error = _not_regular(os.stat(path).st_mode)
-    if error is not None:
-        raise error
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
-        error = _not_regular(os.fstat(fh.fileno()).st_mode)
-        if error is not None:
-            raise error
-        return fh.read()
-
-
-def regular_file_stat(path: str | Path) -> tuple[int, int] | None:
-    """(size, mtime in ns) of a regular file; None if it is missing, unreadable or not a regular file."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_size, st.st_mtime_ns) if stat_module.S_ISREG(st.st_mode) else None
 
 
 class Source:
@@ -191,39 +152,6 @@ def _normalise_table(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _inside(root: str, path: str) -> bool:
-    """True if ``path`` (normalised, absolute or relative to ``root``) is ``root`` or lies under it."""
-    full = os.path.normpath(os.path.join(root, path))
-    return full == root or full.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _escaping(root: Path, paths: Iterable[str]) -> list[str]:
-    """The image paths that lead out of ``root``: lexically (``..``, absolute) or through a symlink.
-
-    The root itself may be a symlink (a data folder kept elsewhere). Only links are resolved: one
-    ``lstat`` per image, and each sub-folder once.
-    """
-    root_s = os.path.normpath(str(root))
-    real_root = os.path.realpath(root_s)
-    folders: dict[str, bool] = {}
-    out = []
-    for rel in paths:
-        if os.path.isabs(rel) or not _inside(root_s, rel):
-            out.append(f"{rel!r}")
-            continue
-        full = os.path.join(root_s, rel)
-        folder = os.path.dirname(os.path.normpath(full))
-        if folder not in folders:
-            folders[folder] = _inside(real_root, os.path.realpath(folder))
-        try:
-            is_link = stat_module.S_ISLNK(os.lstat(full).st_mode)
-        except OSError:
-            is_link = False  # missing: recorded as a failed row later
-        if not folders[folder] or (is_link and not _inside(real_root, os.path.realpath(full))):
-            out.append(f"{rel!r} -> {os.path.realpath(full)}")
-    return out
-
-
 class _FileSource(Source):
     """Shared reading for sources whose images are files under a root folder."""
 
@@ -235,7 +163,7 @@ class _FileSource(Source):
 
     def _check_inside(self, paths: Iterable[str]) -> None:
         """Refuse image paths that lead out of the image folder, by ``..`` or through a symlink."""
-        escaping = _escaping(self.root, paths)
+        escaping = escaping_paths(self.root, paths)
         if escaping:
             raise SourceError(
                 f"{len(escaping)} image paths escape the image folder {self.root} (first: {escaping[0]})"
@@ -364,8 +292,8 @@ class Hdf5Source(Source):
             raise SourceError(f"{self.metadata} has a header but no rows: no images to extract")
         if self.id_col not in df.columns:
             raise SourceError(
-                f"column {self.id_col!r} not in {self.metadata.name}; pass --id-col (columns: "
-                f"{', '.join(map(str, df.columns[:12]))}{', ...' if len(df.columns) > 12 else ''})"
+                f"column {self.id_col!r} not in {self.metadata.name}; its columns are: "
+                f"{', '.join(map(str, df.columns[:12]))}{', ...' if len(df.columns) > 12 else ''}"
             )
         _check_ids(df[self.id_col], self.metadata.name)
         ids = df[self.id_col].astype(str)
@@ -402,17 +330,13 @@ class Hdf5Source(Source):
         }
 
 
-def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 class FolderSource(_FileSource):
     """A plain folder of images (searched recursively) with no table: ids are paths without suffix."""
 
     kind = "folder"
 
     def _build_table(self) -> pd.DataFrame:
-        files = [p.relative_to(self.root) for p in _image_files(self.root)]
+        files = [p.relative_to(self.root) for p in image_files(self.root)]
         if not files:
             raise SourceError(f"no images found under {self.root}")
         ids = pd.Series([str(p.with_suffix("").as_posix()) for p in files])

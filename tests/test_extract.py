@@ -219,7 +219,7 @@ def test_another_process_writing_the_same_feature_set_is_refused(workdir, encode
     with store.lock(first.key):
         proc = subprocess.run(_extract_cmd(path, path / "s.zarr", "--retry-failed"), capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "is being written by embedstore extract (pid" in proc.stderr
+    assert "is being written by an extraction (pid" in proc.stderr
 
 
 def test_bad_input_is_one_line_with_nothing_written(workdir, cli):

@@ -25,7 +25,8 @@ from embedstore import FeatureStore, extract, open_source
 from embedstore.encoders import Preprocessing
 from embedstore.errors import SourceError, StoreError
 from embedstore.extraction import decode
-from embedstore.sources import CsvFolderSource, read_regular_file
+from embedstore.images import read_regular_file
+from embedstore.sources import CsvFolderSource
 
 ENCODER = "mobilenet_v2"
 N = 12
@@ -98,7 +99,7 @@ def test_an_edited_image_is_refused_by_load_and_probe_counted_by_ls_and_refreshe
     edited = table["image_id"][5]
     _edit(path / "images" / f"{edited}.jpg")
     with pytest.raises(StoreError, match=f"1 images changed since feature set {ENCODER} was extracted "
-                                         f"\\(first: {edited}\\); rerun `embedstore extract`"):
+                                         f"\\(first: {edited}\\); extract again with encoder {ENCODER} into "):
         FeatureStore.open(path / "s.zarr").load(ENCODER)
     with pytest.raises(StoreError, match="1 images changed"):
         FeatureStore.open(path / "s.zarr").load(ENCODER, ids=[edited])

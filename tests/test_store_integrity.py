@@ -120,7 +120,7 @@ def test_corrupt_chunks_are_refused_reported_and_recomputed_bit_for_bit(data, en
         FeatureStore.open(store).load(ENCODER)
     message = str(err.value)
     assert "\n" not in message and "rows 0-23 (2 corrupt chunk(s))" in message
-    assert "rerun `embedstore extract` with encoder mobilenet_v2" in message
+    assert f"extract again with encoder mobilenet_v2 into {store} to recompute them" in message
     code, out, _ = cli("ls", store)
     assert code == 0 and "2 corrupt" in out and "rows 0-23" in out
 
@@ -161,22 +161,51 @@ def test_a_feature_set_without_checksums_is_read_as_before(data, tmp_path, cli):
     assert len(X) == 24
 
 
+def test_summary_and_failures_are_what_ls_prints_and_skip_corrupt_chunks(ham_subset, data, encoder, tmp_path, cli):
+    """The store API gives what `ls` shows: images, sources, the sources' columns, counts per set, and the failed
+    images with their reason; a failed row whose chunk is corrupt is pending (not listed), and nothing raises."""
+    store = copy(data, "ref", tmp_path)
+    rows = ham_subset.iloc[::9].head(26).copy()
+    rows.iloc[24:, rows.columns.get_loc("image_id")] = ["ISIC_ghost_1", "ISIC_ghost_2"]  # no such image files
+    rows.to_csv(tmp_path / "ghosts.csv", index=False)
+    extract(open_source(tmp_path / "ghosts.csv", images=data["images"], id_col="image_id"), encoder, store, **OPTS)
+
+    summary = FeatureStore.open(store).summary()
+    assert (summary.n_images, summary.n_sources) == (26, 3)
+    assert summary.columns == [c for c in ham_subset.columns if c != "image_id"]
+    (info,) = summary.feature_sets
+    assert (info.n_done, info.n_failed, info.n_missing, info.n_corrupt_chunks) == (24, 2, 0, 0)
+    failed = FeatureStore.open(store).failures(ENCODER)
+    assert failed["id"].tolist() == ["ISIC_ghost_1", "ISIC_ghost_2"] and set(failed["error"]) == {"missing file"}
+    code, out, _ = cli("ls", store, "--failures")
+    assert code == 0 and "26 images from 3 source(s)" in out and "mobilenet_v2: 2 failed" in out
+    assert [line.split() for line in out.splitlines()[-2:]] == [["ISIC_ghost_1", "missing", "file"],
+                                                               ["ISIC_ghost_2", "missing", "file"]]
+
+    status = FeatureStore.open(store).feature_set(ENCODER).path / "status" / "c" / "3"  # rows 24-31
+    status.write_bytes(status.read_bytes()[:3])
+    summary = FeatureStore.open(store).summary()
+    (info,) = summary.feature_sets
+    assert (info.n_failed, info.n_missing, info.n_corrupt_chunks, info.corrupt_rows) == (0, 2, 1, (24, 25))
+    assert FeatureStore.open(store).failures(ENCODER).empty
+
+
 # ------------------------------------------------------------------------------------------ item 10
 def test_sharded_and_unsharded_runs_exclude_each_other(data, tmp_path):
     store = FeatureStore.open(copy(data, "ref", tmp_path))
     key = store.resolve(ENCODER)
     with store.lock(key):
-        with pytest.raises(StoreError, match=r"is being written by embedstore extract \(pid"):
+        with pytest.raises(StoreError, match=r"is being written by an extraction \(pid"):
             with store.lock(key, (0, 2)):
                 pass
     with store.lock(key, (0, 2)), store.lock(key, (1, 2)):  # shards of one run share the set
-        with pytest.raises(StoreError, match=r"is being written by embedstore extract --shard [01]/2 \(pid"):
+        with pytest.raises(StoreError, match=r"is being written by shard [01]/2 of an extraction \(pid"):
             with store.lock(key):
                 pass
         with pytest.raises(StoreError, match="is being written by"):
             with store.lock(key, (1, 2)):  # the same shard twice
                 pass
-        with pytest.raises(StoreError, match="shards of one run must share N.*--shard I/2"):
+        with pytest.raises(StoreError, match="shards of one extraction must all be split 2 ways.*split this one 2 ways too"):
             with store.lock(key, (2, 3)):
                 pass
     with store.lock(key, (2, 3)):  # free again once the 2-shard run is over
@@ -211,7 +240,7 @@ def test_corrupt_metadata_of_a_feature_set_is_one_line(damaged, data, tmp_path, 
     store = copy(data, "ref", tmp_path)
     folder = FeatureStore.open(store).feature_set(ENCODER).path
     (folder / damaged).write_text('{"zarr_format": 3, "node_type": ')
-    expected = f"delete the folder {folder} and rerun `embedstore extract`"
+    expected = f"delete the folder {folder} and extract again to recompute it"
     code, _, err = cli("ls", store)
     assert code == 2 and expected in one_line(err)
     with pytest.raises(StoreError, match="has unreadable metadata"):
@@ -246,7 +275,7 @@ def test_a_read_only_store_or_parent_folder_is_one_line(data, tmp_path, monkeypa
     def read_only(file, *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
 
-    monkeypatch.setattr("embedstore.store.open", read_only, raising=False)  # the store's lock files
+    monkeypatch.setattr("embedstore.store.locks.open", read_only, raising=False)  # the store's lock files
     code, _, err = cli(*args, "--store", store)
     assert code == 2 and f"feature store {store} is not writable (Read-only file system" in one_line(err)
     monkeypatch.undo()

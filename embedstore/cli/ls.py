@@ -5,13 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from embedstore.cli.app import app
-from embedstore.store import FAILED, FeatureSetInfo, FeatureStore
+from embedstore.store import FeatureSetInfo, FeatureStore
 
 _out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -41,14 +40,13 @@ def ls(
     Every chunk file's checksum is verified; corrupt chunks are reported (exit 0) with the command that recomputes them.
     """
     st = FeatureStore.open(store)
-    manifest = st.manifest
-    columns = [c for c in manifest.columns if not c.startswith("_") and c not in ("id", "sha256")]
-    _out.print(f"[bold]{store}[/]: {len(manifest):,} images from {len(st.root.attrs.get('sources', []))} source(s); "
-               f"columns: {', '.join(columns) or '(none)'}")
+    summary = st.summary(verify=True)
+    _out.print(f"[bold]{store}[/]: {summary.n_images:,} images from {summary.n_sources} source(s); "
+               f"columns: {', '.join(summary.columns) or '(none)'}")
     table = Table(show_lines=False)
     for col in ("name", "key", "encoder", "dim", "dtype", "done", "failed", "stale", "missing", "on disk", "chunks"):
         table.add_column(col, justify="right" if col in ("dim", "done", "failed", "stale", "missing", "on disk") else "left")
-    infos = st.feature_sets(verify=True)
+    infos = summary.feature_sets
     for info in infos:
         table.add_row(info.name, info.key, info.encoder, str(info.dim), info.dtype, f"{info.n_done:,}",
                       f"{info.n_failed:,}", f"{info.n_stale:,}", f"{info.n_missing:,}", _size(info.nbytes_stored),
@@ -61,15 +59,11 @@ def ls(
                        f"with encoder {info.encoder} on {store} to recompute them")
     if failures:
         for info in infos:
-            fs = st.feature_set(info.key)
-            n = min(fs.n_rows, len(manifest))
-            corrupt = fs.corrupt_chunks() or []
-            rows = np.flatnonzero(fs.read_intact("status", n, corrupt) == FAILED)
-            if len(rows):
-                errors = fs.read("error", rows)
-                _out.print(f"\n[bold]{info.name}[/]: {len(rows)} failed")
-                for r, reason in zip(rows, errors):
-                    _out.print(f"  {manifest['id'].iloc[r]}\t{reason}")
+            failed = st.failures(info.key)
+            if len(failed):
+                _out.print(f"\n[bold]{info.name}[/]: {len(failed)} failed")
+                for image_id, reason in zip(failed["id"], failed["error"]):
+                    _out.print(f"  {image_id}\t{reason}")
 
 
 @app.command()

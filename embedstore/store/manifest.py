@@ -1,0 +1,137 @@
+"""The manifest: one row per image (``manifest.parquet`` in the store), row ``i`` being row ``i`` of every
+feature set. Reading it, merging a source's table into it, and replacing it atomically.
+
+Rows are only ever appended, so a row number never changes meaning. The manifest records each image's sha256
+with the size and mtime its file had when hashed (:data:`embedstore.columns.STAT_COLUMNS`), so that checking
+an unchanged image later costs one ``stat``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedstore import faults
+from embedstore.atomic import clean_stale, write_file
+from embedstore.columns import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, empty_manifest
+from embedstore.errors import StoreError, first_line
+
+MANIFEST_FILE = "manifest.parquet"
+
+
+@dataclass
+class ManifestUpdate:
+    """How a source's images relate to the store's rows after :meth:`FeatureStore.update_manifest`."""
+
+    rows: np.ndarray  # the store row of each source image, in source order
+    new: list[str]
+    changed: list[str]
+    removed: list[str]  # ids this source had before and no longer has (kept in the store)
+
+
+def read_manifest(store: Path) -> pd.DataFrame:
+    """The manifest of the store at ``store`` (empty when no image was added yet); one line if it is damaged.
+
+    A manifest written before image sizes and mtimes were recorded gets them as -1 (unknown): its
+    images are hashed again whenever they are checked, until the next extraction records them.
+    """
+    file = store / MANIFEST_FILE
+    if not file.is_file():
+        return empty_manifest()
+    fix = ("the features cannot be matched to their images without it; restore it from a backup, or extract "
+           "into a new store")
+    try:
+        manifest = pd.read_parquet(file)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
+        reason = first_line(exc)
+        raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
+    lacking = [c for c in RESERVED_COLUMNS if c not in STAT_COLUMNS and c not in manifest.columns]
+    if lacking:
+        raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) lacks the column(s) "
+                         f"{', '.join(lacking)} (it is not an embedstore manifest, or is damaged): {fix}")
+    if STAT_COLUMNS[0] not in manifest:
+        at = manifest.columns.get_loc("_source") + 1
+        for i, col in enumerate(STAT_COLUMNS):
+            manifest.insert(at + i, col, np.int64(UNKNOWN_STAT))
+    return manifest
+
+
+def planned_rows(manifest: pd.DataFrame, ids: pd.Series) -> np.ndarray:
+    """The rows images ``ids`` will take in ``manifest`` (known ids keep theirs, new ones are appended)."""
+    pos = pd.Index(manifest["id"]).get_indexer(pd.Index(ids.astype(str)))
+    new = pos < 0
+    return np.where(new, len(manifest) + np.cumsum(new) - 1, pos).astype(np.int64)
+
+
+def merge_manifest(old: pd.DataFrame, table: pd.DataFrame, hashes: pd.DataFrame,
+                   source: int) -> tuple[pd.DataFrame, ManifestUpdate]:
+    """``old`` with the table of source number ``source`` merged in (new images appended, known ones updated
+    in place), and how the table's images relate to the merged rows.
+
+    ``hashes`` is :meth:`Source.content_hashes` of the table's images (sha256, size, mtime). Images the same
+    source had before and no longer lists are reported in :attr:`ManifestUpdate.removed` and kept.
+    """
+    incoming = table.copy()
+    added = {"sha256": hashes["sha256"].to_numpy(dtype=object), "_source": np.full(len(incoming), source, np.int64),
+             **{col: hashes[col].to_numpy(dtype=np.int64) for col in STAT_COLUMNS}}
+    for col, values in added.items():  # in manifest order: the reserved columns first
+        incoming.insert(RESERVED_COLUMNS.index(col), col, values)
+    pos = pd.Index(old["id"]).get_indexer(incoming["id"])
+    is_new = pos < 0
+    known = ~is_new
+    changed_mask = np.zeros(len(incoming), dtype=bool)
+    changed_mask[known] = old["sha256"].to_numpy()[pos[known]] != incoming["sha256"].to_numpy()[known]
+    removed = old.loc[(old["_source"] == source) & ~old["id"].isin(incoming["id"]), "id"].tolist()
+
+    merged = old.copy()
+    for col in incoming.columns:
+        values = merged[col].to_numpy(dtype=object, copy=True) if col in merged else np.full(len(merged), None, object)
+        values[pos[known]] = incoming[col].astype(object).to_numpy()[known]
+        merged[col] = pd.Series(values, index=merged.index).infer_objects()
+    merged = pd.concat([merged, incoming[is_new]], ignore_index=True)
+    for col in ("_source", *STAT_COLUMNS):
+        merged[col] = merged[col].astype(np.int64)
+    return merged, ManifestUpdate(
+        rows=planned_rows(old, incoming["id"]),
+        new=incoming.loc[is_new, "id"].tolist(),
+        changed=incoming.loc[changed_mask, "id"].tolist(),
+        removed=removed,
+    )
+
+
+def write_manifest(store: Path, manifest: pd.DataFrame) -> None:
+    """Replace the manifest atomically (:func:`embedstore.atomic.write_file`): readers and a kill see the
+    old one or the new one. What killed writers left beside it is removed first; the caller holds the store's
+    metadata lock, so no other writer is mid-write and an older embedstore's ``.manifest.parquet.<pid>.tmp``
+    is a leftover too.
+    """
+    target = store / MANIFEST_FILE
+    clean_stale(target)
+    for leftover in store.glob(f".{MANIFEST_FILE}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        manifest.to_parquet(tmp, index=False)
+        faults.point("manifest-replace")
+
+    write_file(target, write)
+
+
+def recorded_images(manifest: pd.DataFrame, source: int, table: pd.DataFrame) -> pd.DataFrame:
+    """What ``manifest`` recorded of ``table``'s images (``sha256``, ``_size``, ``_mtime_ns``), aligned with it,
+    so that :meth:`Source.content_hashes` reads only the images whose size or mtime changed.
+
+    Rows the manifest does not hold from source number ``source`` at the same path get '' and -1 (hashed).
+    """
+    pos = pd.Index(manifest["id"]).get_indexer(table["id"])
+    known = pos >= 0
+    known[known] = ((manifest["_source"].to_numpy()[pos[known]] == source)
+                    & (manifest["_path"].to_numpy()[pos[known]] == table["_path"].to_numpy()[known]))
+    out = {"sha256": np.full(len(table), "", dtype=object)}
+    out.update({col: np.full(len(table), UNKNOWN_STAT, dtype=np.int64) for col in STAT_COLUMNS})
+    for col, values in out.items():
+        values[known] = manifest[col].to_numpy()[pos[known]]
+    return pd.DataFrame(out)
