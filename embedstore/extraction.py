@@ -44,6 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from embedstore import __version__
 from embedstore.clock import utc_now
+from embedstore.devices import resolve_device
 from embedstore.encoders import Encoder, Preprocessing, create_encoder
 from embedstore.errors import ConfigError, EncoderError, SourceError, first_line
 from embedstore.progress import progress_bar
@@ -126,17 +127,6 @@ def _collate(batch):
 
 
 # --------------------------------------------------------------------- model
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-
-
 class _Runner:
     """The encoder on its device: uint8 batches in, float32 features out."""
 

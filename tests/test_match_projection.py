@@ -77,3 +77,13 @@ def test_batches_hold_two_or_more_images_of_each_lesion():
         counts = np.bincount(groups[rows])
         assert counts[counts > 0].min() >= 2 and counts.max() <= 4
     assert set(groups[seen]) == {g for g in range(50) if (groups == g).sum() >= 2}
+
+
+def test_device_is_checked_like_extraction_s(lesions):
+    """One resolve_device (embedstore.devices): a device no torch knows is refused in one line, as in extract."""
+    X, groups = lesions
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        ProjectionHead(epochs=1, device="gpu0").fit(X, groups)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+            ProjectionHead(epochs=1, device="cuda").fit(X, groups)

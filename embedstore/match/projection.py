@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from embedstore.devices import resolve_device
 from embedstore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -122,14 +123,6 @@ def lesion_batches(groups: np.ndarray, lesions_per_batch: int, images_per_lesion
 
 
 # ----------------------------------------------------------------------------- the head
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def warmup_cosine(total_steps: int, warmup: float = 0.1):
