@@ -115,19 +115,18 @@ def numpy_protocol(X, groups, folds):
 
 
 def fmt(m: dict, name: str) -> str:
-    v = m[name]
-    return f"{name} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+    return f"{name} {m[name].format()}"
 
 
 def engine(X, groups, **options):
     from embedstore.match.config import MatchConfig
     from embedstore.match.run import cross_validate, final_choice, summarise
 
-    config = MatchConfig(**options)
+    config = MatchConfig(**options)  # n_boot 1000, seed 0
     ids = np.arange(len(X)).astype(str)
     t0 = time.perf_counter()
     result = cross_validate(X, groups, ids, config)
-    metrics = summarise(result, groups, n_boot=1000, seed=0)["metrics"]
+    metrics = summarise(result, groups, config).metrics
     return result, metrics, time.perf_counter() - t0, final_choice(result, config)
 
 
@@ -143,7 +142,7 @@ def part_ham() -> None:
     result, m, seconds, (value, _) = engine(X, groups, method="threshold")
     print(f"engine (FAISS kNN graph, k=64): {fmt(m, 'pairwise_f1')}, {fmt(m, 'pairwise_precision')}, "
           f"{fmt(m, 'pairwise_recall')}, {fmt(m, 'recall@1')}, {fmt(m, 'recall@5')}, {fmt(m, 'mAP')}; "
-          f"clusters {m['n_clusters']['value']} for {m['n_groups_true']['value']} lesions; "
+          f"clusters {m['n_clusters'].value} for {m['n_groups_true'].value} lesions; "
           f"fold thresholds {result.values} -> final {value}; {seconds:.1f}s")
     folds = group_kfold(np.zeros(len(groups)), groups, n_splits=5, seed=0)
     t0 = time.perf_counter()
@@ -152,7 +151,7 @@ def part_ham() -> None:
     p, r, f1, chosen = ref["clusters"]
     print(f"numpy reference (dense): pairwise_f1 {f1:.3f}, precision {p:.3f}, recall {r:.3f}, "
           f"recall@1 {r1:.3f}, mAP {mAP:.3f}; fold thresholds {chosen}; {np_seconds:.1f}s")
-    agree = (np.allclose([f1, p, r, r1, mAP], [m[k]["value"] for k in ("pairwise_f1", "pairwise_precision",
+    agree = (np.allclose([f1, p, r, r1, mAP], [m[k].value for k in ("pairwise_f1", "pairwise_precision",
                                                                         "pairwise_recall", "recall@1", "mAP")],
                          atol=1e-9) and chosen == result.values)
     print(f"engine and numpy agree (F1, precision, recall, recall@1, mAP, fold thresholds): {agree}")
@@ -184,7 +183,7 @@ def part_methods(methods: list[str]) -> None:
     for name in methods:
         res, mm, sec, (v, _) = engine(X, groups, method=name)
         print(f"{name}: {fmt(mm, 'pairwise_f1')}, {fmt(mm, 'pairwise_precision')}, {fmt(mm, 'pairwise_recall')}; "
-              f"{mm['n_clusters']['value']} clusters; fold values {res.values}; {sec:.1f}s")
+              f"{mm['n_clusters'].value} clusters; fold values {res.values}; {sec:.1f}s")
 
 
 def part_heads(losses: list[str], epochs: int) -> None:
@@ -194,7 +193,7 @@ def part_heads(losses: list[str], epochs: int) -> None:
     for loss in losses:
         result, m, seconds, (value, head) = engine(X, groups, method="threshold", projection=loss,
                                                    head={"epochs": epochs})
-        met = m["pairwise_f1"]["value"] >= 0.45 and m["recall@1"]["value"] >= 0.60
+        met = m["pairwise_f1"].value >= 0.45 and m["recall@1"].value >= 0.60
         print(f"{loss}: {fmt(m, 'pairwise_f1')}, {fmt(m, 'pairwise_precision')}, {fmt(m, 'pairwise_recall')}, "
               f"{fmt(m, 'recall@1')}, {fmt(m, 'recall@5')}, {fmt(m, 'mAP')}; fold heads {result.heads}, "
               f"thresholds {result.values}; final {head} at {value}; {seconds:.0f}s; "

@@ -80,9 +80,9 @@ def build_runs(store: Path) -> list[Path]:
         out = OUT / (f"match-{features}-{method}" + ("" if centre else "-uncentred"))
         if not (out / "run.json").is_file():
             start = time.perf_counter()
-            config = MatchConfig(store=str(store), features=features, method=method, bootstrap=200,
-                                 centre=centre, report=False, write_features=False)
-            run_match(config, out, overwrite=True)
+            config = MatchConfig(store=str(store), features=[features], groups="lesion_id", method=method, n_boot=200,
+                                 centre=centre, report=False, write_features=False, out=str(out), overwrite=True)
+            run_match(config)
             print(f"built {out.name} in {time.perf_counter() - start:.0f} s")
         runs.append(out)
     return runs

@@ -24,7 +24,7 @@ def test_package_and_cli_start_without_torch():
         # without a projection head (which validates the head's parameter names)
         import embedstore.probe, embedstore.heads, embedstore.match.run, embedstore.match.query, embedstore.report
         from embedstore.match.config import MatchConfig
-        MatchConfig.from_dict({"store": "s.zarr", "features": "f", "head": {"hidden_dim": 64}})
+        MatchConfig.from_dict({"store": "s.zarr", "features": "f", "groups": "g", "head": {"hidden_dim": 64}})
         dir(embedstore)
 
         try:

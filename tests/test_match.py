@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from embedstore.match.query import head_path, remove_orphans
+from embedstore.errors import ConfigError
+from embedstore.layout import projection_head_folder, remove_orphans
 from embedstore.metrics import pairwise_prf
 from embedstore.store import FeatureStore
 
@@ -99,7 +100,7 @@ def test_pairs_list_decided_and_missed_pairs_with_their_scores(threshold_run):
 
 @pytest.mark.parametrize("method", ["dbscan", "agglomerative"])
 def test_other_methods_run_through_the_cli(cli, ham_store, tmp_path, method):
-    code, out, err = cli("match", ham_store, "-f", "mobilenet_v2", "--method", method, "--folds", "3",
+    code, out, err = cli("match", ham_store, "-f", "mobilenet_v2", "-g", "lesion_id", "--method", method, "--folds", "3",
                          "--grid", "0.2,0.4,0.6" if method == "dbscan" else "0.6,0.8",
                          "--n-boot", "50", "--no-report", "--out", tmp_path / method)
     assert code == 0, err
@@ -109,7 +110,7 @@ def test_other_methods_run_through_the_cli(cli, ham_store, tmp_path, method):
 
 def test_projection_run_writes_a_feature_set_that_match_can_reuse(cli, store_copy, tmp_path):
     config = tmp_path / "match.yaml"
-    config.write_text(yaml.safe_dump({"projection": "infonce", "folds": 3, "bootstrap": 50, "report": False,
+    config.write_text(yaml.safe_dump({"projection": "infonce", "folds": 3, "n_boot": 50, "report": False, "groups": "lesion_id",
                                       "head": {"epochs": 5, "hidden_dim": 128, "out_dim": 32},
                                       "head_grid": [{"temperature": 0.1}, {"temperature": 0.2}]}))
     code, out, err = cli("match", store_copy, "-c", config, "-f", "mobilenet_v2", "--out", tmp_path / "nce")
@@ -122,7 +123,7 @@ def test_projection_run_writes_a_feature_set_that_match_can_reuse(cli, store_cop
     assert (tmp_path / "nce" / "head" / "projection.safetensors").is_file()
     sweep = pd.read_csv(tmp_path / "nce" / "sweep.csv")
     assert sweep["candidate"].nunique() == 2 and sweep.groupby("fold")["chosen"].sum().eq(1).all()
-    code, _, err = cli("match", store_copy, "-f", "mobilenet_v2+infonce", "--folds", "3", "--n-boot", "20",
+    code, _, err = cli("match", store_copy, "-f", "mobilenet_v2+infonce", "-g", "lesion_id", "--folds", "3", "--n-boot", "20",
                        "--no-report", "--out", tmp_path / "again")
     assert code == 0, err
 
@@ -132,7 +133,8 @@ def test_bad_input_gets_one_line(cli, ham_store, tmp_path):
     assert code == 2 and "no column 'patient'" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--groups", "id", "--out", tmp_path / "b")
     assert code == 2 and "occurs once" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--method", "kmeans", "--out", tmp_path / "c")
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "-g", "lesion_id", "--method", "kmeans",
+                       "--out", tmp_path / "c")
     assert code == 2 and "--method" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -166,16 +168,70 @@ def test_projected_set_is_replaced_only_once_the_new_one_is_complete(store_copy)
                               overwrite=True)
     assert same == new  # the same features are not written twice
     for key in (old, new):  # the head of the replaced set is an orphan now
-        head_path(store, key).mkdir(parents=True)
-        (head_path(store, key) / "projection.json").write_text("{}")
-    assert remove_orphans(store) == [head_path(store, old)]
-    assert head_path(store, new).is_dir()
+        projection_head_folder(store.path, key).mkdir(parents=True)
+        (projection_head_folder(store.path, key) / "projection.json").write_text("{}")
+    assert remove_orphans(store) == [projection_head_folder(store.path, old)]
+    assert projection_head_folder(store.path, new).is_dir()
 
 
 def test_match_never_replaces_a_folder_it_did_not_write(cli, ham_store, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--out", notes, "--overwrite")
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "-g", "lesion_id", "--out", notes, "--overwrite")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "did not write" in err
     assert (notes / "todo.txt").read_text() == "mine"
+
+
+def test_summary_line_and_metrics_are_those_of_the_run_read_back(threshold_run):
+    from embedstore.runs import read_run
+
+    out, printed = threshold_run
+    run = read_run(out)
+    assert run.kind == "match" and run.metrics.model == "threshold" and run.metrics.evaluated_on == "cv"
+    summary = printed.strip().splitlines()[-1]
+    for name in ("pairwise_f1", "recall@1", "mAP"):
+        m = run.metrics.metrics[name]
+        assert f"{name} {m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]" in summary
+    assert f"{run.metrics.metrics['n_clusters'].value} clusters for {run.metrics.n_groups} lesions" in summary
+
+
+def test_library_run_writes_config_out_and_returns_the_typed_run(ham_store, tmp_path):
+    from embedstore.match.config import MatchConfig
+    from embedstore.match.run import run_match
+    from embedstore.runs import MatchRecord, Run, read_run
+
+    config = MatchConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2", "groups": "lesion_id",
+                                    "folds": 3, "n_boot": 20, "report": False, "out": str(tmp_path / "lib")})
+    run = run_match(config)
+    assert isinstance(run, Run) and isinstance(run.record, MatchRecord) and run.path == tmp_path / "lib"
+    again = read_run(tmp_path / "lib")
+    assert again.record == run.record and again.metrics == run.metrics
+    assert run.label == "mobilenet_v2 × threshold"
+    assert MatchConfig.from_yaml(tmp_path / "lib" / "config.yaml") == config  # the saved config reruns the run
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):  # one overwrite rule
+        run_match(config)
+
+
+def test_out_defaults_to_runs_match(cli, ham_store, tmp_path):
+    code, printed, err = cli("match", ham_store, "-f", "mobilenet_v2", "-g", "lesion_id", "--folds", "3",
+                             "--n-boot", "20", "--no-report", "-q", cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "match" / "run.json").is_file() and printed.strip().endswith("-> runs/match")
+
+
+def test_groups_one_feature_set_and_the_new_option_names_are_required_in_one_line(cli, ham_store, tmp_path):
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "--out", tmp_path / "a")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "match needs --groups: the column naming each image's lesion" in err
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2,efficientnet_lite0", "-g", "lesion_id",
+                       "--out", tmp_path / "b")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "match takes one feature set" in err
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"groups": "lesion_id", "bootstrap": 50}))
+    code, _, err = cli("match", ham_store, "-c", recipe, "-f", "mobilenet_v2", "--out", tmp_path / "c")
+    assert code == 2 and "'bootstrap' is now called 'n_boot'" in err
+    code, _, err = cli("match", ham_store, "-f", "mobilenet_v2", "-g", "lesion_id", "-p", "infonce",
+                       "--out", tmp_path / "d")
+    assert code == 2  # -p is probe's --param; match spells --projection out
+    assert not any((tmp_path / name).exists() for name in "abcd")

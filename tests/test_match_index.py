@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from embedstore.errors import StoreError
-from embedstore.match.index import FeatureIndex, gpu_available, index_path, normalise
+from embedstore.layout import index_file
+from embedstore.match.index import FeatureIndex, exact_index, gpu_available, normalise, search_index
 from embedstore.match.pairs import build_pairs, candidate_pairs, knn_graph
 from embedstore.store import FeatureStore
 
@@ -28,6 +29,18 @@ def test_exact_index_agrees_with_numpy_brute_force(features):
     assert (rows[:, 0] == np.arange(50)).all()  # every image is its own nearest neighbour
 
 
+def test_search_of_prepared_vectors_is_the_feature_index_search(features):
+    """The kNN head searches prepared unit vectors with search_index over exact_index: the FeatureIndex path."""
+    key, X, ids = features
+    Z = normalise(X)
+    sims, rows = search_index(exact_index(Z), Z[:40], 7, batch=16)  # several batches, one answer
+    expected = FeatureIndex.build(X, ids, key=key, kind="flat", use_gpu=False).search(X[:40], 7)
+    np.testing.assert_array_equal(rows, expected[1])
+    np.testing.assert_allclose(sims, expected[0], atol=1e-6)
+    sims, rows = search_index(exact_index(Z[:5]), Z[:2], 8)  # more neighbours asked than rows
+    assert (rows[:, 5:] == -1).all() and np.isneginf(sims[:, 5:]).all()
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indices_find_most_exact_neighbours(features, kind):
     key, X, ids = features
@@ -39,7 +52,7 @@ def test_approximate_indices_find_most_exact_neighbours(features, kind):
 
 def test_saved_index_refuses_another_feature_set(features, tmp_path):
     key, X, ids = features
-    path = index_path(tmp_path / "s.zarr", key)
+    path = index_file(tmp_path / "s.zarr", key)
     assert path.parent == tmp_path / "s.zarr.index"
     FeatureIndex.build(X, ids, key=key).save(path)
     loaded = FeatureIndex.load(path, key=key)

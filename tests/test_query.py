@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from embedstore.errors import StoreError
-from embedstore.match.index import FeatureIndex, index_path
+from embedstore.layout import index_file, projection_head_folder
+from embedstore.match.index import FeatureIndex
 from embedstore.match.projection import ProjectionHead
-from embedstore.match.query import head_path, query
+from embedstore.match.query import query
 from embedstore.store import FeatureStore
 
 
@@ -37,12 +38,13 @@ def test_query_by_id_ranks_distinct_lesions_and_never_the_image_itself(store_cop
         assert hits["group"].is_unique
         assert (np.diff(hits["similarity"]) <= 1e-6).all()
         assert item not in set(hits["image"])
-    assert index_path(store_copy, store.resolve("mobilenet_v2")).is_file()  # saved beside the store
+    assert index_file(store_copy, store.resolve("mobilenet_v2")).is_file()  # saved beside the store
 
 
 def test_image_file_is_embedded_with_the_same_encoder_and_finds_itself(cli, store_copy, multi_ids, ham_root):
     files = [str(ham_root / "images" / f"{i}.jpg") for i in multi_ids["id"][:2]]
-    code, out, err = cli("query", store_copy, *files, "--features", "mobilenet_v2", "--top-k", "3", "--json")
+    code, out, err = cli("query", store_copy, *files, "--features", "mobilenet_v2", "-g", "lesion_id", "--top-k", "3",
+                         "--json")
     assert code == 0, err
     result = pd.DataFrame(json.loads(out))
     top = result[result["rank"] == 1].set_index("query")
@@ -91,11 +93,11 @@ def test_damaged_or_mismatched_index_is_rebuilt(damage, cli, store_copy, multi_i
     store = FeatureStore.open(store_copy)
     item = multi_ids["id"][0]
     expected = query(store, [item], "mobilenet_v2", top_k=3, groups="lesion_id")
-    path = index_path(store_copy, store.resolve("mobilenet_v2"))
-    other = index_path(store_copy, store.resolve("efficientnet_lite0"))
+    path = index_file(store_copy, store.resolve("mobilenet_v2"))
+    other = index_file(store_copy, store.resolve("efficientnet_lite0"))
     query(store, [item], "efficientnet_lite0", top_k=1)
     damage(path, other)
-    code, out, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "-k", "3", "--json")
+    code, out, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "-g", "lesion_id", "-k", "3", "--json")
     assert code == 0, err
     pd.testing.assert_frame_equal(pd.DataFrame(json.loads(out)), expected, check_dtype=False)
     FeatureIndex.load(path, key=store.resolve("mobilenet_v2"))  # the rebuilt index was saved, whole
@@ -110,6 +112,25 @@ def test_group_column_must_exist(cli, store_copy, multi_ids):
     assert (images["group"] == images["image"]).all()
 
 
+def test_cli_ranks_single_images_unless_given_groups_and_shows_only_the_columns_asked_for(cli, store_copy, multi_ids):
+    """Nothing of a particular dataset is assumed: no --groups ranks images, no --show adds no column."""
+    item = multi_ids["id"][0]
+    code, out, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "-k", "3", "--json")
+    assert code == 0, err
+    images = pd.DataFrame(json.loads(out))
+    assert list(images.columns) == ["query", "rank", "group", "similarity", "image", "n_images"]
+    assert (images["group"] == images["image"]).all() and (images["n_images"] == 1).all()
+    code, out, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "-g", "lesion_id", "--show", "dx,lesion_id",
+                         "-k", "3", "--json")
+    assert code == 0, err
+    lesions = pd.DataFrame(json.loads(out))
+    _, table = FeatureStore.open(store_copy).load("mobilenet_v2")
+    truth = table.set_index("id").loc[lesions["image"]]
+    assert (lesions["dx"] == truth["dx"].to_numpy()).all() and (lesions["lesion_id"] == lesions["group"]).all()
+    code, _, err = cli("query", store_copy, item, "-f", "mobilenet_v2", "--show", "diagnosis")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no column 'diagnosis' to show" in err
+
+
 def test_projected_feature_set_embeds_files_through_the_saved_head(store_copy, multi_ids, ham_root):
     store = FeatureStore.open(store_copy)
     X, table = store.load("mobilenet_v2")
@@ -119,6 +140,6 @@ def test_projected_feature_set_embeds_files_through_the_saved_head(store_copy, m
     file = str(ham_root / "images" / f"{multi_ids['id'][0]}.jpg")
     with pytest.raises(StoreError, match="not saved"):
         query(store, [file], "mobilenet_v2+infonce")
-    head.save(head_path(store, key))
+    head.save(projection_head_folder(store.path, key))
     result = query(store, [file], "mobilenet_v2+infonce", top_k=1)
     assert result["image"].iloc[0] == multi_ids["id"][0] and result["similarity"].iloc[0] > 0.99

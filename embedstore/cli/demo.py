@@ -41,7 +41,8 @@ def demo(
         "store": str(store), "features": [encoder], "target": "dx", "groups": "lesion_id",
         "heads": ["logreg"], "trials": trials, "out": str(runs / "demo-probe"), "overwrite": True,
     })
-    match_cfg = MatchConfig.from_dict({"store": str(store), "features": encoder, "groups": "lesion_id", "folds": 3})
+    match_cfg = MatchConfig.from_dict({"store": str(store), "features": encoder, "groups": "lesion_id", "folds": 3,
+                                       "out": str(runs / "demo-match"), "overwrite": True})
     for run in ("demo-probe", "demo-match"):
         check_replaceable(runs / run, overwrite=True)
 
@@ -50,7 +51,7 @@ def demo(
     result = run_extract(sample_source(), encoder, store, progress=not quiet)
     typer.echo(result.summary())
     ls(store, failures=False)
-    probe_cfg.features, match_cfg.features = [result.name], result.name
+    probe_cfg.features, match_cfg.features = [result.name], [result.name]
 
     typer.echo(f"2/4 probe: logistic regression on dx, 5 folds grouped by lesion_id, {trials} Optuna trials")
     summary = run_probe(probe_cfg)
@@ -59,7 +60,7 @@ def demo(
                                   for m in summary["headline"][:3]))
 
     typer.echo("3/4 match: images of the same lesion, cosine threshold chosen on training folds")
-    match_dir = run_match(match_cfg, runs / "demo-match", overwrite=True)
+    match_dir = run_match(match_cfg).path
     matched = json.loads((match_dir / "metrics.json").read_text())["metrics"]
     typer.echo("   " + ", ".join(f"{m} {matched[m]['value']:.3f}" for m in ("pairwise_f1", "recall@1", "mAP")))
 

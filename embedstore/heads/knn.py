@@ -1,12 +1,15 @@
-"""kNN on cosine similarity through FAISS, with the temperature-weighted vote of DINO's kNN evaluation."""
+"""kNN on cosine similarity through FAISS, with the temperature-weighted vote of DINO's kNN evaluation.
+
+The neighbours are found by the FAISS search of :mod:`embedstore.match.index` (the one FAISS path).
+"""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 from sklearn.preprocessing import normalize
 
 from embedstore.heads.base import EmbeddingHead
+from embedstore.match.index import exact_index, search_index
 
 
 class KNNHead(EmbeddingHead):
@@ -39,10 +42,8 @@ class KNNHead(EmbeddingHead):
             self.vote_weight_ = np.bincount(codes, sample_weight, n_classes) / np.bincount(codes, None, n_classes)
 
     def _proba_core(self, Z):
-        index = faiss.IndexFlatIP(self.bank_.shape[1])
-        index.add(self.bank_)
         k = min(self.k, self.bank_.shape[0])
-        sims, nbrs = index.search(np.ascontiguousarray(normalize(Z), dtype=np.float32), k)
+        sims, nbrs = search_index(exact_index(self.bank_), np.ascontiguousarray(normalize(Z), dtype=np.float32), k)
         votes = np.exp((sims - sims[:, :1]) / self.temperature)  # shifted by the row max: same ratios, no overflow
         codes = self.bank_codes_[nbrs]
         votes = votes * self.vote_weight_[codes]

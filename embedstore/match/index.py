@@ -6,7 +6,7 @@ features) and searched by inner product. The default index
 is exact (``IndexFlatIP``); IVF or HNSW are used when asked for or when the collection is
 large, and the index moves to the GPU when faiss was built with GPU support and one is present.
 
-An index file lives in ``<store>.index/<feature-set key>.faiss`` with a JSON sidecar that holds
+An index file lives in ``<store>.index/<feature-set key>.faiss`` (:mod:`embedstore.layout`) with a JSON sidecar that holds
 the feature-set fingerprint, the ids it was built on, the centring vector and the sha256 of the
 index file, so an index is never used with features of another feature set (or with a store whose
 rows changed), nor beside a sidecar of another build. An index is a cache: whatever is wrong with
@@ -26,6 +26,7 @@ import numpy as np
 from embedstore import faults
 from embedstore.atomic import write_file, write_text
 from embedstore.errors import ConfigError, StoreError, first_line
+from embedstore.layout import index_sidecar
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 LARGE_COLLECTION = 200_000  # "auto" switches from exact to approximate search above this
@@ -143,15 +144,7 @@ class FeatureIndex:
         Queries go in batches so the [batch, k] result is all that is held at once; missing
         neighbours (k larger than the collection) come back as row -1 with similarity -inf.
         """
-        Q = self.prepare(X)
-        k = int(min(k, self.meta.n))
-        sims = np.empty((len(Q), k), dtype=np.float32)
-        rows = np.empty((len(Q), k), dtype=np.int64)
-        for start in range(0, len(Q), batch):
-            s, r = self.index.search(Q[start:start + batch], k)
-            sims[start:start + batch], rows[start:start + batch] = s, r
-        sims[rows < 0] = -np.inf
-        return sims, rows
+        return search_index(self.index, self.prepare(X), int(min(k, self.meta.n)), batch)
 
     # -- persistence --------------------------------------------------------------------
     def check(self, key: str, ids=None) -> None:
@@ -185,7 +178,7 @@ class FeatureIndex:
             "ids": self.ids.tolist(),
             "mean": None if self.mean is None else self.mean.astype(float).tolist(),
         }
-        write_text(sidecar_path(path), json.dumps(sidecar))
+        write_text(index_sidecar(path), json.dumps(sidecar))
         return path
 
     @classmethod
@@ -196,7 +189,7 @@ class FeatureIndex:
         or from different builds) raises :class:`StoreError`, never another exception.
         """
         path = Path(path)
-        if not path.exists() or not sidecar_path(path).exists():
+        if not path.exists() or not index_sidecar(path).exists():
             raise StoreError(f"no index at {path}; build one with embedstore query or embedstore match")
         side = _read_sidecar(path)
         ids, mean, recorded = side.pop("ids"), side.pop("mean"), side.pop("index_file")
@@ -223,14 +216,14 @@ class FeatureIndex:
 def _read_sidecar(path: Path) -> dict:
     """The sidecar of index ``path`` as a dict with every field :meth:`FeatureIndex.save` writes; StoreError otherwise."""
     try:
-        side = json.loads(sidecar_path(path).read_text())
+        side = json.loads(index_sidecar(path).read_text())
         names = {f.name for f in fields(IndexMeta)} | {"ids", "mean", "index_file"}
         if (not isinstance(side, dict) or set(side) != names or not isinstance(side["params"], dict)
                 or not isinstance(side["ids"], list)):
             raise ValueError("fields differ from those embedstore writes")
         return side
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"index sidecar {sidecar_path(path)} is damaged or from another version ({exc}); "
+        raise StoreError(f"index sidecar {index_sidecar(path)} is damaged or from another version ({exc}); "
                          "rebuild the index (embedstore query ... --rebuild-index)") from None
 
 
@@ -243,14 +236,26 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def index_path(store_path: str | Path, key: str) -> Path:
-    """Where the index of feature set ``key`` lives: beside the store, never inside the zarr tree."""
-    store_path = Path(store_path)
-    return store_path.parent / f"{store_path.name}.index" / f"{key}.faiss"
+def search_index(index, Q: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products and row numbers of the prepared (unit, float32) queries ``Q`` in a FAISS
+    ``index``, in batches; missing neighbours come back as row -1 with similarity -inf.
+
+    The one FAISS search of embedstore: :meth:`FeatureIndex.search` and the kNN head both go through it.
+    """
+    sims = np.empty((len(Q), k), dtype=np.float32)
+    rows = np.empty((len(Q), k), dtype=np.int64)
+    for start in range(0, len(Q), batch):
+        s, r = index.search(Q[start:start + batch], k)
+        sims[start:start + batch], rows[start:start + batch] = s, r
+    sims[rows < 0] = -np.inf
+    return sims, rows
 
 
-def sidecar_path(path: Path) -> Path:
-    return path.with_suffix(".json")
+def exact_index(Z: np.ndarray):
+    """An exact inner-product index over prepared (unit, float32, contiguous) rows ``Z``, kept in memory."""
+    index = make_index("flat", Z.shape[1], len(Z), nlist=None, hnsw_m=0, params={})
+    index.add(Z)
+    return index
 
 
 def make_index(kind: str, dim: int, n: int, nlist: int | None, hnsw_m: int, params: dict):

@@ -5,8 +5,8 @@ already in the store use their stored features; image files are embedded with th
 the feature set was extracted with (for a projected feature set: the parent's encoder, then
 the saved projection head). Both are searched in the feature set's saved FAISS index, which
 is built on first use and rebuilt whenever it cannot serve the store's rows (they changed, or
-the index files are damaged or mismatched): an index is a cache. ``remove_orphans`` clears the
-indices and heads of feature sets that are gone.
+the index files are damaged or mismatched): an index is a cache. Where those files live is
+:mod:`embedstore.layout`'s to say.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedstore.atomic import clean_stale, remove_folder, written_by_embedstore
+from embedstore.atomic import clean_stale
 from embedstore.errors import ConfigError, StoreError
-from embedstore.match.index import FeatureIndex, index_path, sidecar_path
+from embedstore.layout import index_file, index_sidecar, projection_head_folder
+from embedstore.match.index import FeatureIndex
 from embedstore.match.projection import ProjectionHead
-
-
-def head_path(store, key: str) -> Path:
-    """Folder of the projection head that produced derived feature set ``key`` (beside the store)."""
-    return index_path(store.path, key).with_suffix(".head")
 
 
 def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tuple[FeatureIndex, np.ndarray, pd.DataFrame]:
@@ -35,7 +31,7 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tu
     """
     X, table = store.load(key)
     ids = table["id"].astype(str).to_numpy()
-    path = index_path(store.path, key)
+    path = index_file(store.path, key)
     if path.exists() and not rebuild:
         try:
             index = FeatureIndex.load(path, key=key)
@@ -44,34 +40,10 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tu
         except StoreError:
             pass  # whatever is wrong with a cache, the cure is to rebuild it
     index = FeatureIndex.build(X, ids, key=key, kind=kind)
-    for leftover in (path, sidecar_path(path)):
+    for leftover in (path, index_sidecar(path)):
         clean_stale(leftover)
     index.save(path)
     return index, X, table
-
-
-def remove_orphans(store) -> list[Path]:
-    """Remove the indices and projection heads beside ``store`` whose feature set is gone (replaced by
-    a newer projection, or left behind by a killed run); returns what was removed."""
-    folder = index_path(store.path, "any").parent
-    if not folder.is_dir():
-        return []
-    keys = {info.key for info in store.feature_sets()}
-    removed = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or entry.name.split(".")[0] in keys:
-            continue
-        if entry.suffix == ".head" and entry.is_dir() and (written_by_embedstore(entry) or (entry / "projection.json").is_file()):
-            remove_folder(entry)
-        elif entry.suffix in (".faiss", ".json") and entry.is_file():
-            entry.unlink()
-        else:
-            continue
-        removed.append(entry)
-    for entry in folder.iterdir():  # hidden copies of killed writes: .<name>.embedstore-tmp-<pid>-...
-        if entry.name.startswith(".") and ".embedstore-" in entry.name:
-            removed += clean_stale(folder / entry.name[1:].split(".embedstore-")[0])
-    return removed
 
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:
@@ -83,7 +55,7 @@ def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.
     encoder, enc_attrs = encoder_for(store, parent or key)
     X = embed_images(encoder, [str(f) for f in files], device=device, tta=bool(enc_attrs.get("tta", False)))
     if parent:
-        folder = head_path(store, key)
+        folder = projection_head_folder(store.path, key)
         if not (folder / "projection.json").exists():
             raise StoreError(
                 f"feature set {attrs.get('name')} was projected by a head that is not saved at {folder}; "
@@ -101,16 +73,17 @@ def require_column(table: pd.DataFrame, column: str, purpose: str) -> None:
 
 
 def query(store, items: list[str], features: str, top_k: int = 5, groups: str | None = None,
-          kind: str = "auto", rebuild: bool = False, device: str = "auto") -> pd.DataFrame:
+          kind: str = "auto", rebuild: bool = False, device: str = "auto", show: tuple[str, ...] = ()) -> pd.DataFrame:
     """Top-``k`` nearest groups (e.g. lesions) for each query item, by the best image similarity.
 
     ``items`` are ids in the store or paths of image files. Returns one row per (query, rank):
-    ``query, rank, group, similarity, image`` plus the group's size and, when the store has
-    a ``dx`` column, its diagnosis. ``groups`` names the column whose values are ranked (it must
-    exist); with ``groups=None``, and for images without a group value, single images are ranked.
+    ``query, rank, group, similarity, image`` and the group's size ``n_images``, then the store
+    columns named in ``show`` (e.g. a diagnosis) of the image found. ``groups`` names the column
+    whose values are ranked (it must exist); with ``groups=None`` (the default), and for images
+    without a group value, single images are ranked.
     """
-    if groups is not None:
-        require_column(store.manifest, groups, "rank by")
+    for column in ([groups] if groups is not None else []) + list(show):
+        require_column(store.manifest, column, "rank by" if column == groups else "show")
     key = store.resolve(features)
     index, X, table = load_index(store, key, kind=kind, rebuild=rebuild)
     ids = table["id"].astype(str).to_numpy()
@@ -139,6 +112,7 @@ def query(store, items: list[str], features: str, top_k: int = 5, groups: str | 
             out.append({"query": str(item), "rank": rank, "group": h.group, "similarity": float(h.similarity),
                         "image": h.image, "n_images": int(sizes[h.group])})
     result = pd.DataFrame(out, columns=["query", "rank", "group", "similarity", "image", "n_images"])
-    if "dx" in table.columns and len(result):
-        result["dx"] = table.set_index(table["id"].astype(str)).loc[result["image"], "dx"].to_numpy()
+    by_id = table.set_index(table["id"].astype(str))
+    for column in show:
+        result[column] = by_id.loc[result["image"], column].to_numpy()
     return result

@@ -24,20 +24,20 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from embedstore.atomic import check_replaceable, replacing_folder
+from embedstore.atomic import replacing_folder
 from embedstore.errors import ConfigError
+from embedstore.layout import projection_head_folder, remove_orphans
 from embedstore.match.cluster import Grouper, floor_similarity
 from embedstore.match.config import MatchConfig
 from embedstore.match.index import FeatureIndex, normalise
 from embedstore.match.pairs import candidate_pairs, decided_pairs_table, knn_graph
 from embedstore.match.projection import ProjectionHead
-from embedstore.match.query import head_path, remove_orphans, require_column
+from embedstore.match.query import require_column
 from embedstore.metrics import (
     bootstrap_ci,
     pair_counts_by_group,
@@ -46,6 +46,7 @@ from embedstore.metrics import (
     recall_at_k,
     retrieval_average_precision,
 )
+from embedstore.runs import Estimate, MatchRecord, Metrics, Run, check_out, write_run
 from embedstore.splits import group_holdout, group_kfold
 
 HEADLINE = ["pairwise_f1", "recall@1", "mAP"]
@@ -151,7 +152,7 @@ def choose_on_training(X, groups, parts, config: MatchConfig, fold: int, progres
                                            seed=config.seed + fold)
     tables, best = [], None
     for candidate in config.head_candidates:
-        head = make_head(config, candidate).fit(X[inner_train], groups[inner_train])
+        head = projection_head(config, candidate).fit(X[inner_train], groups[inner_train])
         table = sweep(head.transform(X[inner_val]), groups[inner_val], config)
         value, f1 = best_value(table)
         if best is None or f1 > best[0]:
@@ -166,7 +167,8 @@ def choose_on_training(X, groups, parts, config: MatchConfig, fold: int, progres
     return value, candidate, table
 
 
-def make_head(config: MatchConfig, candidate: dict) -> ProjectionHead:
+def projection_head(config: MatchConfig, candidate: dict) -> ProjectionHead:
+    """An unfitted projection head of the configured loss and parameters, with ``candidate``'s on top."""
     return ProjectionHead(loss=config.projection, seed=config.seed, **(config.head | candidate))
 
 
@@ -183,7 +185,7 @@ def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: M
         fold_number[test] = k
     for k, (train, test) in enumerate(folds):
         value, candidate, table = choose_on_training(X[train], groups[train], fold_number[train], config, k, progress)
-        head = make_head(config, candidate).fit(X[train], groups[train]) if config.projection != "none" else None
+        head = projection_head(config, candidate).fit(X[train], groups[train]) if config.projection != "none" else None
         mean = X[train].mean(axis=0) if config.centre else None
         Z = space(X[test], head, mean)
         labels = grouper_for(Z, config).labels(value)
@@ -218,23 +220,24 @@ def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: M
     )
 
 
-def summarise(result: CVResult, groups: np.ndarray, n_boot: int, seed: int) -> dict:
-    """Pooled held-out metrics with lesion-bootstrap CIs, in the run folder's metrics.json form."""
+def summarise(result: CVResult, groups: np.ndarray, config: MatchConfig) -> Metrics:
+    """Pooled held-out metrics with lesion-bootstrap CIs (``config.n_boot`` resamples): the run's metrics.json."""
     tp, positive, predicted = pair_counts_by_group(groups, result.cv_clusters)
     metrics = {}
     for name in ("precision", "recall", "f1"):
         ci = bootstrap_ci(lambda a, b, c, _n=name: pairwise_scores(a.sum(), b.sum(), c.sum())[_n],
-                          tp, positive, predicted, n_boot=n_boot, seed=seed)
-        metrics[f"pairwise_{name}"] = ci
+                          tp, positive, predicted, n_boot=config.n_boot, seed=config.seed)
+        metrics[f"pairwise_{name}"] = Estimate.of(ci)
     for name, key in (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("mAP", "AP")):
         values = result.retrieval[key]
         ok = np.isfinite(values)
-        metrics[name] = bootstrap_ci(np.mean, values[ok], groups=groups[ok], n_boot=n_boot, seed=seed)
-    out = {name: {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high} for name, ci in metrics.items()}
-    out["n_clusters"] = {"value": int(len(np.unique(result.cv_clusters))), "ci_low": None, "ci_high": None}
-    out["n_groups_true"] = {"value": int(len(np.unique(groups))), "ci_low": None, "ci_high": None}
-    return {"headline": HEADLINE, "metrics": out, "models": {}, "n": int(len(groups)),
-            "n_groups": int(len(np.unique(groups)))}
+        metrics[name] = Estimate.of(bootstrap_ci(np.mean, values[ok], groups=groups[ok], n_boot=config.n_boot,
+                                                 seed=config.seed))
+    n_groups = int(len(np.unique(groups)))
+    metrics["n_clusters"] = Estimate(int(len(np.unique(result.cv_clusters))))
+    metrics["n_groups_true"] = Estimate(n_groups)
+    return Metrics(headline=HEADLINE, metrics=metrics, n=int(len(groups)), n_groups=n_groups,
+                   model=config.method, evaluated_on="cv")
 
 
 def final_choice(result: CVResult, config: MatchConfig) -> tuple[float, dict]:
@@ -283,17 +286,15 @@ def load_inputs(config: MatchConfig) -> MatchInputs:
     from embedstore.store import FeatureStore  # the store module pulls in zarr; import when used
 
     store = FeatureStore.open(config.store)
-    key = store.resolve(config.features)
+    key = store.resolve(config.feature_set)
     X_all, table_all = store.load(key)
     rows = select_rows(table_all, config)
     return MatchInputs(store, key, store.info(key).name, X_all, table_all, rows)
 
 
-def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, progress=None,
-              inputs: MatchInputs | None = None) -> Path:
-    """Run the match protocol on a store and write the run folder ``out``; returns its path."""
-    out = Path(out)
-    check_replaceable(out, overwrite)
+def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = None) -> Run:
+    """Run the match protocol on a store and write the run folder ``config.out``; returns the run."""
+    check_out(config)
     inputs = inputs or load_inputs(config)
     store, key, X_all, table_all = inputs.store, inputs.key, inputs.X_all, inputs.table_all
     X = X_all[inputs.rows]
@@ -302,12 +303,12 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
     ids = table["id"].astype(str).to_numpy()
 
     result = cross_validate(X, groups, ids, config, progress=progress)
-    metrics = summarise(result, groups, config.bootstrap, config.seed)
+    metrics = summarise(result, groups, config)
     value, candidate = final_choice(result, config)
 
     head, projected_key = None, None
     if config.projection != "none":
-        head = make_head(config, candidate).fit(X, groups)
+        head = projection_head(config, candidate).fit(X, groups)
         if config.write_features:
             projected_key = write_projection(store, key, inputs.name, head, X_all, table_all, config)
     Z = space(X, head, X.mean(axis=0) if config.centre else None)
@@ -317,18 +318,15 @@ def run_match(config: MatchConfig, out: str | Path, overwrite: bool = False, pro
 
     clusters = pd.DataFrame({"id": ids, "group": groups, "fold": result.fold_of,
                              "cv_cluster": result.cv_clusters, "cluster": final_labels})
-    run_info = {
-        "format": 1, "kind": "match", "embedstore_version": _version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "store": str(Path(config.store).resolve()), "features": [key], "feature_names": [inputs.name],
-        "method": config.method, "groups": config.groups, "seed": config.seed, "study": None,
-        "projection": config.projection, "parameter": {config.param_name: value},
-        "head": candidate or None, "projected_features": projected_key,
-    }
-    write_run_folder(out, overwrite, run_info, config, metrics, result, clusters, head)
+    record = MatchRecord(
+        store=str(Path(config.store).resolve()), features=(key,), feature_names=(inputs.name,),
+        groups=config.groups, seed=config.seed, method=config.method, projection=config.projection,
+        parameter={config.param_name: value}, head=candidate or None, projected_features=projected_key,
+    )
+    out = write_run(config, record, metrics, lambda folder: write_match_files(folder, result, clusters, head))
     if config.report:
         render_report(out)
-    return out
+    return Run(out, record, metrics)
 
 
 def write_projection(store, key, name, head, X_all, table_all, config) -> str:
@@ -336,7 +334,7 @@ def write_projection(store, key, name, head, X_all, table_all, config) -> str:
     ``<name>+<projection>``, replacing the previous one only once the new set and its head are saved
     (:meth:`FeatureStore.put_features`); then the heads and indices of replaced sets are removed."""
     def save_head(new_key: str) -> None:
-        folder = head_path(store, new_key)
+        folder = projection_head_folder(store.path, new_key)
         if not (folder / "projection.json").is_file():
             with replacing_folder(folder, overwrite=True, kind="projection-head", what="projection head") as staging:
                 head.save(staging)
@@ -351,19 +349,14 @@ def write_projection(store, key, name, head, X_all, table_all, config) -> str:
     return new_key
 
 
-def write_run_folder(out: Path, overwrite: bool, run_info, config, metrics, result: CVResult,
-                     clusters: pd.DataFrame, head) -> None:
-    """Write every file into a staging folder that replaces ``out`` in one step (:mod:`embedstore.atomic`)."""
-    with replacing_folder(out, overwrite=overwrite, kind="match") as tmp:
-        (tmp / "run.json").write_text(json.dumps(run_info, indent=2))
-        (tmp / "config.yaml").write_text(config.to_yaml())
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        result.folds.to_csv(tmp / "folds.csv", index=False)
-        result.sweep.to_csv(tmp / "sweep.csv", index=False)
-        result.pairs.to_csv(tmp / "pairs.csv", index=False)
-        clusters.to_csv(tmp / "clusters.csv", index=False)
-        if head is not None:
-            head.save(tmp / "head")
+def write_match_files(folder: Path, result: CVResult, clusters: pd.DataFrame, head: ProjectionHead | None) -> None:
+    """The files of a match run folder besides its record: the folds, the sweep, the pairs, the clusters, the head."""
+    result.folds.to_csv(folder / "folds.csv", index=False)
+    result.sweep.to_csv(folder / "sweep.csv", index=False)
+    result.pairs.to_csv(folder / "pairs.csv", index=False)
+    clusters.to_csv(folder / "clusters.csv", index=False)
+    if head is not None:
+        head.save(folder / "head")
 
 
 def render_report(run_dir: Path) -> None:
@@ -374,8 +367,3 @@ def render_report(run_dir: Path) -> None:
     if write_report is not None:
         write_report(run_dir)
 
-
-def _version() -> str:
-    import embedstore
-
-    return embedstore.__version__
