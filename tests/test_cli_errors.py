@@ -32,7 +32,7 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("args, says", [
-    (("match",), "Missing option '--out'"),
+    (("query",), "Missing argument 'store'"),
     (("ls",), "Missing argument 'store'"),
     (("ls", "x.zarr", "--bogus"), "No such option: --bogus"),
     (("extract", "x.csv", "--batch-size", "abc"), "'--batch-size'"),
