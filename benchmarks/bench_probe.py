@@ -33,6 +33,7 @@ from common import HAM, HAM_STORE, ham_store  # noqa: E402
 import common  # noqa: E402
 
 from embedstore.probe import ProbeConfig, run_probe  # noqa: E402
+from embedstore.runs import Run  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "probe"
@@ -55,21 +56,20 @@ def _n_done(store: FeatureStore, name: str) -> int:
     return store.info(name).n_done if name in {i.name for i in store.feature_sets()} else 0
 
 
-def _show(title: str, models: dict, names: list[str]) -> None:
+def _show(title: str, run: Run, names: list[str]) -> None:
     print(f"\n{title}")
-    for model, metrics in models.items():
-        cells = "  ".join(f"{n} {metrics[n]['value']:.3f} [{metrics[n]['ci_low']:.3f}, {metrics[n]['ci_high']:.3f}]"
-                          for n in names)
+    for model, metrics in run.metrics.models.items():
+        cells = "  ".join(f"{n} {metrics[n].format()}" for n in names)
         print(f"  {model:<70} {cells}")
 
 
-def _probe(name: str, **options) -> tuple[dict, float]:
+def _probe(name: str, **options) -> tuple[Run, float]:
     cfg = ProbeConfig.from_dict({"store": str(HAM_STORE), "target": "dx", "groups": "lesion_id", "folds": 5,
                                  "seed": 0, "n_boot": BOOT, "report": False, "out": str(OUT / name), "overwrite": True,
                                  "storage": f"sqlite:///{OUT / 'studies.db'}", **options})
     t0 = time.perf_counter()
-    summary = run_probe(cfg)
-    return summary, time.perf_counter() - t0
+    run = run_probe(cfg)
+    return run, time.perf_counter() - t0
 
 
 def sklearn_direct(store: FeatureStore, encoder: str) -> dict:
@@ -107,17 +107,17 @@ def reextract_seconds(store: FeatureStore, encoder: str, n: int = 256) -> float:
 
 
 def part_plain(store: FeatureStore) -> None:
-    summary, seconds = _probe("plain", features=list(ENCODERS), heads=["logreg", "knn"],
-                              params={"logreg": {"C": 1.0, "norm": "standard"}, "knn": {"k": 20}})
-    _show(f"plain probes, 5-fold OOF ({seconds:.0f} s for {len(summary['models'])} models, incl. CIs and t-SNE)",
-          summary["models"], ["balanced_accuracy", "roc_auc"])
+    run, seconds = _probe("plain", features=list(ENCODERS), heads=["logreg", "knn"],
+                          params={"logreg": {"C": 1.0, "norm": "standard"}, "knn": {"k": 20}})
+    _show(f"plain probes, 5-fold OOF ({seconds:.0f} s for {len(run.metrics.models)} models, incl. CIs and t-SNE)",
+          run, ["balanced_accuracy", "roc_auc"])
     print("\nsame protocol directly in scikit-learn (logistic regression, C=1, standardised):")
     for encoder in ENCODERS:
         ref = sklearn_direct(store, encoder)
-        ours = summary["models"][f"{encoder} × logreg"]
-        diffs = {m: abs(ours[m]["value"] - ref[m]) for m in ("balanced_accuracy", "roc_auc")}
+        ours = run.metrics.models[f"{encoder} × logreg"]
+        diffs = {m: abs(ours[m].value - ref[m]) for m in ("balanced_accuracy", "roc_auc")}
         print(f"  {encoder:<20} sklearn bal.acc {ref['balanced_accuracy']:.4f} AUC {ref['roc_auc']:.4f} "
-              f"| embedstore {ours['balanced_accuracy']['value']:.4f} / {ours['roc_auc']['value']:.4f} "
+              f"| embedstore {ours['balanced_accuracy'].value:.4f} / {ours['roc_auc'].value:.4f} "
               f"| max |diff| {max(diffs.values()):.2e} | sklearn fits {ref['seconds']:.0f} s")
     _, one = _probe("plain_one", features=[ENCODERS[0]], heads=["logreg"], params={"logreg": {"C": 1.0}})
     extract = reextract_seconds(store, ENCODERS[0])
@@ -127,9 +127,9 @@ def part_plain(store: FeatureStore) -> None:
 
 def part_tuned(store: FeatureStore, trials: int) -> None:
     for encoder in ENCODERS:
-        summary, seconds = _probe(f"tuned_{encoder}", features=[encoder], heads=["logreg"], trials=trials,
-                                  inner_folds=3, params={"logreg": {"class_weight": "balanced"}})
-        _show(f"tuned logreg ({trials} trials per nested study, {seconds:.0f} s)", summary["models"],
+        run, seconds = _probe(f"tuned_{encoder}", features=[encoder], heads=["logreg"], trials=trials,
+                              inner_folds=3, params={"logreg": {"class_weight": "balanced"}})
+        _show(f"tuned logreg ({trials} trials per nested study, {seconds:.0f} s)", run,
               ["balanced_accuracy", "roc_auc"])
 
 
@@ -144,10 +144,10 @@ STACK = {"heads": ["stack"], "stack_heads": ["logreg"], "stack_joint": ["lgbm"],
 
 
 def part_stack(store: FeatureStore) -> None:
-    summary, seconds = _probe("stack", **_stack_options())
+    run, seconds = _probe("stack", **_stack_options())
     _show(f"stack of {' + '.join(STACK_FEATURES)}: logreg each + LightGBM on all with age/sex/localization, "
           f"balanced decision ({seconds:.0f} s)",
-          summary["models"], ["balanced_accuracy", "roc_auc"])
+          run, ["balanced_accuracy", "roc_auc"])
 
 
 def part_mel(store: FeatureStore) -> None:
@@ -155,15 +155,15 @@ def part_mel(store: FeatureStore) -> None:
     # meta-learner ranks by); everything else is the stack recipe above.
     options = _stack_options()
     options["params"] = {**options["params"], "logreg": {"C": STACK["params"]["logreg"]["C"]}}
-    summary, seconds = _probe("mel", positive="mel", metric="pauc_80", **options)
-    _show(f"melanoma vs rest ({seconds:.0f} s)", summary["models"], ["roc_auc", "pauc_80"])
+    run, seconds = _probe("mel", positive="mel", metric="pauc_80", **options)
+    _show(f"melanoma vs rest ({seconds:.0f} s)", run, ["roc_auc", "pauc_80"])
 
 
 def part_meltuned(store: FeatureStore, trials: int) -> None:
     options = {**_stack_options(), "params": {}, "trials": trials}  # every base's parameters searched, nested
-    summary, seconds = _probe("meltuned", positive="mel", metric="pauc_80", **options)
+    run, seconds = _probe("meltuned", positive="mel", metric="pauc_80", **options)
     _show(f"melanoma vs rest, stack with every base tuned for pauc_80 ({trials} trials per nested study, "
-          f"{seconds:.0f} s)", summary["models"], ["roc_auc", "pauc_80"])
+          f"{seconds:.0f} s)", run, ["roc_auc", "pauc_80"])
 
 
 def part_pooling(store: FeatureStore) -> None:
@@ -172,9 +172,9 @@ def part_pooling(store: FeatureStore) -> None:
         ("7-class, logreg C=0.01 balanced, balanced accuracy", {"params": {"logreg": {"C": 0.01, "class_weight": "balanced"}}}),
         ("melanoma vs rest, logreg C=0.01", {"positive": "mel", "params": {"logreg": {"C": 0.01}}}),
     ):
-        summary, seconds = _probe(f"pooling_{options.get('positive', 'dx')}", features=sets, heads=["logreg"],
-                                  tsne_max=200, **options)
-        _show(f"last layer vs stages: {title} ({seconds:.0f} s)", summary["models"],
+        run, seconds = _probe(f"pooling_{options.get('positive', 'dx')}", features=sets, heads=["logreg"],
+                              tsne_max=200, **options)
+        _show(f"last layer vs stages: {title} ({seconds:.0f} s)", run,
               ["balanced_accuracy", "roc_auc"] if "positive" not in options else ["roc_auc", "pauc_80"])
 
 

@@ -5,7 +5,8 @@ A study maximises the mean of one metric over group folds. Each trial
 reports its running mean after every fold, so the median pruner stops a bad
 trial after a fold or two instead of paying for all of them; per-fold scores
 are kept as trial user attributes. Studies live in an Optuna storage (by
-default a sqlite file beside the feature store); ``optuna-dashboard sqlite:///...`` shows them.
+default a sqlite file beside the feature store,
+:func:`embedstore.layout.study_storage`); ``optuna-dashboard sqlite:///...`` shows them.
 
 A study is reused only by exactly the same problem. :func:`study_problem` lists
 everything that decides a trial's value (features, rows, labels, folds, seed,
@@ -28,7 +29,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -77,12 +77,6 @@ SEARCH_SPACES: dict[str, SpaceFn] = {
         "class_weight": t.suggest_categorical("class_weight", _WEIGHTS),
     },
 }
-
-
-def default_storage(store_path: str | Path) -> str:
-    """``sqlite:///<store folder>/<store name>.optuna.db``: studies sit beside the store they tune on."""
-    store_path = Path(store_path).resolve()
-    return f"sqlite:///{store_path.parent / (store_path.name.removesuffix('.zarr') + '.optuna.db')}"
 
 
 def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = None) -> float:

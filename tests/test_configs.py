@@ -20,3 +20,11 @@ def test_recipe_is_a_valid_config(path):
 
 def test_there_is_a_recipe_for_each_study_of_the_brief():
     assert {p.stem for p in CONFIGS} >= {"isic2016_binary", "ham10000_7class", "isic2024_pauc", "match_ham10000"}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.stem.startswith("match")], ids=lambda p: p.stem)
+def test_a_probe_recipe_resolved_into_config_yaml_reads_back_the_same(path, tmp_path):
+    cfg = ProbeConfig.from_yaml(path, folds=3, heads=None)  # options given win; None ones leave the recipe's
+    assert cfg.folds == 3 and cfg.heads == yaml.safe_load(path.read_text()).get("heads", ["logreg"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())  # what a run folder holds
+    assert ProbeConfig.from_yaml(tmp_path / "config.yaml") == cfg

@@ -19,6 +19,7 @@ from embedstore.cli import app
 from embedstore.errors import ConfigError
 from embedstore.heads import load_head
 from embedstore.probe import ProbeConfig, load_data, run_probe
+from embedstore.runs import Run
 from embedstore.store import FeatureStore
 
 runner = CliRunner()
@@ -129,17 +130,40 @@ def test_predict_applies_the_saved_head_and_refuses_other_fingerprints(plain_run
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_predict_writes_predictions_csv_by_default(plain_run, ham_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output, exc = _cli("predict", plain_run / "head", ham_store)
+    assert code == 0 and output.strip().endswith("-> predictions.csv"), (output, exc)
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(pd.read_parquet(plain_run / "predictions.parquet"))
+
+
 def test_comparison_of_feature_sets_and_heads_exports_latex(ham_store, tmp_path):
     cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2,efficientnet_lite0",
                                  "target": "dx", "groups": "lesion_id", "heads": "logreg,knn", "folds": 3,
                                  "n_boot": 100, "tsne_max": 200, "report": False, "out": str(tmp_path / "cmp")})
-    summary = run_probe(cfg)
+    run = run_probe(cfg)
+    assert isinstance(run, Run) and run.path == tmp_path / "cmp" and run.record.models == tuple(run.metrics.models)
     table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
-    assert len(table) == 4 and {"balanced_accuracy", "balanced_accuracy_ci", "roc_auc"} <= set(table.columns)
-    best = table.loc[table["balanced_accuracy"].idxmax(), "model"]
-    assert summary["model"] == best == json.loads((tmp_path / "cmp" / "metrics.json").read_text())["model"]
+    assert len(table) == 4 and {"features", "model", "balanced_accuracy", "balanced_accuracy_ci_low",
+                                "roc_auc_ci_high"} <= set(table.columns)
+    best = table.loc[table["balanced_accuracy"].idxmax()]
+    assert best["balanced_accuracy_best"] and table["balanced_accuracy_best"].sum() == 1
+    assert run.metrics.model == f"{best['features']} × {best['model']}"
+    assert run.metrics.model == json.loads((tmp_path / "cmp" / "metrics.json").read_text())["model"]
+    estimate = run.metrics.models[run.metrics.model]["balanced_accuracy"]
+    assert (estimate.value, estimate.ci_low, estimate.ci_high) == tuple(
+        best[["balanced_accuracy", "balanced_accuracy_ci_low", "balanced_accuracy_ci_high"]])
     tex = (tmp_path / "cmp" / "comparison.tex").read_text()
-    assert tex.count(r"\\") == 5 and r"\toprule" in tex and r"mobilenet\_v2 $\times$ knn" in tex
+    assert tex.count(r"\\") == 5 and r"\toprule" in tex and r"mobilenet\_v2 & knn &" in tex
+
+
+def test_the_run_folders_config_reruns_the_run_and_param_adds_to_its_params(plain_run, ham_store, tmp_path):
+    out = tmp_path / "rerun"
+    code, output, exc = _cli("probe", "-c", plain_run / "config.yaml", "-p", "logreg.max_iter=1000", "--out", out)
+    assert code == 0, (output, exc)
+    assert yaml.safe_load((out / "config.yaml").read_text())["params"] == {"logreg": {"C": 1.0, "max_iter": 1000}}
+    first, again = (json.loads((run / "metrics.json").read_text()) for run in (plain_run, out))
+    assert again == first  # max_iter=1000 is the default: the same run, to the last digit
 
 
 def test_config_file_with_cli_override_and_a_nested_tuned_stack(ham_store, tmp_path):

@@ -15,8 +15,8 @@ import zarr
 
 from embedstore.cli.probe import _parse_params
 from embedstore.errors import ConfigError
-from embedstore.heads import LogRegHead, save_head
-from embedstore.probe import ColumnsHead, ProbeConfig, load_data
+from embedstore.heads import ColumnsHead, LogRegHead, save_head
+from embedstore.probe import ProbeConfig, load_data
 from embedstore.store import FeatureStore
 
 BASE = {"store": "stores/x.zarr", "features": "mobilenet_v2", "target": "dx"}
@@ -85,6 +85,24 @@ def test_recipe_params_are_checked_the_same_way():
     with pytest.raises(ConfigError, match="params of logreg must map parameter names to values"):
         ProbeConfig.from_dict({**BASE, "params": {"logreg": 0.5}})
     assert ProbeConfig.from_dict({**BASE, "params": {"logreg": {"C": "1e-2"}}}).params == {"logreg": {"C": 0.01}}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"metric": "pauc80"}, "unknown metric 'pauc80': choose from accuracy, balanced_accuracy, "),
+    ({"metric": "f1", "positive": "mel"}, "unknown metric 'f1': choose from accuracy, "),
+])
+def test_an_unknown_tuning_metric_is_refused_by_the_config(options, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as refused:
+        ProbeConfig.from_dict({**BASE, **options})
+    assert "pauc_80" in str(refused.value)  # the binary metrics are named too
+    assert ProbeConfig.from_dict({**BASE, "metric": "pauc_80"}).metric == "pauc_80"  # the target may be binary
+
+
+def test_a_binary_metric_on_a_multiclass_target_is_one_line_before_any_model(ham_store, cli, tmp_path):
+    code, _, err = cli("probe", ham_store, *OPTS, "--metric", "pauc_80", "--out", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "metric 'pauc_80' needs a binary target (give --positive); 'dx' has 7 classes" in err
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------ item 14

@@ -11,10 +11,11 @@ from threadpoolctl import threadpool_limits
 
 from embedstore.errors import ConfigError
 from embedstore.heads import HEADS, KNNHead, make_head
+from embedstore.layout import study_storage
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
-from embedstore.tune import SEARCH_SPACES, cv_score, default_storage, study_problem, tune
+from embedstore.tune import SEARCH_SPACES, cv_score, study_problem, tune
 
 
 balanced_accuracy = metric_functions(7)["balanced_accuracy"]  # f(y_true, proba, y_pred), as the probe tunes
@@ -76,8 +77,8 @@ def test_fixed_parameters_stay_out_of_the_search(ham, tmp_path):
     assert "k" not in best
 
 
-def test_default_storage_sits_beside_the_store_and_bad_urls_are_one_line(tmp_path):
-    assert default_storage(tmp_path / "ham.zarr") == f"sqlite:///{tmp_path / 'ham.optuna.db'}"
+def test_the_default_storage_sits_beside_the_store_and_bad_urls_are_one_line(tmp_path):
+    assert study_storage(tmp_path / "ham.zarr") == f"sqlite:///{tmp_path / 'ham.optuna.db'}"
     with pytest.raises(ConfigError, match="cannot open Optuna storage"):
         tune(KNNHead(), "knn", np.zeros((4, 2)), np.array([0, 1, 0, 1]), [], balanced_accuracy, 1, "nosuchdb://x", "s")
 

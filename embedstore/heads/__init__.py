@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from embedstore.errors import ConfigError
 from embedstore.heads.base import EmbeddingHead, Preprocessor, undersample_indices
+from embedstore.heads.columns import ColumnsHead
 from embedstore.heads.decision import DECISIONS, BalancedDecision, decide
 from embedstore.heads.knn import KNNHead
 from embedstore.heads.lgbm import LGBMHead
@@ -30,7 +31,7 @@ def make_head(name: str, **params):
 
 
 __all__ = [
-    "DECISIONS", "HEADS", "BalancedDecision", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
+    "DECISIONS", "HEADS", "BalancedDecision", "ColumnsHead", "EmbeddingHead", "KNNHead", "LGBMHead", "LogRegHead", "MLPHead", "Preprocessor", "SVMHead",
     "StackHead", "coerce_params", "decide", "head_parameters", "load_head", "make_head", "save_head", "select_columns",
     "undersample_indices",
 ]

@@ -27,7 +27,8 @@ LEGACY_FILE = "model.joblib"
 
 #: Types a saved head may name beyond skops' own trusted ones: embedstore's heads and what they contain.
 TRUSTED = frozenset({
-    "embedstore.probe.ColumnsHead",
+    "embedstore.heads.columns.ColumnsHead",
+    "embedstore.probe.ColumnsHead",  # where heads saved before embedstore.heads.columns name it
     "embedstore.heads.base.Preprocessor",
     "embedstore.heads.decision.BalancedDecision",
     "embedstore.heads.knn.KNNHead",

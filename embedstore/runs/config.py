@@ -81,16 +81,20 @@ class RunConfig:
 
     def validate(self) -> None:
         """ConfigError (one line) for any value no run could use; subclasses extend it."""
-        for name in ("folds", "seed", "n_boot"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        self.check_whole_numbers("folds", "seed", "n_boot")
         if self.folds < 2:
             raise ConfigError(f"folds must be at least 2, got {self.folds}")
         if self.n_boot < 0:
             raise ConfigError(f"n_boot must be 0 (no intervals) or more, got {self.n_boot}")
         if not isinstance(self.features, list) or not all(isinstance(f, str) and f for f in self.features):
             raise ConfigError(f"features must be feature-set names, got {self.features!r}")
+
+    def check_whole_numbers(self, *names: str) -> None:
+        """ConfigError (one line) naming the first option of ``names`` whose value is not a whole number."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

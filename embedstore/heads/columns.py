@@ -1,0 +1,34 @@
+"""A head that reads only some columns of its input frame: one feature set of the probe's frame, or several joined.
+
+The probe hands every model one DataFrame holding all feature sets' columns (``<set>/<j>``) and the
+metadata; :class:`ColumnsHead` picks the columns its head was built for, so models of one run (and
+the bases of a stack) can share that frame. It is saved with the head (trusted by
+:mod:`embedstore.heads.saved`).
+"""
+
+from __future__ import annotations
+
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils.validation import check_is_fitted
+
+from embedstore.heads.stack import select_columns
+
+
+class ColumnsHead(ClassifierMixin, BaseEstimator):
+    """A head that reads only ``columns`` of the probe's input frame (one feature set, or a concatenation)."""
+
+    def __init__(self, head=None, columns=None):
+        self.head = head
+        self.columns = columns
+
+    def fit(self, X, y):
+        self.head_ = clone(self.head).fit(select_columns(X, self.columns), y)
+        self.classes_ = self.head_.classes_
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "head_")
+        return self.head_.predict_proba(select_columns(X, self.columns))
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(1)]

@@ -1,0 +1,110 @@
+"""The probe's config: :class:`ProbeConfig`, what a probe run depends on, checked in one place before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from embedstore.errors import ConfigError
+from embedstore.heads import DECISIONS, HEADS, coerce_params
+from embedstore.metrics import metric_functions
+from embedstore.runs.config import RunConfig
+
+#: Metric names of every binary problem (all of a multiclass one, plus the positive-class ones).
+BINARY_METRIC_NAMES = tuple(metric_functions(2))
+MULTICLASS_METRIC_NAMES = tuple(metric_functions(3))
+
+
+@dataclass(kw_only=True)
+class ProbeConfig(RunConfig):
+    """Everything a probe run depends on; ``config.yaml`` is this, resolved, and reruns it.
+
+    ``features`` entries are feature sets, or several joined by ``+`` (concatenated, or the bases of a
+    stack); several entries and/or ``heads`` are compared, every entry × head evaluated the same way.
+    """
+
+    kind: ClassVar[str] = "probe"
+    required: ClassVar[tuple[str, ...]] = ("store", "target", "features")
+    list_fields: ClassVar[tuple[str, ...]] = ("features", "heads", "stack_heads", "stack_joint", "metadata")
+
+    target: str
+    heads: list[str] = field(default_factory=lambda: ["logreg"])
+    stack_heads: list[str] = field(default_factory=lambda: ["logreg"])  # stack bases, one per feature set each
+    stack_joint: list[str] = field(default_factory=list)  # stack bases on all feature sets of the entry at once
+    metadata: list[str] = field(default_factory=list)
+    positive: str | None = None  # makes a binary "positive vs rest" problem of the target
+    inner_folds: int = 3
+    split_column: str | None = None
+    split_map: dict = field(default_factory=dict)  # split-column value -> train, test, valid or drop
+    holdout: float = 0.0
+    trials: int = 0
+    metric: str | None = None  # tuning metric; default balanced_accuracy (multiclass) or roc_auc (binary)
+    decision: str = "argmax"  # predicted class: "argmax", or "balanced" (argmax of p / training class prior)
+    params: dict = field(default_factory=dict)  # fixed head parameters, e.g. {logreg: {C: 1.0}}
+    storage: str | None = None  # Optuna storage URL; default a sqlite file beside the store
+    study_name: str | None = None
+    tsne_max: int = 3000
+    blas_threads: int = 1  # BLAS threads; one is fastest for these small solves on a shared CPU
+
+    def validate(self) -> None:
+        super().validate()
+        self._validate_heads()
+        self.check_whole_numbers("inner_folds", "trials", "tsne_max", "blas_threads")
+        if self.inner_folds < 2:
+            raise ConfigError(f"inner_folds must be at least 2, got {self.inner_folds}")
+        if self.trials < 0:
+            raise ConfigError("--trials must be 0 (no tuning) or more")
+        if self.tsne_max < 2 or self.blas_threads < 1:
+            raise ConfigError("tsne_max must be at least 2 and blas_threads at least 1")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
+        self._validate_split()
+        self._validate_metric()
+        if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
+            raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
+        if not isinstance(self.params, dict):
+            raise ConfigError(f"params must map head names to their parameters (e.g. {{logreg: {{C: 0.5}}}}), "
+                              f"not {self.params!r}")
+        unknown = sorted(set(self.params) - set(HEADS) - {"stack"}, key=str)
+        if unknown:
+            raise ConfigError(f"params are keyed by head name; {unknown} is not a head")
+        self.params = {head: coerce_params(head, values) for head, values in self.params.items()}
+
+    def _validate_heads(self) -> None:
+        for head in [*self.heads, *self.stack_heads, *self.stack_joint]:
+            if head not in HEADS and head != "stack":
+                raise ConfigError(f"unknown head {head!r}: choose from {', '.join([*HEADS, 'stack'])}")
+        if "stack" in [*self.stack_heads, *self.stack_joint]:
+            raise ConfigError("stack_heads and stack_joint list the base heads of a stack; they cannot contain 'stack'")
+
+    def _validate_split(self) -> None:
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 0.5:
+            raise ConfigError(f"holdout must be 0 (none) or a fraction between 0 and 0.5, got {self.holdout!r}")
+        if self.split_column and self.holdout:
+            raise ConfigError("give either a split column or a hold-out fraction, not both")
+        if not isinstance(self.split_map, dict):
+            raise ConfigError(f"split_map maps split-column values to train, valid, test or drop, not {self.split_map!r}")
+        if self.split_map and not self.split_column:
+            raise ConfigError("--split-map maps the values of a split column: give --split-column too")
+
+    def _validate_metric(self) -> None:
+        """The tuning metric's name, as far as it is known without the data: a ``positive`` probe is binary; any
+        other may be either, and a binary-only metric on a multiclass target is refused by :func:`tune_metric`."""
+        if self.metric is None:
+            return
+        names = BINARY_METRIC_NAMES if self.positive is not None else MULTICLASS_METRIC_NAMES
+        if self.metric not in names and not (self.positive is None and self.metric in BINARY_METRIC_NAMES):
+            binary_only = [] if self.positive is not None else [n for n in BINARY_METRIC_NAMES if n not in names]
+            also = f" (binary targets also: {', '.join(binary_only)})" if binary_only else ""
+            raise ConfigError(f"unknown metric {self.metric!r}: choose from {', '.join(names)}{also}")
+
+
+def tune_metric(cfg: ProbeConfig, n_classes: int):
+    """(name, function) of the tuning metric for a problem of ``n_classes``: ``cfg.metric`` or the default
+    (ROC AUC for two classes, balanced accuracy for more); a binary-only metric on more classes is refused."""
+    name = cfg.metric or ("roc_auc" if n_classes == 2 else "balanced_accuracy")
+    fns = metric_functions(n_classes)
+    if name not in fns:
+        raise ConfigError(f"metric {name!r} needs a binary target (give --positive); {cfg.target!r} has {n_classes} "
+                          f"classes: choose from {', '.join(fns)}")
+    return name, fns[name]

@@ -1,0 +1,129 @@
+"""The probe's input: the feature sets of a store (rows all of them have), the target, groups and metadata, aligned.
+
+:func:`load_data` reads what a probe run needs; :func:`common_ids` and :func:`feature_frame` are shared with
+:func:`embedstore.probe.predict`, which builds the same input frame for a saved head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from embedstore.errors import ConfigError
+from embedstore.probe.config import ProbeConfig
+from embedstore.store import FeatureStore
+
+
+@dataclass
+class ProbeData:
+    """The aligned inputs of a probe: one DataFrame with every feature set's columns and the metadata."""
+
+    X: pd.DataFrame
+    y: np.ndarray  # class codes 0..K-1
+    classes: list[str]
+    groups: np.ndarray | None
+    ids: np.ndarray
+    table: pd.DataFrame
+    feature_keys: dict[str, str]  # feature-set name as given -> store key
+    columns: dict[str, list[str]]  # feature-set name -> its column names in X
+    infos: dict[str, dict]
+
+
+def set_names(cfg: ProbeConfig) -> list[str]:
+    """Every feature set the entries of ``cfg.features`` name (``a+b`` names two), each once, in order."""
+    names: list[str] = []
+    for entry in cfg.features:
+        for name in entry.split("+"):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
+    """Features of every named set (rows all of them have), the target as codes, groups, metadata."""
+    keys = {name: store.resolve(name) for name in set_names(cfg)}
+    manifest = store.manifest
+    for what, col in (("target", cfg.target), ("group", cfg.groups), ("split", cfg.split_column),
+                      *(("metadata", c) for c in cfg.metadata)):
+        if col and col not in manifest.columns:
+            usable = ", ".join(c for c in manifest.columns if not c.startswith("_") and c not in ("sha256",))
+            raise ConfigError(f"{what} column {col!r} is not in the store's table; it has: {usable}")
+    labelled = manifest.set_index("id")[cfg.target].notna()
+    ids = [i for i in common_ids(store, keys.values()) if labelled[i]]
+    if not ids:
+        raise ConfigError(f"no row has both features and a {cfg.target!r} value")
+    X, table, columns = feature_frame(store, keys, cfg.metadata, ids)
+    infos = {}
+    for name, key in keys.items():
+        info = store.info(key)
+        infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
+    y, classes = _target_codes(cfg, table[cfg.target].astype(str).to_numpy())
+    groups = _group_labels(cfg, table)
+    _check_class_groups(cfg, y, classes, groups)
+    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
+
+
+def _target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Class codes and class names of the target (``not_<positive>``, ``<positive>`` for a positive-vs-rest probe)."""
+    if cfg.positive is not None:
+        if cfg.positive not in set(labels):
+            raise ConfigError(f"positive class {cfg.positive!r} is not a value of {cfg.target!r}: {sorted(set(labels))[:10]}")
+        classes = [f"not_{cfg.positive}", cfg.positive]
+        y = (labels == cfg.positive).astype(int)
+    else:
+        classes = sorted(set(labels))
+        y = np.searchsorted(classes, labels)
+    if len(classes) < 2:
+        raise ConfigError(f"target {cfg.target!r} has a single class ({classes[0]!r}); a probe needs two or more")
+    return y, classes
+
+
+def _group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
+    """The group column as strings; ConfigError when some rows have none (each would silently be one group)."""
+    if not cfg.groups:
+        return None
+    empty = int(table[cfg.groups].isna().sum())
+    if empty:
+        raise ConfigError(f"group column {cfg.groups!r} is empty in {empty} of {len(table)} rows: fill it (e.g. with "
+                          "the image id, one group per image) or choose another --groups")
+    return table[cfg.groups].astype(str).to_numpy()
+
+
+def _check_class_groups(cfg: ProbeConfig, y: np.ndarray, classes: list[str], groups: np.ndarray | None) -> None:
+    """ConfigError naming a class with fewer groups (images, without groups) than folds: a fold would miss it."""
+    units = np.arange(len(y)) if groups is None else groups
+    for code, n in pd.Series(units).groupby(y).nunique().items():
+        if n < cfg.folds:
+            what = f"{cfg.groups} group(s)" if cfg.groups else "image(s)"
+            raise ConfigError(f"class {classes[code]!r} has {n} {what}, fewer than the {cfg.folds} folds: a fold has no "
+                              f"rows of class {classes[code]!r}; use fewer folds (--folds) or merge rare classes")
+
+
+def common_ids(store: FeatureStore, keys) -> list[str]:
+    """Ids of the manifest rows that every feature set in ``keys`` has final, fresh features for."""
+    ids = None
+    for key in keys:
+        _, t = store.load(key, columns=["id"])
+        ids = t["id"] if ids is None else ids[ids.isin(set(t["id"]))]
+    return list(ids)
+
+
+def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids):
+    """The heads' input: ``<name>/<j>`` columns of each feature set, then the metadata columns.
+
+    Returns the frame, the manifest rows it came from and each set's column names.
+    Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept).
+    """
+    blocks, columns, table = [], {}, None
+    for name, key in keys.items():
+        X, t = store.load(key, ids=ids)
+        table = t if table is None else table
+        columns[name] = [f"{name}/{j}" for j in range(X.shape[1])]
+        blocks.append(pd.DataFrame(X, columns=columns[name]))
+    frame = pd.concat(blocks, axis=1)
+    for col in metadata:
+        values = store.manifest.set_index("id").loc[table["id"], col].reset_index(drop=True)
+        frame[col] = values.astype(float) if pd.api.types.is_numeric_dtype(values) else values.astype("category")
+    return frame, table, columns

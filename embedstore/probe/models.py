@@ -1,0 +1,102 @@
+"""The probe's models: a feature entry × a head (:class:`ModelSpec`), built as estimators that read the probe frame.
+
+A single head is a :class:`embedstore.heads.ColumnsHead` over its entry's columns (plus the metadata for
+the heads that read it); a stack gets one such base per feature set and stack head, plus the joint bases
+over all its sets. With ``decision: balanced`` the model is wrapped in :class:`BalancedDecision`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from sklearn.base import clone
+
+from embedstore.heads import BalancedDecision, ColumnsHead, StackHead, make_head
+from embedstore.probe.config import ProbeConfig
+from embedstore.probe.data import ProbeData
+
+#: Heads that read the metadata columns beside the features.
+METADATA_HEADS = {"lgbm"}
+
+
+@dataclass
+class ModelSpec:
+    """One model of the run: a feature entry and a head (with its stack bases when the head is a stack)."""
+
+    entry: str
+    head: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry} × {self.head}"
+
+    @property
+    def sets(self) -> list[str]:
+        return self.entry.split("+")
+
+
+def base_params(cfg: ProbeConfig, head: str) -> dict:
+    """The parameters ``head`` is built with before tuning: the run's seed and the fixed ``params``."""
+    params = {"seed": cfg.seed} if head != "stack" else {}
+    params.update(cfg.params.get(head, {}))
+    return params
+
+
+def build_model(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec, tuned: dict[str, dict] | None = None):
+    """The estimator of ``spec``, reading the probe frame; ``tuned`` overrides parameters per base name.
+
+    With ``decision: balanced`` it is wrapped in :class:`BalancedDecision` (same probabilities,
+    balanced-accuracy decision).
+    """
+    tuned = tuned or {}
+    if spec.head != "stack":
+        return _decided(cfg, _single(cfg, data, spec.sets, spec.head, tuned.get(spec.head, {})))
+    bases = []
+    for base_name, base_sets, head in _stack_bases(cfg, spec.sets):
+        est = _single(cfg, data, base_sets, head, tuned.get(base_name, {}))
+        bases.append((base_name, est.head, est.columns))
+    return _decided(cfg, StackHead(bases=bases, n_splits=cfg.inner_folds, seed=cfg.seed, **cfg.params.get("stack", {})))
+
+
+def tunable_parts(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec) -> list[tuple[str, list[str], ColumnsHead, str]]:
+    """(tuned-parameter key, feature sets, estimator, head name) of every part of ``spec`` that has
+    hyperparameters to tune.
+
+    Each part is scored with the run's decision rule (wrapped as :func:`build_model` wraps the model).
+    """
+    parts = [(spec.head, spec.sets, spec.head)] if spec.head != "stack" else _stack_bases(cfg, spec.sets)
+    return [(name, sets, _decided(cfg, _single(cfg, data, sets, h, {})), h) for name, sets, h in parts]
+
+
+def stack_of(model) -> StackHead | None:
+    """The (fitted or unfitted) stack inside ``model``, or None when it is no stack."""
+    if isinstance(model, BalancedDecision):
+        model = getattr(model, "estimator_", model.estimator)
+    return model if isinstance(model, StackHead) else None
+
+
+def fit(model, X: pd.DataFrame, y, groups, rows):
+    """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds)."""
+    if stack_of(model) is not None:
+        return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
+    return clone(model).fit(X.iloc[rows], y[rows])
+
+
+def _decided(cfg: ProbeConfig, model):
+    return BalancedDecision(model) if cfg.decision == "balanced" else model
+
+
+def _stack_bases(cfg: ProbeConfig, sets: list[str]) -> list[tuple[str, list[str], str]]:
+    """(name, feature sets, head) of each base of a stack over ``sets``."""
+    bases = [(f"{name} × {head}", [name], head) for name in sets for head in cfg.stack_heads]
+    return bases + [(f"{'+'.join(sets)} × {head}", sets, head) for head in cfg.stack_joint]
+
+
+def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned: dict) -> ColumnsHead:
+    columns = [c for name in sets for c in data.columns[name]]
+    params = {**base_params(cfg, head), **tuned}
+    if head in METADATA_HEADS and cfg.metadata:
+        columns = [*columns, *cfg.metadata]
+        params["passthrough"] = tuple(cfg.metadata)
+    return ColumnsHead(make_head(head, **params), columns)

@@ -1,0 +1,82 @@
+"""``embedstore predict``: apply a saved head to a store whose feature sets have the fingerprints it was trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedstore.atomic import write_file
+from embedstore.errors import ConfigError, StoreError
+from embedstore.heads import decide, load_head
+from embedstore.probe.card import read_card
+from embedstore.probe.data import common_ids, feature_frame
+from embedstore.store import FeatureStore
+
+
+def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd.DataFrame:
+    """Apply a saved head to every row of ``store_path`` that has its feature sets; write CSV or parquet.
+
+    Refuses a head that is not a skops file of trusted types (:func:`embedstore.heads.load_head`), and a store
+    whose feature sets have another fingerprint than the ones the head was trained on. The file is written
+    aside and renamed into place.
+    """
+    head_dir = Path(head_dir)
+    card = read_card(head_dir)
+    model = load_head(head_dir)
+    _check_out(out)
+    store = FeatureStore.open(store_path)
+    keys = _feature_keys(store, store_path, card)
+    missing = [c for c in card["metadata"] if c not in store.manifest.columns]
+    if missing:
+        raise ConfigError(f"the head reads metadata column(s) {missing}, which {store_path} does not have")
+    ids = common_ids(store, keys.values())
+    if not ids:
+        raise StoreError(f"{store_path} has no finished rows of {', '.join(keys)} to predict: run `embedstore extract` "
+                         "first (`embedstore ls` shows what is pending or failed)")
+    X, table, _ = feature_frame(store, keys, card["metadata"], ids)
+    proba = model.predict_proba(X)
+    classes = np.asarray(card["classes"], dtype=object)
+    frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[decide(model, proba)]})
+    for k, c in enumerate(card["classes"]):
+        frame[f"p_{c}"] = proba[:, k]
+    if card["target"] in store.manifest.columns:
+        truth = store.manifest.set_index("id").loc[table["id"], card["target"]].astype(str).to_numpy()
+        if card["positive_class"] is not None:
+            truth = np.where(truth == card["positive_class"], card["classes"][1], card["classes"][0])
+        frame.insert(1, "y_true", truth)
+    if Path(out).suffix == ".parquet":
+        write_file(out, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        write_file(out, lambda tmp: frame.to_csv(tmp, index=False))
+    return frame
+
+
+def _check_out(out: str | Path) -> None:
+    """ConfigError unless ``out`` may be a predictions file: not a folder, not inside a zarr store."""
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a .csv or .parquet file to write")
+    inside = [d for d in Path(out).resolve().parents if (d / "zarr.json").is_file()]
+    if inside:
+        raise ConfigError(f"--out {out} is inside the zarr store {inside[-1]}; write predictions outside any store")
+
+
+def _feature_keys(store: FeatureStore, store_path, card: dict) -> dict[str, str]:
+    """Each feature set of the card (as it was given) -> its key in ``store``; StoreError naming the first one
+    the store lacks with the card's fingerprint."""
+    keys = {}
+    for feat in card["features"]:
+        try:
+            key = store.resolve(feat["key"])
+        except StoreError:
+            key = None
+        if key != feat["key"]:
+            others = [i.key for i in store.feature_sets() if i.name == feat["name"] or i.encoder == feat["encoder"]]
+            hint = f" (it has {feat['name']} with fingerprint {', '.join(others)})" if others else ""
+            raise StoreError(
+                f"{store_path} has no features of fingerprint {feat['key']} ({feat['name']}){hint}: the head was "
+                f"trained on those; extract them with the same encoder settings first"
+            )
+        keys[feat["given_as"]] = key
+    return keys

@@ -1,0 +1,249 @@
+"""The probe's protocol: split, group folds, nested tuning, out-of-fold and test predictions, metrics with CIs.
+
+Every step is seeded by ``seed``:
+
+1. Split: an official train/(validation/)test column (``split_column``, values mapped by ``split_map``),
+   a stratified group hold-out (``holdout``), or none (cross-validation only). Validation rows are never
+   scored: with tuning they choose the final head's hyperparameters (one fold: fit on train, score on
+   validation) and the final head is refitted on train + validation; without tuning they are left out
+   (``split_map: {valid: train}`` folds them into training).
+2. Stratified group k-fold on the training rows. For each fold a model is fitted on the other folds and
+   predicts this one: the out-of-fold (OOF) predictions. With ``trials > 0`` each fold first runs its own
+   Optuna study on its training part only (inner group folds), so the OOF estimate is nested and no
+   hyperparameter ever saw the rows it is scored on. A study is reused only by exactly the same problem
+   (:func:`embedstore.tune.study_problem`).
+3. The final head: hyperparameters tuned on all training rows (outer folds, or the validation rows when
+   there are some), refitted on all of them (and the validation rows); it predicts the test rows when
+   there are any.
+4. Metrics on the test predictions (or the OOF ones without a test split), the headline ones with a
+   bootstrap 95% interval resampled by group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedstore.errors import ConfigError
+from embedstore.heads import BalancedDecision, decide
+from embedstore.layout import study_storage
+from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
+from embedstore.probe.config import ProbeConfig, tune_metric
+from embedstore.probe.data import load_data
+from embedstore.probe.models import METADATA_HEADS, ModelSpec, base_params, build_model, fit, stack_of, tunable_parts
+from embedstore.runs.record import Estimate
+from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
+from embedstore.store import FeatureStore, digest, fingerprint
+from embedstore.tune import SEARCH_SPACES, study_problem, tune
+
+MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
+BINARY_HEADLINE = ["roc_auc", "pauc_80", "balanced_accuracy", "sensitivity_at_90_specificity", "average_precision"]
+
+
+@dataclass
+class ModelResult:
+    """What :meth:`Probe.evaluate_model` gives for one model: its predictions, per-fold metrics and final head.
+
+    ``oof``/``oof_pred`` cover every row (NaN / -1 outside the training rows); ``test``/``test_pred``
+    the test rows (None without a test split); ``base_oof``/``base_test`` a stack's bases' probabilities.
+    """
+
+    spec: ModelSpec
+    oof: np.ndarray
+    oof_pred: np.ndarray
+    test: np.ndarray | None
+    test_pred: np.ndarray | None
+    folds: list[dict]
+    model: object
+    tuned: dict[str, dict]
+    base_oof: dict[str, np.ndarray] = field(default_factory=dict)
+    base_test: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Probe:
+    """One probe run's data, split and folds; :func:`embedstore.probe.run_probe` is the entry point.
+
+    ``progress(event, message)`` is called after every fold (``"fold"``), tuned model (``"tuned"``)
+    and writing step (``"step"``).
+    """
+
+    def __init__(self, cfg: ProbeConfig, progress=None):
+        self.cfg = cfg
+        self.progress = progress or (lambda event, message: None)
+        self.store = FeatureStore.open(cfg.store)
+        self.data = load_data(cfg, self.store)
+        self.metric_name, self.metric = tune_metric(cfg, len(self.data.classes))
+        self.storage = cfg.storage or study_storage(cfg.store)
+        self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
+        self._split()
+
+    def _split(self) -> None:
+        """Train, test and validation rows, the outer folds over the training rows, and what the final
+        head is tuned and fitted on (``split`` says it, for run.json)."""
+        cfg, d = self.cfg, self.data
+        empty = np.array([], dtype=int)
+        if cfg.split_column:
+            split = column_split(d.table[cfg.split_column], cfg.split_map)
+        elif cfg.holdout:
+            split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed, d.classes), empty, empty)
+        else:
+            split = ColumnSplit(np.arange(len(d.y)), empty, empty, empty)
+        self.train, self.test = split.train, split.test
+        self.valid = split.valid if cfg.trials else empty  # validation rows are used only to tune
+        self._check_sides({"training": self.train, "test": self.test, "validation": self.valid})
+        g = None if d.groups is None else d.groups[self.train]
+        folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed, class_names=d.classes)
+        self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
+        self.fit_rows = np.sort(np.concatenate([self.train, self.valid]))
+        self.final_folds = [(self.train, self.valid)] if len(self.valid) else self.folds
+        self.split = {
+            "column": cfg.split_column, "map": cfg.split_map, "n_train": int(len(self.train)),
+            "n_test": int(len(self.test)), "n_valid": int(len(split.valid)), "n_dropped": int(len(split.dropped)),
+            "validation": ("chose the final head's hyperparameters (fit on train, scored on validation), "
+                           "then the final head was refitted on train + validation") if len(self.valid) else
+                          ("left out of training and scoring (no tuning); --split-map VALUE=train folds them "
+                           "into training") if len(split.valid) else None,
+        }
+
+    def _check_sides(self, sides: dict[str, np.ndarray]) -> None:
+        """No group on two sides of the split, and every class on each side that has rows."""
+        d = self.data
+        if d.groups is not None:
+            for a, b in (("training", "test"), ("training", "validation"), ("validation", "test")):
+                if len(sides[a]) and len(sides[b]):
+                    check_disjoint(d.groups, sides[a], sides[b], (a, b))
+        for side, rows in sides.items():
+            missing = set(range(len(d.classes))) - set(d.y[rows]) if len(rows) else set()
+            if missing:
+                raise ConfigError(f"the {side} rows have no {[d.classes[k] for k in sorted(missing)]}: "
+                                  "every class needs rows on each side of the split")
+
+    def study_name(self, spec: ModelSpec, part: str, scope: str) -> str:
+        """The study :meth:`_tune` used for ``part`` of ``spec`` at ``scope``; a stack's own head has one
+        study per base, named here comma-separated."""
+        if (spec.name, part, scope) in self.studies:
+            return self.studies[spec.name, part, scope]
+        return ", ".join(name for (model, _, sc), name in self.studies.items() if model == spec.name and sc == scope)
+
+    def _problem(self, sets: list[str], head: str, rows: np.ndarray, scope: str) -> dict:
+        """What, besides the search and the folds, decides the value of a trial tuning ``head`` on ``sets``."""
+        cfg, d = self.cfg, self.data
+        metadata = cfg.metadata if head in METADATA_HEADS else []
+        return {
+            "features": [d.feature_keys[name] for name in sets],
+            "rows": digest(d.ids[rows]),
+            "images": digest(d.table["sha256"].to_numpy()[rows]),
+            "metadata": metadata,
+            "metadata_values": digest(pd.util.hash_pandas_object(d.table[metadata].iloc[rows], index=False))
+            if metadata else None,
+            "target": cfg.target, "positive": cfg.positive, "classes": d.classes,
+            "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
+            "head": head, "params": base_params(cfg, head), "metric": self.metric_name, "decision": cfg.decision,
+        }
+
+    def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
+        """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.
+
+        Each part has its own study, named ``store:target:features:head:fingerprint:scope`` (or
+        ``--study-name:features:head:scope``) and reused only by exactly the same problem.
+        """
+        cfg = self.cfg
+        if not cfg.trials:
+            return {}
+        tuned = {}
+        for key, sets, est, head in tunable_parts(cfg, self.data, spec):
+            if head not in SEARCH_SPACES:
+                continue
+            local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
+            fixed = frozenset(cfg.params.get(head, {}))
+            problem = study_problem(head, self.data.y[rows], local, cfg.seed, fixed,
+                                    **self._problem(sets, head, rows, scope))
+            part = f"{'+'.join(sets)}:{head}"
+            name = (f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
+                    f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
+                    f":{part}:{fingerprint(problem)}:{scope}")
+            self.studies[spec.name, key, scope] = name
+            tuned[key], _ = tune(
+                est, head, self.data.X.iloc[rows], self.data.y[rows], local, self.metric, cfg.trials,
+                self.storage, name, cfg.seed,
+                prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
+                fixed=fixed, problem=problem,
+            )
+            self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
+        return tuned
+
+    def evaluate_model(self, spec: ModelSpec) -> ModelResult:
+        """OOF (and test) probabilities and predicted classes, per-fold metrics, the final fitted model of one spec."""
+        cfg, d = self.cfg, self.data
+        oof = np.full((len(d.y), len(d.classes)), np.nan)
+        oof_pred = np.full(len(d.y), -1)
+        base_oof: dict[str, np.ndarray] = {}
+        fold_rows = []
+        for k, (train, test) in enumerate(self.folds):
+            t0 = time.perf_counter()
+            tuned = {}
+            if cfg.trials:
+                inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], cfg.inner_folds, cfg.seed,
+                                    class_names=d.classes)
+                tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
+            model = fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
+            oof[test] = model.predict_proba(d.X.iloc[test])
+            oof_pred[test] = decide(model, oof[test])
+            stack = stack_of(model)
+            if stack is not None:
+                for name, p in stack.base_probas(d.X.iloc[test]).items():
+                    base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
+            scores = evaluate(d.y[test], oof[test], oof_pred[test])
+            fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
+                              **scores, "seconds": round(time.perf_counter() - t0, 2)})
+            self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
+        tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
+        final = fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
+        test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
+        test_pred = decide(final, test_proba) if len(self.test) else None
+        stack = stack_of(final)
+        base_test = stack.base_probas(d.X.iloc[self.test]) if stack is not None and len(self.test) else {}
+        return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned, base_oof, base_test)
+
+    # ------------------------------------------------------------------ metrics
+
+    def headline_names(self) -> list[str]:
+        return BINARY_HEADLINE if len(self.data.classes) == 2 else MULTICLASS_HEADLINE
+
+    def scored_rows(self) -> np.ndarray:
+        """The rows metrics are computed on: the test rows when there are some, else the training rows (OOF)."""
+        return self.test if len(self.test) else self.train
+
+    def metrics_with_ci(self, proba: np.ndarray, pred: np.ndarray | None = None) -> dict[str, Estimate]:
+        """Every metric of ``proba`` and the predicted classes ``pred`` (default: the argmax of ``proba``),
+        rows aligned with :meth:`scored_rows`; headline metrics with grouped CIs."""
+        d, rows = self.data, self.scored_rows()
+        y = d.y[rows]
+        pred = proba.argmax(1) if pred is None else pred
+        groups = None if d.groups is None else d.groups[rows]
+        out = {}
+        for name, fn in metric_functions(len(d.classes)).items():
+            if name in self.headline_names():
+                out[name] = Estimate.of(bootstrap_ci(fn, y, proba, pred, groups=groups, n_boot=self.cfg.n_boot,
+                                                     seed=self.cfg.seed))
+            else:
+                out[name] = Estimate(fn(y, proba, pred))
+        return out
+
+    def model_metrics(self, results: list[ModelResult]) -> dict[str, dict[str, Estimate]]:
+        """The metrics of every model of ``results``, by name, and of each stack's bases (``base (in stack)``)."""
+        models = {}
+        for r in results:
+            models[r.spec.name] = self.metrics_with_ci(self.scored(r.test, r.oof), self.scored(r.test_pred, r.oof_pred))
+            for name, oof in r.base_oof.items():
+                models[f"{name} (in {r.spec.name})"] = self.metrics_with_ci(self.scored(r.base_test.get(name), oof))
+        return models
+
+    def scored(self, test: np.ndarray | None, oof: np.ndarray) -> np.ndarray:
+        """The predictions a model is scored on (probabilities or classes): its test ones when there
+        is a test split, else its OOF ones."""
+        return test if len(self.test) else oof[self.train]
