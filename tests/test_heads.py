@@ -152,3 +152,38 @@ def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
     assert stack.meta_.coef_.shape[1] == 2 * 7  # log-probabilities of both bases
     assert set(stack.base_probas(frame.iloc[:5])) == {"a", "b"}
     assert stack.predict_proba(frame.iloc[:5]).shape == (5, 7)
+
+
+def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_rows(ham):
+    import lightgbm as lgb
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import normalize
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from embedstore.heads.base import training_rows
+
+    X, y, train, test = ham["X"][ham["train"]], ham["y"][ham["train"]], ham["train"], ham["test"]
+    sample_weight = np.linspace(0.5, 1.5, len(train))
+    options = {"class_weight": "balanced", "undersample": 3, "seed": 1}
+    rows, codes, weights = training_rows(LGBMHead(**options), y, sample_weight)
+    counts = np.bincount(codes)
+    assert counts.max() <= np.ceil(3 * counts.min()) < np.bincount(np.unique(y, return_inverse=True)[1]).max()
+    np.testing.assert_allclose(weights, compute_sample_weight("balanced", codes) * sample_weight[rows])
+
+    # LightGBM on exactly those rows and weights, by hand, is the LGBM head ...
+    head = LGBMHead(n_estimators=30, pca=16, **options).fit(X, y, sample_weight=sample_weight)
+    pca = PCA(n_components=16, random_state=1).fit(X[rows])
+    columns = [f"emb_{i}" for i in range(16)]
+    direct = lgb.LGBMClassifier(n_estimators=30, learning_rate=0.05, num_leaves=31, min_child_samples=20,
+                                subsample=0.8, subsample_freq=1, colsample_bytree=0.5, reg_lambda=1.0,
+                                random_state=1, n_jobs=1, verbose=-1)
+    direct.fit(pd.DataFrame(pca.transform(X[rows]), columns=columns), codes, sample_weight=weights)
+    query = ham["X"][test]
+    np.testing.assert_allclose(head.predict_proba(query),
+                               direct.predict_proba(pd.DataFrame(pca.transform(query), columns=columns)))
+    # ... and a logistic regression on them is the logreg head.
+    logreg = LogRegHead(C=0.5, norm="l2", **options).fit(X, y, sample_weight=sample_weight)
+    ref = LogisticRegression(C=0.5, max_iter=logreg.max_iter, random_state=1)
+    ref.fit(normalize(X[rows]), codes, sample_weight=weights)
+    np.testing.assert_allclose(logreg.predict_proba(query), ref.predict_proba(normalize(query)), atol=1e-6)
+    assert np.array_equal(logreg.predict(query), logreg.classes_[ref.predict_proba(normalize(query)).argmax(1)])

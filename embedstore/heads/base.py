@@ -86,7 +86,32 @@ def class_sample_weight(codes: np.ndarray, class_weight, sample_weight=None) -> 
     return w if sample_weight is None else w * np.asarray(sample_weight)
 
 
-class EmbeddingHead(ClassifierMixin, BaseEstimator):
+class ArgmaxPredictMixin:
+    """``predict``: the class of highest probability, for every head that defines ``predict_proba`` and ``classes_``.
+
+    Listed before scikit-learn's ``ClassifierMixin`` in a head's bases.
+    """
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def training_rows(head, y, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The set-up every head's ``fit`` shares: sets ``head.classes_`` from ``y``, keeps the rows that the head's
+    ``undersample`` ratio leaves (seeded by ``head.seed``) and weighs them by ``head.class_weight`` times
+    ``sample_weight``.
+
+    Returns the kept rows, their integer class codes and their weights (None when unweighted).
+    """
+    head.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+    rows = undersample_indices(codes, head.undersample, head.seed)
+    weights = class_sample_weight(
+        codes[rows], head.class_weight, None if sample_weight is None else np.asarray(sample_weight)[rows]
+    )
+    return rows, codes[rows], weights
+
+
+class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """Base of the heads that read a numeric feature matrix (logreg, knn, svm, mlp).
 
     Subclasses declare ``norm``, ``pca``, ``whiten``, ``class_weight``,
@@ -95,24 +120,17 @@ class EmbeddingHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None):
         X = check_array(X, dtype=np.float32)
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        rows, codes, weights = training_rows(self, y, sample_weight)
         if self.classes_.size < 2:
             raise ValueError("a head needs at least two classes in y")
-        rows = undersample_indices(codes, self.undersample, self.seed)
         self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows])
-        weights = class_sample_weight(
-            codes[rows], self.class_weight, None if sample_weight is None else np.asarray(sample_weight)[rows]
-        )
-        self._fit_core(self.preprocessor_.transform(X[rows]), codes[rows], weights)
+        self._fit_core(self.preprocessor_.transform(X[rows]), codes, weights)
         self.n_features_in_ = X.shape[1]
         return self
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "preprocessor_")
         return self._proba_core(self.preprocessor_.transform(X))
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
 
     def _fit_core(self, Z: np.ndarray, codes: np.ndarray, sample_weight: np.ndarray | None) -> None:
         raise NotImplementedError

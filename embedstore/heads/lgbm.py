@@ -17,10 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import class_sample_weight, undersample_indices
+from embedstore.heads.base import ArgmaxPredictMixin, training_rows
 
 
-class LGBMHead(ClassifierMixin, BaseEstimator):
+class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """LightGBM classifier over ``[PCA(embedding), metadata]`` with class weights and undersampling.
 
     ``n_jobs`` defaults to 1: OpenMP threads that share a busy CPU with other
@@ -69,9 +69,8 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None):
         emb, meta = self._split(X)
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        rows = undersample_indices(codes, self.undersample, self.seed)
-        emb, meta, codes = emb[rows], meta.iloc[rows].reset_index(drop=True), codes[rows]
+        rows, codes, weights = training_rows(self, y, sample_weight)
+        emb, meta = emb[rows], meta.iloc[rows].reset_index(drop=True)
         self.categories_ = {
             c: sorted(meta[c].dropna().astype(str).unique())
             for c in meta.columns
@@ -79,9 +78,6 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
         }
         n = min(int(self.pca), *emb.shape) if self.pca else 0
         self.pca_ = PCA(n_components=n, random_state=self.seed).fit(emb) if n else None
-        weights = class_sample_weight(
-            codes, self.class_weight, None if sample_weight is None else np.asarray(sample_weight)[rows]
-        )
         self.model_ = lgb.LGBMClassifier(
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, subsample=self.subsample, subsample_freq=1,
@@ -95,6 +91,3 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
         return self.model_.predict_proba(self._design(*self._split(X)))
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]

@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
+from embedstore.heads.base import ArgmaxPredictMixin
 from embedstore.splits import group_kfold
 
 
@@ -39,7 +40,7 @@ def _logit_features(probas: list[np.ndarray]) -> np.ndarray:
     return np.log(np.clip(np.hstack(probas), 1e-6, 1.0))
 
 
-class StackHead(ClassifierMixin, BaseEstimator):
+class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """Stack of ``bases`` = ``[(name, head, columns), ...]`` under a meta-learner.
 
     ``columns`` is ``None`` (all of X) or a list of DataFrame column names.
@@ -85,9 +86,6 @@ class StackHead(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         return self.meta_.predict_proba(_logit_features(list(self.base_probas(X).values())))
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
 
 
 def _rows(X, rows):
