@@ -304,7 +304,6 @@ def extract(
     store: FeatureStore | str | Path,
     *,
     name: str | None = None,
-    weights: str | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
     device: str = "auto",
@@ -318,7 +317,10 @@ def extract(
     """Extract ``encoder`` features of every image of ``source`` that the store lacks or holds stale.
 
     Returns an :class:`ExtractResult`; unreadable images are recorded (see
-    ``failures``), not fatal. ``shard="i/n"`` processes only every n-th row
+    ``failures``), not fatal. The feature set records how to rebuild the
+    encoder from the encoder itself (its weights file included, see
+    :meth:`Encoder.spec`), so ``create_encoder(name, weights=FILE)`` is all a
+    notebook passes. ``shard="i/n"`` processes only every n-th row
     chunk, so n processes (or machines sharing the store) can split the work.
     """
     t0 = time.perf_counter()
@@ -326,7 +328,7 @@ def extract(
         device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, rows_per_chunk=rows_per_chunk,
         shard=shard)
     if isinstance(encoder, str):
-        encoder = create_encoder(encoder, weights=weights)
+        encoder = create_encoder(encoder)
     table = source.table  # validates the source before anything is written
     config = feature_set_config(encoder, tta, dtype)
     key = fingerprint(config)
@@ -340,7 +342,7 @@ def extract(
     hashes = state["sha256"].tolist()
     _check_some_readable(source, table, hashes)
     store = existing or FeatureStore.create_or_open(store)
-    attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": weights,
+    attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": encoder.weights_file,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
              "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
              "config": config, "rows_per_chunk": rows_per_chunk}

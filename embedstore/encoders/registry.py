@@ -9,7 +9,9 @@ An :class:`Encoder` carries everything that decides what its features are:
 the model (mapping a normalised ``[B, 3, H, W]`` batch to ``[B, D]``), its
 :class:`Preprocessing`, its pooling and a hash of its weights. Those go into
 the feature set's fingerprint, so a change to any of them is a new feature set,
-never a silently stale one.
+never a silently stale one. It also knows how to rebuild itself
+(:meth:`Encoder.spec`: name, weights file, pooling, input size and crop, as
+timm's model config does), so ``extract`` records that from the encoder alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,6 +68,7 @@ class Encoder:
     weights: str | None = None  # where the weights came from: a local path, a package, a hub tag
     channels_last: bool = True  # CNNs run faster in NHWC on CPU and GPU
     input_options: dict = field(default_factory=dict)  # image_size / crop_pct given to create_encoder, if any
+    weights_file: str | None = None  # the local weights file given to create_encoder (None: the default source)
     _weights_sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,8 +83,13 @@ class Encoder:
             self._weights_sha256 = state_dict_sha256(self.model.state_dict())
         return self._weights_sha256
 
+    def spec(self) -> dict:
+        """The arguments of :func:`create_encoder` that rebuild this encoder (``create_encoder(**enc.spec())``)."""
+        return {"name": self.name, "weights": self.weights_file, "pooling": self.pooling, **self.input_options}
+
     def config(self) -> dict:
-        """The parts of the encoder that decide its features (the fingerprint's input)."""
+        """The parts of the encoder that decide its features (the fingerprint's input; the weights by their hash,
+        not by where they came from)."""
         return {
             "encoder": self.name,
             "weights_sha256": self.weights_sha256,
@@ -143,21 +152,24 @@ def list_encoders() -> list[dict]:
     return rows
 
 
-def create_encoder(name: str, weights: str | None = None, pooling: str | None = None,
+def create_encoder(name: str, weights: str | Path | None = None, pooling: str | None = None,
                    image_size: int | None = None, crop_pct: float | None = None, **kwargs) -> Encoder:
     """Build the encoder registered as ``name``.
 
     ``weights`` is a local file (safetensors, or a torch checkpoint loadable
-    with ``weights_only=True``) that replaces the default download; ``pooling``
+    with ``weights_only=True``) that replaces the default download, kept on
+    the encoder as ``weights_file`` (see :meth:`Encoder.spec`); ``pooling``
     picks how token/feature maps become one vector where the encoder offers a
     choice (DINOv2: ``cls``, ``mean``, ``cls+mean``; CNNs: ``stages``).
     ``image_size`` and ``crop_pct`` change the input from the encoder's default
     (see :func:`with_input_size`).
     """
+    weights = None if weights is None else str(weights)
     if name in _ENCODERS:
         encoder = _ENCODERS[name].builder(weights=weights, pooling=pooling, **kwargs)
     else:
         encoder = _family_member(name, weights, pooling, kwargs)
+    encoder.weights_file = weights
     return with_input_size(encoder, image_size, crop_pct)
 
 
@@ -199,7 +211,7 @@ def _family_member(name: str, weights, pooling, kwargs) -> Encoder:
     )
 
 
-def check_pooling(name: str, pooling: str | None, choices: tuple[str, ...], default: str) -> str:
+def check_pooling(name: str, pooling: str | None, choices: tuple[str, ...], default: str | None) -> str | None:
     """Validate a pooling choice for encoder ``name`` (``None`` gives ``default``)."""
     if pooling is None:
         return default
