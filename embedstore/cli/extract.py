@@ -25,7 +25,7 @@ def extract(
     path_col: Optional[str] = typer.Option(None, "--path-col", help="CSV column holding each image's path relative to --images."),
     template: str = typer.Option("{id}.jpg", "--template", help="Image file name from the id, when there is no --path-col."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (safetensors or torch checkpoint) instead of downloading."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling where the encoder offers a choice: DINOv2 cls, mean or cls+mean; CNNs `stages` (every stage's pooled output, concatenated: finer texture than the last layer alone)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling where the encoder offers a choice: DINOv2 cls, mean or cls+mean; CNNs `stages` (every stage's pooled output, concatenated: finer texture than the last layer alone); timm:<model> timm's global_pool (avg, max, avgmax, catavgmax; token for ViTs). open_clip towers take none."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size in pixels instead of the encoder's (CNNs take any size; another scale is another view to stack)."),
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre crop's share of the resized image (timm's crop_pct): 0.875 is ImageNet's 256->224, 1.0 keeps the whole shorter side."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
@@ -55,9 +55,9 @@ def extract(
                   rows_per_chunk=rows_per_chunk, shard=shard)  # before the model is loaded or anything read
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
-    enc = create_encoder(encoder, weights=str(weights) if weights else None, pooling=pooling,
+    enc = create_encoder(encoder, weights=weights, pooling=pooling,
                          image_size=image_size, crop_pct=crop_pct)
-    result = run_extract(src, enc, store, name=name, weights=str(weights) if weights else None, batch_size=batch_size,
+    result = run_extract(src, enc, store, name=name, batch_size=batch_size,
                          num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
                          shard=shard, retry_failed=retry_failed, progress=not quiet)
     typer.echo(result.summary())

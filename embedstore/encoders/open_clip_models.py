@@ -24,6 +24,10 @@ class ImageTower(nn.Module):
 
 @register_encoder("open_clip", description="OpenCLIP image tower (open_clip:<model>/<pretrained tag>)", family=True)
 def open_clip_family(model_name: str, weights: str | None = None, pooling: str | None = None) -> Encoder:
+    """``open_clip:<model>/<tag>``; the tower pools as the model was trained to (no ``pooling`` choice)."""
+    if pooling is not None:
+        raise EncoderError(f"encoder open_clip:{model_name} has no pooling choice: its image tower pools as the model "
+                           f"was trained to (class token or attention pool); leave --pooling out")
     import open_clip
 
     arch, _, tag = model_name.partition("/")

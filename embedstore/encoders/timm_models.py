@@ -16,6 +16,7 @@ from torch import nn
 
 from embedstore.encoders.registry import Encoder, Preprocessing, check_pooling, register_encoder
 from embedstore.encoders.weights import hub_download, load_into, load_state_dict
+from embedstore.errors import EncoderError, first_line
 
 DINOV2_POOLING = ("cls", "mean", "cls+mean")
 # The DINOv2 linear evaluation: resize 256, centre-crop 224, bicubic, ImageNet statistics.
@@ -102,22 +103,48 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
+#: timm's ``global_pool`` names: CNNs take avg, max, avgmax and catavgmax (avg and max side by side, twice the width);
+#: ViTs avg, max, avgmax (over the patch tokens) and token (the class token); map only for models built with it.
+TIMM_POOLING = ("avg", "max", "avgmax", "catavgmax", "token", "map")
+
+
+def timm_pooled(name: str, model: nn.Module, pooling: str, crop: int) -> int:
+    """Re-pool ``model`` in place with timm's ``global_pool`` = ``pooling``; returns its feature width.
+
+    timm's ``reset_classifier`` swaps the pooling without touching the weights. What a model does not
+    offer (token pooling without a class token, a new attention pool) is refused in one line, as is a
+    pooling that leaves feature maps unpooled (checked by one pass of a blank ``crop`` x ``crop`` image).
+    """
+    try:
+        model.reset_classifier(0, global_pool=pooling)
+        with torch.inference_mode():
+            out = model.eval()(torch.zeros(1, 3, crop, crop))  # eval: leave batch-norm statistics alone
+    except Exception as exc:  # noqa: BLE001 - timm refuses with asserts, type and value errors alike
+        raise EncoderError(f"encoder {name} does not offer pooling {pooling!r}: {first_line(exc, None)}") from None
+    if out.ndim != 2:
+        raise EncoderError(f"encoder {name} with pooling {pooling!r} gives unpooled {tuple(out.shape[1:])} maps; "
+                           f"choose another of {', '.join(TIMM_POOLING)}")
+    return int(out.shape[-1])
+
+
 @register_encoder("timm", description="any timm model, pooled by timm (timm:resnet50.a1_in1k, timm:vit_small_patch16_224, ...)", family=True)
 def timm_family(model_name: str, weights: str | None = None, pooling: str | None = None) -> Encoder:
+    """``timm:<model>``; ``pooling`` is timm's ``global_pool`` (:data:`TIMM_POOLING`), None keeps the model's own."""
     import timm
 
+    name = f"timm:{model_name}"
+    pooling = check_pooling(name, pooling, TIMM_POOLING, default=None)  # before any download
     if not timm.list_models(model_name.split(".")[0]):
-        raise_unknown = f"timm has no model {model_name!r}"
-        from embedstore.errors import EncoderError
-
-        raise EncoderError(raise_unknown)
+        raise EncoderError(f"timm has no model {model_name!r}")
     if weights is None:
-        with hub_download(f"timm:{model_name}"):
+        with hub_download(name):
             model = timm.create_model(model_name, pretrained=True, num_classes=0)
-        label = f"timm:{model_name}"
+        label = name
     else:
         model = timm.create_model(model_name, pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(Path(weights).resolve())})
         label = str(Path(weights).resolve())
-    return Encoder(name=f"timm:{model_name}", model=model, preprocessing=_timm_preprocessing(model),
-                   dim=int(model.num_features), weights=label, channels_last="vit" not in model_name)
+    preprocessing = _timm_preprocessing(model)
+    dim = int(model.num_features) if pooling is None else timm_pooled(name, model, pooling, preprocessing.crop)
+    return Encoder(name=name, model=model, preprocessing=preprocessing, dim=dim, pooling=pooling, weights=label,
+                   channels_last="vit" not in model_name)
