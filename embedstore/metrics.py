@@ -60,12 +60,17 @@ def roc_auc(y_true, proba) -> float:
     return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
 
 
+def binary_average_precision(y_true, score) -> float:
+    """Average precision of a binary problem (the area under its precision-recall steps)."""
+    return float(skm.average_precision_score(np.asarray(y_true).astype(bool), score))
+
+
 def average_precision(y_true, proba) -> float:
     """Average precision: binary on the positive column, else the macro mean over classes present."""
     y = np.asarray(y_true)
     p = np.asarray(proba)
     cols = [1] if p.shape[1] == 2 else range(p.shape[1])
-    aps = [skm.average_precision_score(y == k, p[:, k]) for k in cols if np.any(y == k)]
+    aps = [binary_average_precision(y == k, p[:, k]) for k in cols if np.any(y == k)]
     return float(np.mean(aps)) if aps else float("nan")
 
 
@@ -95,6 +100,50 @@ def sensitivity_at_specificity(y_true, score, specificity: float = 0.9) -> float
     fpr, tpr, _ = skm.roc_curve(y, score)
     ok = fpr <= 1.0 - specificity + 1e-12
     return float(tpr[ok].max())
+
+
+def roc_points(y_true, score) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve of a binary problem as (false positive rates, true positive rates), for drawing."""
+    fpr, tpr, _ = skm.roc_curve(np.asarray(y_true).astype(bool), score)
+    return fpr, tpr
+
+
+def precision_recall_points(y_true, score) -> tuple[np.ndarray, np.ndarray]:
+    """The precision-recall curve of a binary problem as (recalls, precisions), for drawing as steps."""
+    precision, recall, _ = skm.precision_recall_curve(np.asarray(y_true).astype(bool), score)
+    return recall, precision
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+class Calibration(NamedTuple):
+    """Equal-width bins of predicted probability: per bin the mean confidence, the observed
+    frequency of the event and the number of predictions; ``ece`` is the expected calibration
+    error (the count-weighted mean gap between confidence and frequency)."""
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    observed: np.ndarray
+    counts: np.ndarray
+    ece: float
+
+
+def calibration(confidence, outcome, n_bins: int = 10) -> Calibration:
+    """Reliability bins of ``confidence`` (probabilities in [0, 1]) against ``outcome`` (did the event happen).
+
+    A probability on a bin edge falls in the upper bin, 1.0 in the last; empty bins have
+    confidence and frequency 0 and count 0 (and weigh nothing in ``ece``).
+    """
+    confidence = np.asarray(confidence, dtype=float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    safe = np.maximum(counts, 1)
+    mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / safe
+    observed = np.bincount(index, weights=np.asarray(outcome).astype(float), minlength=n_bins) / safe
+    ece = float(np.sum(counts * np.abs(mean_confidence - observed)) / max(counts.sum(), 1))
+    return Calibration(edges, mean_confidence, observed, counts, ece)
 
 
 # ----------------------------------------------------------------------------- label metrics

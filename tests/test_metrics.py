@@ -5,11 +5,16 @@ import pytest
 from sklearn import metrics as skm
 
 from embedstore.metrics import (
+    average_precision,
     binary_auc,
+    binary_average_precision,
     bootstrap_ci,
+    calibration,
     evaluate,
     partial_auc,
+    precision_recall_points,
     roc_auc,
+    roc_points,
     sensitivity_at_specificity,
 )
 
@@ -122,3 +127,31 @@ def test_bootstrap_is_seeded_and_skips_undefined_resamples():
     b = bootstrap_ci(binary_auc, y, s, n_boot=300, seed=7)
     assert a == b
     assert np.isfinite(a.low)  # resamples without the one positive were skipped, not averaged in
+
+
+def test_curve_points_trace_the_curves_the_metrics_summarise():
+    y, s = _scores(ties=True)
+    fpr, tpr = roc_points(y, s)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(binary_auc(y, s), abs=1e-12)  # ties counted half by both
+    recall, precision = precision_recall_points(y, s)
+    assert recall[0] == 1 and recall[-1] == 0 and precision[-1] == 1
+    # AP is the step sum of precision over the recall gained at each threshold.
+    assert -np.sum(np.diff(recall) * precision[:-1]) == pytest.approx(binary_average_precision(y, s), abs=1e-12)
+    assert average_precision(y.astype(int), np.c_[-s, s]) == binary_average_precision(y, s)
+
+
+def test_calibration_bins_and_ece_by_hand():
+    confidence = np.array([0.05, 0.15, 0.15, 0.55, 0.95, 1.0, 0.1])
+    outcome = np.array([0, 1, 0, 1, 1, 1, 0], dtype=bool)
+    bins = calibration(confidence, outcome, n_bins=10)
+    assert bins.edges.tolist() == pytest.approx(np.linspace(0, 1, 11).tolist())
+    # 0.1 lies on an edge and goes up; 1.0 goes in the last bin.
+    assert bins.counts.tolist() == [1, 3, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert bins.confidence[1] == pytest.approx((0.15 + 0.15 + 0.1) / 3)
+    assert bins.observed[1] == pytest.approx(1 / 3) and bins.observed[9] == 1.0
+    gaps = [abs(0.05 - 0), 3 * abs(0.4 / 3 - 1 / 3), abs(0.55 - 1), 2 * abs(0.975 - 1)]
+    assert bins.ece == pytest.approx(sum(gaps) / 7)
+    perfect = calibration(np.repeat([0.25, 0.75], 4), np.array([1, 0, 0, 0, 1, 1, 1, 0], dtype=bool))
+    assert perfect.ece == pytest.approx(0.0)

@@ -17,8 +17,8 @@ import pytest
 from embedstore.atomic import MARKER
 from embedstore.errors import EmbedstoreError
 from embedstore.report import write_comparison, write_report
-from embedstore.report.match_report import SHEET_PAIRS, normalise_pairs, worst_pairs
-from embedstore.report.runs import Estimate
+from embedstore.report.match_report import SHEET_PAIRS, worst_pairs
+from embedstore.runs import Estimate
 from test_report_support import match_run, probe_run, sklearn_probe_run, states_study, tuned_study
 
 
@@ -141,7 +141,7 @@ def test_probe_report_of_a_real_probe_run(ham_store, inputs, tmp_path):
     md = html.with_suffix(".md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     for name in metrics["headline"]:
-        est = Estimate.parse(metrics["metrics"][name])
+        est = Estimate.from_dict(metrics["metrics"][name])
         assert f"| {est.value:.3f} | [{est.ci_low:.3f}, {est.ci_high:.3f}] |" in md, name
     folds = pd.read_csv(run / "folds.csv")
     first = metrics["headline"][0]
@@ -210,21 +210,22 @@ def test_match_report_of_a_real_match_run(ham_store, inputs, tmp_path):
     figures = {p.stem for p in (run / "figures").iterdir()}
     assert {"headline", "sweep", "clusters", "pairs"} <= figures
     md = html.with_suffix(".md").read_text()
-    f1 = Estimate.parse(json.loads((run / "metrics.json").read_text())["metrics"]["pairwise_f1"])
+    f1 = Estimate.from_dict(json.loads((run / "metrics.json").read_text())["metrics"]["pairwise_f1"])
     assert f"| pairwise F1 | {f1.value:.3f} | [{f1.ci_low:.3f}, {f1.ci_high:.3f}] |" in md
 
 
 def test_pair_sheet_takes_the_worst_pairs_of_each_kind(ham_store, inputs):
     raw = pd.read_csv(match_run(ham_store, inputs) / "pairs.csv")
-    pairs = normalise_pairs(raw)
-    false_matches, missed = worst_pairs(pairs)
+    false_matches, missed = worst_pairs(raw)
     assert 0 < len(false_matches) <= SHEET_PAIRS and 0 < len(missed) <= SHEET_PAIRS
     fp = raw[(raw["same_cluster"]) & (~raw["same_group"])]
     fn = raw[(~raw["same_cluster"]) & (raw["same_group"])]
-    assert math.isclose(false_matches["score"].iloc[0], fp["similarity"].max(), rel_tol=1e-6)
-    assert math.isclose(missed["score"].iloc[0], fn["similarity"].min(), rel_tol=1e-6)
-    assert list(false_matches["score"]) == sorted(false_matches["score"], reverse=True)
-    assert set(false_matches["id_a"]) <= set(fp["id_a"])
+    assert math.isclose(false_matches["similarity"].iloc[0], fp["similarity"].max(), rel_tol=1e-6)
+    assert math.isclose(missed["similarity"].iloc[0], fn["similarity"].min(), rel_tol=1e-6)
+    assert list(false_matches["similarity"]) == sorted(false_matches["similarity"], reverse=True)
+    assert set(false_matches["id_a"]) <= set(fp["id_a"].astype(str))
+    # Every image of the sheet is captioned with its id and its lesion.
+    assert (false_matches["group_a"] != false_matches["group_b"]).all() and (missed["group_a"] == missed["group_b"]).all()
 
 
 # --------------------------------------------------------------------------------- comparison

@@ -1,4 +1,5 @@
-"""The HTML reports, opened in a real headless Chromium, render every figure with no console error.
+"""The HTML reports, opened in a real headless Chromium, render every figure with no console error,
+and every table, figure and heading fits the page's card (measured on the element boxes).
 
 Chromium comes from Debian (``tools/install_browser.sh``); without a chromium
 binary this test is skipped with that reason. Screenshots of each page are left
@@ -44,16 +45,19 @@ def chromium() -> str:
 
 
 def _control_page(tmp_path: Path) -> Path:
-    """A page with the faults the check must catch: a corrupt data URI, a network image, a script error."""
+    """A page with the faults the check must catch: a corrupt data URI, a network image, a script error,
+    a table wider than its card and a heading cut by it."""
     good = (Path(__file__).parent / "data" / "chelsea.jpg").read_bytes()
     data = base64.b64encode(good).decode()
     page = tmp_path / "control.html"
     page.write_text(
-        "<!DOCTYPE html><html><body>"
-        f'<img alt="fine" src="data:image/jpeg;base64,{data}">'
+        '<!DOCTYPE html><html><body><main style="width: 320px">'
+        '<h2 style="overflow: hidden">' + "unbreakable" * 8 + "</h2>"
+        '<table><tr><td style="white-space: nowrap">' + "a wide cell " * 12 + "</td></tr></table>"
+        f'<img alt="fine" src="data:image/jpeg;base64,{data}" style="max-width: 100%">'
         f'<img alt="corrupt" width="200" height="100" src="data:image/png;base64,{data[:400]}">'
         '<img alt="remote" width="200" height="100" src="https://example.invalid/figure.png">'
-        "<script>undefinedFunction()</script></body></html>"
+        "<script>undefinedFunction()</script></main></body></html>"
     )
     return page
 
@@ -87,6 +91,7 @@ def test_reports_render_every_figure_in_headless_chromium(ham_store, inputs, tmp
             assert image.width >= 300 and image.height >= 100, f"{name}: figure {figure} is {image.width}x{image.height}"
             assert not image.blank, f"{name}: figure {figure} rendered blank"
         assert check.console_errors == [], f"{name}: {check.console_errors}"
+        assert check.overflows == [], f"{name}: {check.overflows}"
         assert all(url.startswith(("file:", "data:")) for url in check.requests), f"{name} went to the network"
 
     # The same check catches a broken page: it is not a check that cannot fail.
@@ -94,3 +99,4 @@ def test_reports_render_every_figure_in_headless_chromium(ham_store, inputs, tmp
     assert [image.loaded for image in broken.images] == [True, False, False]
     assert broken.console_errors, "console errors were not captured"
     assert any(url.startswith("https://example.invalid") for url in broken.requests)
+    assert sorted(problem.split(" ", 1)[0] for problem in broken.overflows) == ["h2", "table"], broken.overflows

@@ -42,13 +42,14 @@ def _labelled(X: np.ndarray, table):
 
 
 @functools.lru_cache(maxsize=None)
-def probe_run(store: Path, root: Path, features: str, positive: str | None = None) -> Path:
-    """A real probe run folder: logistic regression (C=1) with 3 lesion-grouped folds."""
+def probe_run(store: Path, root: Path, features: str, positive: str | None = None, head: str = "logreg") -> Path:
+    """A real probe run folder: ``head`` (logistic regression with C=1, or a stack of logistic regressions)
+    on ``features`` (comma-separated entries are compared, ``a+b`` is one entry) with 3 lesion-grouped folds."""
     from embedstore.probe import ProbeConfig, run_probe
 
-    out = root / f"probe-{features}-{positive or 'dx'}"
+    out = root / f"probe-{features.replace(',', '-')}-{positive or 'dx'}-{head}"
     cfg = ProbeConfig.from_dict(dict(
-        store=str(store), target="dx", features=[features], groups="lesion_id", heads=["logreg"],
+        store=str(store), target="dx", features=features.split(","), groups="lesion_id", heads=[head],
         params={"logreg": {"C": 1.0}}, positive=positive, out=str(out), **FAST,
     ))
     run_probe(cfg)
@@ -61,15 +62,18 @@ def sklearn_probe_run(store: Path, root: Path, features: str, positive: str | No
     scikit-learn logistic regression over 3 lesion-grouped folds of the first 64 principal components
     of the store's real features.
 
-    Cheaper than ``run_probe`` (no t-SNE: a PCA map), so a binary probe and a second encoder for
-    comparisons cost a second each.
+    Cheaper than ``run_probe`` (one model, bootstraps of 100), so a binary probe and a second encoder
+    for comparisons cost a few seconds each. The record and metrics are written as the typed run
+    record writes them (:class:`embedstore.runs.ProbeRecord`, :class:`embedstore.runs.Metrics`).
     """
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
+    from sklearn.manifold import TSNE
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from embedstore.metrics import accuracy, balanced_accuracy, bootstrap_ci, roc_auc
+    from embedstore.runs import Estimate, Metrics, ProbeRecord
     from embedstore.splits import group_kfold
     from embedstore.store import FeatureStore
 
@@ -97,25 +101,23 @@ def sklearn_probe_run(store: Path, root: Path, features: str, positive: str | No
                           **{m: f(y[test], proba[test]) for m, f in metrics.items()}})
     out = root / f"sk-probe-{features}-{positive or 'dx'}"
     out.mkdir(parents=True, exist_ok=True)
-    run = {
-        "format": 1, "kind": "probe", "embedstore_version": "test", "created": "2026-01-01T00:00:00+00:00",
-        "store": str(store), "features": [fs.resolve(features)], "feature_names": [features], "head": "logreg",
-        "target": "dx", "groups": "lesion_id", "classes": classes, "positive_class": positive, "seed": 0,
-        "study": None, "embedding_method": "PCA",
-    }
-    (out / "run.json").write_text(json.dumps(run))
-    cis = {m: bootstrap_ci(f, y, proba, groups=groups, n_boot=100, seed=0) for m, f in metrics.items()}
-    (out / "metrics.json").write_text(json.dumps({
-        "headline": list(metrics), "n": len(y), "n_groups": len(set(groups)),
-        "metrics": {m: {"value": ci.value, "ci_low": ci.low, "ci_high": ci.high} for m, ci in cis.items()},
-    }))
+    run = ProbeRecord(
+        created="2026-01-01T00:00:00+00:00", store=str(store), features=[fs.resolve(features)], feature_names=[features],
+        head="logreg", target="dx", groups="lesion_id", classes=classes,
+        positive_class=positive, seed=0, models=[f"{features} × logreg"],
+    )
+    (out / "run.json").write_text(json.dumps(run.to_dict()))
+    cis = {m: Estimate.of(bootstrap_ci(f, y, proba, groups=groups, n_boot=100, seed=0)) for m, f in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(Metrics(
+        headline=list(metrics), metrics=cis, n=len(y), n_groups=len(set(groups)), model=f"{features} × logreg",
+    ).to_dict()))
     pd.DataFrame(fold_rows).to_csv(out / "folds.csv", index=False)
     predictions = pd.DataFrame({"id": table["id"], "fold": fold_of, "split": "oof",
                                 "y_true": [classes[i] for i in y], "y_pred": [classes[i] for i in proba.argmax(1)]})
     for i, c in enumerate(classes):
         predictions[f"p_{c}"] = proba[:, i]
     predictions.to_parquet(out / "predictions.parquet", index=False)
-    xy = Z[:, :2]
+    xy = TSNE(n_components=2, init="pca", perplexity=30.0, random_state=0).fit_transform(Z)
     pd.DataFrame({"id": table["id"], "x": xy[:, 0], "y": xy[:, 1], "label": labels}).to_parquet(
         out / "embedding_2d.parquet", index=False)
     return out
@@ -128,7 +130,9 @@ def match_run(store: Path, root: Path) -> Path:
     from embedstore.match.run import run_match
 
     out = root / "match-threshold"
-    return run_match(MatchConfig(store=str(store), features="mobilenet_v2", bootstrap=200, report=False), out)
+    config = MatchConfig(store=str(store), features=["mobilenet_v2"], groups="lesion_id", n_boot=200, report=False,
+                         out=str(out))
+    return run_match(config).path
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,6 +198,54 @@ def states_study(store: Path, root: Path) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Figures as drawn: what of a matplotlib figure's layout a reader would see as broken.
+
+
+def _drawn_texts(fig) -> list:
+    """The texts a draw of ``fig`` puts on the canvas: every visible non-empty text, of the tick labels
+    only those of ticks inside their axis' view (matplotlib keeps the others but does not draw them)."""
+    from matplotlib.text import Text
+
+    ticks, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            span = (high - low) or 1.0
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                ticks.update({id(tick.label1), id(tick.label2)})
+                inside = low - 1e-9 * span <= tick.get_loc() <= high + 1e-9 * span
+                drawn += [label for label in (tick.label1, tick.label2) if inside and label.get_visible()]
+    drawn += [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible()]
+    return [t for t in drawn if t.get_text().strip()]
+
+
+def layout_problems(fig) -> list[str]:
+    """Each text of ``fig`` (titles, labels, tick labels, legend entries) that is not wholly inside the
+    canvas, and each legend that covers (or comes within 2 pixels of) an x tick label, an x axis label
+    or a title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    agg = FigureCanvasAgg(fig)  # report figures are drawn without pyplot, on no canvas of their own
+    agg.draw()
+    renderer, canvas = agg.get_renderer(), fig.bbox
+    problems, drawn = [], _drawn_texts(fig)
+    for text in drawn:
+        box = text.get_window_extent(renderer)
+        if box.x0 < canvas.x0 - 1 or box.y0 < canvas.y0 - 1 or box.x1 > canvas.x1 + 1 or box.y1 > canvas.y1 + 1:
+            problems.append(f"{text.get_text()!r} is cut by the canvas edge")
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        area = Bbox.from_extents(box.x0 - 2, box.y0 - 2, box.x1 + 2, box.y1 + 2)  # touching reads as colliding
+        for ax in fig.axes:
+            below = [label for label in drawn if label in (*ax.get_xticklabels(), ax.xaxis.label, ax.title)]
+            problems += [f"the legend covers {label.get_text()!r}" for label in below
+                         if label.get_window_extent(renderer).overlaps(area)]
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
 # Headless Chromium over the DevTools protocol (--remote-debugging-pipe: fds 3 and 4 of the
 # browser, NUL-separated JSON), so no websocket library and no port are needed.
 
@@ -233,6 +285,7 @@ class PageCheck:
     images: list[RenderedImage] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)  # every URL the page tried to load
+    overflows: list[str] = field(default_factory=list)  # elements cut or sticking out of the page's card
     page: Image.Image | None = None  # the whole page
 
 
@@ -294,8 +347,39 @@ _IMAGES_JS = """JSON.stringify(Array.from(document.images).map(img => {
 }))"""
 
 
+# The card is <main> (the white column of a report): its content box is where everything must fit.
+# A table may be wider only inside a .scroll-x box (a table whose columns the data decides).
+_OVERFLOWS_JS = """JSON.stringify((() => {
+  const problems = [];
+  const describe = el => el.tagName.toLowerCase() + ' "' + el.textContent.trim().slice(0, 50) + '"';
+  const contentBox = el => {
+    const r = el.getBoundingClientRect(), s = getComputedStyle(el);
+    return {left: r.left + parseFloat(s.paddingLeft), right: r.right - parseFloat(s.paddingRight)};
+  };
+  const card = document.querySelector("main") || document.body;
+  const inner = contentBox(card);
+  const sticksOut = el => {
+    const r = el.getBoundingClientRect();
+    return r.left < inner.left - 1 || r.right > inner.right + 1;
+  };
+  for (const table of card.querySelectorAll("table")) {
+    const box = table.closest(".scroll-x") || table;
+    if (sticksOut(box) || box.scrollWidth > card.clientWidth)
+      problems.push(describe(table) + " is wider than its card");
+    if (box === table) for (const cell of table.querySelectorAll("td, th"))
+      if (cell.scrollWidth > cell.clientWidth + 1) problems.push(describe(cell) + " is cut");
+  }
+  for (const img of card.querySelectorAll("img"))
+    if (sticksOut(img)) problems.push('img "' + img.alt.slice(0, 50) + '" sticks out of its card');
+  for (const text of card.querySelectorAll("h1, h2, h3, figcaption, p"))
+    if (text.scrollWidth > text.clientWidth + 1 || sticksOut(text)) problems.push(describe(text) + " is clipped");
+  return problems;
+})())"""
+
+
 def check_pages(pages: list[Path], chromium: str, width: int = 1200) -> list[PageCheck]:
-    """Load each page in one headless Chromium: every image's on-screen pixels, console errors, requests."""
+    """Load each page in one headless Chromium: every image's on-screen pixels, console errors, requests,
+    and every table, figure or heading that does not fit the page's card."""
     to_browser_r, to_browser_w = os.pipe()
     from_browser_r, from_browser_w = os.pipe()
 
@@ -361,6 +445,7 @@ def _check(tools: _DevTools, session: str, page: Path, width: int) -> PageCheck:
         shot = (tools.screenshot(session, info["x"], info["y"], info["cw"], info["ch"])
                 if info["cw"] >= 1 and info["ch"] >= 1 else Image.new("RGB", (1, 1), "white"))
         check.images.append(RenderedImage(info["alt"], info["loaded"], int(info["cw"]), int(info["ch"]), shot))
+    check.overflows = json.loads(evaluate(_OVERFLOWS_JS))
     height = min(int(evaluate("document.documentElement.scrollHeight")), 16000)
     check.page = tools.screenshot(session, 0, 0, width, height)
     for event in tools.events:

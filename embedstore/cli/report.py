@@ -8,7 +8,10 @@ from typing import List, Optional
 import typer
 
 from embedstore.cli.app import app
+from embedstore.cli.options import out_option
 from embedstore.errors import EmbedstoreError
+
+ReportOutOpt = out_option("the run folder; <name>-report/ beside a sqlite file; required with --compare")
 
 
 @app.command()
@@ -19,13 +22,13 @@ def report(
         "with --compare, several run folders.",
         show_default=False,
     ),
-    study: Optional[str] = typer.Option(None, "--study", help="Report only this study of the storage (default: all)."),
+    study: Optional[str] = typer.Option(
+        None, "--study", help="Report only these studies of the storage, comma-separated (default: all)."),
     compare: bool = typer.Option(
-        False, "--compare", help="Put the run folders side by side in one table (HTML, Markdown, LaTeX, CSV)."
+        False, "--compare", help="Put every model of the run folders side by side in one table (HTML, Markdown, "
+        "LaTeX, CSV)."
     ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Output folder (default: the run folder, or <name>-report/ beside a sqlite file)."
-    ),
+    out: ReportOutOpt = None,
 ) -> None:
     """Write report.html (self-contained, offline) and report.md with figures/ from what is on disk."""
     from embedstore.report import write_comparison, write_report

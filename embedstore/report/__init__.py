@@ -1,8 +1,9 @@
 """Reports of Optuna studies and probe/match run folders: one self-contained HTML file and a Markdown twin.
 
-``write_report`` reads what is on disk (a run folder, or an Optuna storage) and
-never re-runs a model or touches the network; ``write_comparison`` puts several
-runs side by side with CIs and exports the table as LaTeX (booktabs) and CSV.
+``write_report`` reads what is on disk (a run folder through :func:`embedstore.runs.read_run`,
+or an Optuna storage) and never re-runs a model or touches the network; ``write_comparison``
+puts every model of several runs side by side with CIs and exports the table as LaTeX
+(booktabs) and CSV.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 
 from embedstore.errors import EmbedstoreError
 from embedstore.report.compare import write_comparison
-from embedstore.report.runs import Run, is_run_folder
+from embedstore.runs import is_run_folder, read_run
 
 __all__ = ["write_report", "write_comparison"]
 
@@ -20,16 +21,16 @@ __all__ = ["write_report", "write_comparison"]
 def write_report(path: str | Path, out: Optional[str | Path] = None, study: Optional[str] = None) -> Path:
     """Write ``report.html``, ``report.md`` and ``figures/`` for a run folder or an Optuna storage.
 
-    ``path`` is a probe or match run folder (dispatched on run.json's ``kind``), a sqlite file written
+    ``path`` is a probe or match run folder (dispatched on its record's kind), a sqlite file written
     by Optuna, or any Optuna storage URL. ``out`` defaults to the run folder itself, or to
-    ``<name>-report/`` beside a sqlite file. ``study`` picks one study of a storage (default: all of
-    them, one section each). Returns the path of the HTML file.
+    ``<name>-report/`` beside a sqlite file. ``study`` names the studies of a storage to report,
+    comma-separated (default: all of them, one section each). Returns the path of the HTML file.
     """
     text = str(path)
     if "://" not in text and is_run_folder(Path(text)):
         if study is not None:
             raise EmbedstoreError("--study applies to an Optuna storage, not to a run folder")
-        run = Run(Path(text))
+        run = read_run(text)
         if run.kind == "probe":
             from embedstore.report.probe_report import build_probe_report as build
         else:
@@ -45,7 +46,8 @@ def write_report(path: str | Path, out: Optional[str | Path] = None, study: Opti
     from embedstore.report.study_report import build_study_report, load_studies
 
     studies = load_studies(text, study)
-    return build_study_report(studies, text).write(Path(out) if out is not None else _default_study_out(text))
+    out = Path(out) if out is not None else _default_study_out(text)
+    return build_study_report(studies, text, out).write(out)
 
 
 def _default_study_out(text: str) -> Path:

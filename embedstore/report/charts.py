@@ -1,4 +1,9 @@
-"""Figures and tables shared by every report kind: metrics with CIs, per-fold tables."""
+"""Figures and tables shared by every report kind: metrics with CIs, models side by side, per-fold tables.
+
+Which metric is better, how a metric is spelled and which models a run compared come from
+:mod:`embedstore.runs.comparison`, the one place a comparison is laid out; this module only
+turns them into report blocks and charts.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +15,15 @@ import pandas as pd
 
 from embedstore.report import style
 from embedstore.report.document import Block, Cell, Figure, Heading, Note, Table
-from embedstore.report.runs import Estimate, Run
-
-# Metrics where smaller is better; every other metric is taken as larger-is-better.
-_LOWER_IS_BETTER = ("loss", "brier", "ece", "error")
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(token in metric.lower() for token in _LOWER_IS_BETTER)
+from embedstore.runs import Run
+from embedstore.runs.comparison import ComparisonRow, comparison_frame, is_count, pretty
+from embedstore.runs.record import Estimate, Metrics
 
 
-def is_count(metric: str) -> bool:
-    """Counts (numbers of clusters, images, ...) are shown but never ranked."""
-    name = metric.lower()
-    return name.startswith("n_") or name.endswith("_count") or "clusters" in name
-
-
-def pretty(metric: str) -> str:
-    """``balanced_accuracy`` -> ``balanced accuracy``; keeps acronyms such as AUC readable."""
-    words = metric.replace("_", " ").split()
-    spelled = {"auc": "AUC", "pauc": "pAUC", "roc": "ROC", "pr": "PR", "ap": "AP", "map": "mAP",
-               "f1": "F1", "tpr": "TPR", "fpr": "FPR", "ece": "ECE", "ci": "CI"}
-    return " ".join(spelled.get(w.lower(), w) for w in words)
+def headline_names(metrics: Metrics) -> list[str]:
+    """The run's headline metrics that it has values for (every metric when it names none)."""
+    names = [name for name in metrics.headline if name in metrics.metrics]
+    return names or list(metrics.metrics)
 
 
 def metrics_table(estimates: Mapping[str, Estimate], names: Sequence[str], caption: str = "") -> Table:
@@ -44,18 +36,25 @@ def metrics_table(estimates: Mapping[str, Estimate], names: Sequence[str], capti
     return Table(["metric", "value", "95% CI"], rows, caption)
 
 
-def models_table(models: Mapping[str, Mapping[str, Estimate]], names: Sequence[str], caption: str = "") -> Table:
-    """One row per model, one column per metric, the best of each column in bold."""
-    model_names = list(models)
-    best = {name: best_rows([models[m].get(name) for m in model_names], name) for name in names}
-    rows = []
-    for i, model in enumerate(model_names):
-        row: list = [model]
-        for name in names:
-            est = models[model].get(name)
-            row.append(estimate_cell(est, bold=i in best[name]))
-        rows.append(row)
-    return Table(["model", *[pretty(n) for n in names]], rows, caption)
+def row_labels(rows: Sequence[ComparisonRow], reported: str | None = None) -> list[str]:
+    """``features × head`` per row as the comparison table shows it (the run added where two rows
+    would read the same), ``(reported)`` after the model a run reports."""
+    models = comparison_frame(rows, [])["model"]
+    return [f"{row.features} × {model}" + (" (reported)" if row.label == reported else "")
+            for row, model in zip(rows, models)]
+
+
+def comparison_table(rows: Sequence[ComparisonRow], names: Sequence[str], caption: str = "",
+                     reported: str | None = None) -> Table:
+    """One row per model (:func:`embedstore.runs.comparison.comparison_frame`), each metric's value
+    with its CI under it, the best of each column in bold; ``reported`` marks the run's own model."""
+    frame = comparison_frame(rows, names)
+    body = []
+    for i, row in enumerate(rows):
+        model = frame["model"][i] + (" (reported)" if row.label == reported else "")
+        body.append([row.features, model, *[estimate_cell(row.estimates.get(name), bold=bool(frame[f"{name}_best"][i]))
+                                            for name in names]])
+    return Table(["features", "head / method", *[pretty(n) for n in names]], body, caption)
 
 
 def estimate_cell(est: Estimate | None, bold: bool = False) -> Cell:
@@ -64,16 +63,6 @@ def estimate_cell(est: Estimate | None, bold: bool = False) -> Cell:
         return Cell("–")
     value, _, ci = est.format().partition(" ")
     return Cell(value, bold=bold, note=ci)
-
-
-def best_rows(estimates: Sequence[Estimate | None], metric: str) -> set[int]:
-    """Indices of the best point estimate (ties included); empty for counts or with < 2 values."""
-    values = [e.value if e is not None else math.nan for e in estimates]
-    finite = [v for v in values if not math.isnan(v)]
-    if is_count(metric) or len(finite) < 2:
-        return set()
-    target = min(finite) if lower_is_better(metric) else max(finite)
-    return {i for i, v in enumerate(values) if not math.isnan(v) and math.isclose(v, target, abs_tol=1e-12)}
 
 
 def folds_table(folds: pd.DataFrame, caption: str = "") -> Table:
@@ -164,15 +153,15 @@ def headline_section(run: Run, caption: str) -> list[Block]:
 
     ``caption`` says how the intervals were made; the image and group counts are appended to it.
     """
+    metrics = run.metrics
     blocks: list[Block] = [Heading("Headline metrics")]
-    if not run.metrics:
-        return blocks + [Note("metrics.json is missing or empty.")]
-    n, groups = run.metrics_doc.get("n"), run.metrics_doc.get("n_groups")
-    if n is not None:
-        caption += f"; {n} images" + (f" in {groups} groups" if groups is not None else "")
-    names = run.headline + [n for n in run.metrics if n not in run.headline]
-    blocks.append(metrics_table(run.metrics, names, caption + ". Headline metrics first."))
-    png = interval_figure({run.model_label: run.metrics}, run.headline, "Headline metrics with 95% CIs")
+    if not metrics.metrics:
+        return blocks + [Note("metrics.json holds no metric.")]
+    caption += f"; {metrics.n} images" + (f" in {metrics.n_groups} groups" if metrics.n_groups is not None else "")
+    headline = headline_names(metrics)
+    names = headline + [n for n in metrics.metrics if n not in headline]
+    blocks.append(metrics_table(metrics.metrics, names, caption + ". Headline metrics first."))
+    png = interval_figure({run.model_label: metrics.metrics}, headline, "Headline metrics with 95% CIs")
     if png:
         blocks.append(Figure("headline", png, "Point estimates and 95% bootstrap confidence intervals."))
     return blocks

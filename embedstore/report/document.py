@@ -50,9 +50,13 @@ class Note:
 
 @dataclass(frozen=True)
 class Table:
+    """A table that fits the page: text cells wrap, numbers never do. ``wide`` puts a table whose
+    columns the user's data decides (as many as a trial recorded) in a horizontally scrolling box."""
+
     columns: Sequence[str]
     rows: Sequence[Sequence[Union[str, Cell]]]
     caption: str = ""
+    wide: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ CSS = """
 body { margin: 0; font: 15px/1.55 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif;
        color: var(--ink); background: #f6f8fa; }
 main { max-width: 1080px; margin: 0 auto; padding: 28px 32px 48px; background: #fff; min-height: 100vh; }
+h1, h2, h3, h4, p, figcaption, .caption { overflow-wrap: anywhere; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 .subtitle { color: var(--muted); margin: 0 0 18px; }
 h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
@@ -135,12 +140,12 @@ p { margin: 8px 0; }
 .note { background: var(--bg-note); border-left: 4px solid #E69F00; padding: 8px 12px; margin: 10px 0; }
 table { border-collapse: collapse; margin: 8px 0 4px; font-size: 13.5px; font-variant-numeric: tabular-nums; }
 th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
-td { white-space: nowrap; }
+td.num { white-space: nowrap; }
 .ci { color: var(--muted); font-size: 12px; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-bottom: 2px solid var(--ink); font-weight: 600; }
 tbody tr:nth-child(even) { background: #f6f8fa; }
-.table-wrap { overflow-x: auto; }
+.scroll-x { overflow-x: auto; }
 figure { margin: 16px 0 22px; }
 figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eef0f2; }
 figcaption, .caption { color: var(--muted); font-size: 13px; margin-top: 6px; }
@@ -188,10 +193,8 @@ def _block_html(block: Block) -> str:
             "<tr>" + "".join(_cell_html(cell) for cell in row) + "</tr>" for row in block.rows
         )
         caption = f'<p class="caption">{_inline_html(block.caption)}</p>' if block.caption else ""
-        return (
-            f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-            f"<tbody>\n{body}\n</tbody></table></div>{caption}"
-        )
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+        return (f'<div class="scroll-x">{table}</div>' if block.wide else table) + caption
     if isinstance(block, Figure):
         data = base64.b64encode(block.png).decode("ascii")
         alt = _esc(block.alt or block.caption)
@@ -202,12 +205,19 @@ def _block_html(block: Block) -> str:
     raise TypeError(f"unknown report block: {block!r}")
 
 
+_NUMBER = re.compile(r"^[-+]?(\d[\d.,]*(e[-+]?\d+)?|–)( ± [\d.]+)?$")
+
+
 def _cell_html(cell: Union[str, Cell]) -> str:
+    """A number never wraps; a text (a path, a date, a long name) may wrap after ``/ _ - +``, so a
+    table of them fits the page without breaking words anywhere else."""
     cell = cell if isinstance(cell, Cell) else Cell(str(cell))
-    text = f"<strong>{_esc(cell.text)}</strong>" if cell.bold else _esc(cell.text)
+    number = bool(_NUMBER.match(cell.text))
+    text = _esc(cell.text) if number else re.sub(r"([/_+-])", r"\1<wbr>", _esc(cell.text))
+    text = f"<strong>{text}</strong>" if cell.bold else text
     if cell.note:
         text += f'<br><span class="ci">{_esc(cell.note)}</span>'
-    return f"<td>{text}</td>"
+    return f'<td class="num">{text}</td>' if number else f"<td>{text}</td>"
 
 
 def _esc(text: str) -> str:

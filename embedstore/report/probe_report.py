@@ -1,53 +1,65 @@
 """The report of a probe run: metrics with CIs, folds, confusion matrix, curves, calibration, maps, samples.
 
-Every figure is computed from the files the probe wrote (``predictions.parquet``,
-``embedding_2d.parquet``, ``metrics.json``, ``folds.csv``); no model is re-run.
+Every figure is computed from the run as :func:`embedstore.runs.read_run` gives it: its record
+and metrics, and the files the probe wrote (``predictions.parquet``, ``embedding_2d.parquet``,
+``folds.csv``); every figure of predictions comes from :mod:`embedstore.metrics`. No model is re-run.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import auc, average_precision_score, confusion_matrix, precision_recall_curve, roc_curve
 
 from embedstore.errors import EmbedstoreError
+from embedstore.metrics import (
+    accuracy,
+    balanced_accuracy,
+    binary_auc,
+    binary_average_precision,
+    calibration,
+    confusion,
+    precision_recall_points,
+    roc_points,
+)
 from embedstore.report import style
-from embedstore.report.charts import folds_table, headline_section, interval_figure, models_table
+from embedstore.report.charts import comparison_table, folds_table, headline_names, headline_section, interval_figure, row_labels
 from embedstore.report.document import Figure, Heading, Note, Paragraph, Report
-from embedstore.report.runs import Run
+from embedstore.report.paths import shown_path, shown_storage
 from embedstore.report.thumbnails import Tile, draw_sheet, load_thumbnails
+from embedstore.runs import Run
+from embedstore.runs.comparison import pretty, rows_of_metrics
 
 SAMPLE_GRID = (4, 6)  # rows x columns of the sample-prediction grid
+RANKING_METRICS = ("roc_auc", "average_precision", "pauc_80")  # pooled out of fold, they are not fold means
 
 
 class Predictions:
-    """The evaluated rows of predictions.parquet with labels as class names and a probability matrix."""
+    """The evaluated rows of predictions.parquet: true and predicted class names, the probability matrix."""
 
     def __init__(self, frame: pd.DataFrame, classes: list[str], split: str):
         self.split = split
-        prob_columns = [f"p_{c}" for c in classes]
-        if not classes or not all(c in frame.columns for c in prob_columns):
-            prob_columns = [c for c in frame.columns if c.startswith("p_")]
-            classes = [c[2:] for c in prob_columns]
-        self.classes = classes
+        self.classes = list(classes)
         self.ids = frame["id"].astype(str).to_numpy()
-        self.y_true = _as_names(frame["y_true"], classes)
-        self.y_pred = _as_names(frame["y_pred"], classes) if "y_pred" in frame else None
-        self.proba = frame[prob_columns].to_numpy(dtype=float) if prob_columns else None
-        if self.y_pred is None and self.proba is not None:
-            self.y_pred = np.asarray(classes, dtype=object)[self.proba.argmax(axis=1)]
+        self.y_true = frame["y_true"].astype(str).to_numpy(dtype=object)
+        self.y_pred = frame["y_pred"].astype(str).to_numpy(dtype=object)
+        self.proba = frame[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
 
     @classmethod
-    def from_run(cls, run: Run) -> "Predictions | None":
+    def from_run(cls, run: Run) -> "Predictions | str":
+        """The test rows of the run's predictions (its out-of-fold rows without a test split), or why there are none."""
         frame = run.table("predictions.parquet")
-        if frame is None or frame.empty or "y_true" not in frame or "id" not in frame:
-            return None
-        split = "oof"
-        if "split" in frame:
-            splits = set(frame["split"].astype(str))
-            split = "test" if "test" in splits else ("oof" if "oof" in splits else sorted(splits)[0])
-            frame = frame[frame["split"].astype(str) == split]
-        return cls(frame.reset_index(drop=True), run.classes, split)
+        if frame is None or frame.empty:
+            return "predictions.parquet is missing"
+        classes = list(run.record.classes)
+        missing = [c for c in ("id", "split", "y_true", "y_pred", *(f"p_{c}" for c in classes)) if c not in frame]
+        if missing:
+            return f"predictions.parquet lacks {', '.join(missing)} (the run folder is damaged)"
+        split = "test" if (frame["split"] == "test").any() else "oof"
+        return cls(frame[frame["split"] == split].reset_index(drop=True), classes, split)
+
+    def codes(self, labels: np.ndarray) -> np.ndarray:
+        """Class names as class codes (positions in :attr:`classes`), as :mod:`embedstore.metrics` takes them."""
+        return pd.Categorical(labels, categories=self.classes).codes.astype(int)
 
     @property
     def description(self) -> str:
@@ -55,38 +67,27 @@ class Predictions:
         return f"held-out test predictions, {n} images" if self.split == "test" else f"out-of-fold predictions, {n} images"
 
 
-def _as_names(values: pd.Series, classes: list[str]) -> np.ndarray:
-    """Labels as class-name strings (integer labels are taken as indices into ``classes``)."""
-    if pd.api.types.is_integer_dtype(values) and classes and values.between(0, len(classes) - 1).all():
-        return np.asarray(classes, dtype=object)[values.to_numpy()]
-    return values.astype(str).to_numpy(dtype=object)
-
-
 def build_probe_report(run: Run) -> Report:
-    info = run.info
+    record = run.record
     report = Report(
         title=f"Probe: {run.label}",
         subtitle=(
-            f"target `{info.get('target', '?')}`, groups `{info.get('groups', '?')}`, "
-            f"store `{info.get('store', '?')}`, seed {info.get('seed', '?')}, created {info.get('created', '?')}"
+            f"target `{record.target}`, groups `{record.groups}`, store `{shown_path(record.store, run.path)}`, "
+            f"seed {record.seed}, created {record.created}"
         ),
     )
     report.add(*headline_section(run, "95% CIs from a bootstrap resampled by group"))
     _models(report, run)
     folds = _reported_folds(run)
     if folds is not None:
-        caption = "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."
-        if run.metrics_doc.get("evaluated_on") == "test":
-            caption = ("Cross-validation folds of the training data (the headline metrics above are on the held-out "
-                       "test set); no group is on both sides. All metrics are in folds.csv.")
-        report.add(Heading("Per-fold metrics"), folds_table(folds, caption))
+        report.add(Heading("Per-fold metrics"), folds_table(folds, _folds_caption(run, folds)))
     predictions = Predictions.from_run(run)
-    if predictions is None:
-        report.add(Note("predictions.parquet is missing: no confusion matrix, curves, calibration or samples."))
+    if isinstance(predictions, str):
+        report.add(Note(f"{predictions}: no confusion matrix, curves, calibration or samples."))
     else:
         _prediction_figures(report, run, predictions)
     _embedding_map(report, run)
-    if predictions is not None:
+    if not isinstance(predictions, str):
         _sample_grid(report, run, predictions)
     _study_pointer(report, run)
     return report
@@ -98,39 +99,49 @@ def _reported_folds(run: Run) -> pd.DataFrame | None:
     if folds is None or folds.empty:
         return None
     if "model" in folds.columns:
-        reported = run.metrics_doc.get("model")
-        if reported in set(folds["model"]):
-            folds = folds[folds["model"] == reported]
-        folds = folds.drop(columns="model")
+        folds = folds[folds["model"] == run.metrics.model].drop(columns="model")
     keep = [c for c in ("fold", "n_train", "n_test") if c in folds.columns]
-    keep += [c for c in run.headline if c in folds.columns] or [c for c in folds.columns if c not in keep]
+    keep += [c for c in headline_names(run.metrics) if c in folds.columns] or [c for c in folds.columns if c not in keep]
     keep += [c for c in ("seconds",) if c in folds.columns and c not in keep]
     return folds[keep].reset_index(drop=True)
 
 
+def _folds_caption(run: Run, folds: pd.DataFrame) -> str:
+    """What the folds are, and, for out-of-fold headline metrics, why a pooled ranking metric is no fold mean."""
+    if run.metrics.evaluated_on == "test":
+        return ("Cross-validation folds of the training data (the headline metrics above are on the held-out "
+                "test set); no group is on both sides. All metrics are in folds.csv.")
+    caption = "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."
+    ranking = [pretty(n) for n in RANKING_METRICS if n in folds.columns and n in run.metrics.metrics]
+    if ranking:
+        caption += (f" The headline {' and '.join(ranking)} {'is' if len(ranking) == 1 else 'are'} computed on the "
+                    "pooled out-of-fold scores: pooled, the scores of all folds are ranked together although each "
+                    "fold's head is calibrated differently, so a pooled value can be below every fold's value.")
+    return caption
+
+
 def _models(report: Report, run: Run) -> None:
-    """The run's models side by side (e.g. a stack beside its base models); skipped for a single model."""
-    if len(run.models) < 2:
+    """The run's models side by side (a stack beside its bases, or the models compared); skipped for a single model."""
+    if len(run.metrics.models) < 2:
         return
-    reported = run.metrics_doc.get("model")
-    series = {f"{name} (reported)" if name == reported else name: values for name, values in run.models.items()}
-    names = [n for n in run.headline if any(n in m for m in series.values())]
-    report.add(
-        Heading("Ensemble beside its base models"),
-        models_table(series, names, "Best value of each metric in bold; 95% CIs in brackets."),
-    )
-    png = interval_figure(series, names, "Base models and ensemble")
+    rows = rows_of_metrics(run.metrics, run.name)
+    names = [n for n in headline_names(run.metrics) if any(n in row.estimates for row in rows)]
+    stacked = any(row.model == "stack" or " (in " in row.model for row in rows)
+    title, chart, caption = (
+        ("Ensemble beside its base models", "Base models and ensemble", "Each base model beside the ensemble, with 95% CIs.")
+        if stacked else ("Models compared", "Models compared", "Each model the probe compared, with 95% CIs."))
+    report.add(Heading(title), comparison_table(
+        rows, names, "Best value of each metric in bold; 95% CIs under the values.", reported=run.metrics.model))
+    series = {label: row.estimates for label, row in zip(row_labels(rows, reported=run.metrics.model), rows)}
+    png = interval_figure(series, names, chart)
     if png:
-        report.add(Figure("models", png, "Each base model beside the ensemble, with 95% CIs."))
+        report.add(Figure("models", png, caption))
 
 
 def _prediction_figures(report: Report, run: Run, pred: Predictions) -> None:
     report.add(Heading("Confusion matrix"))
     report.add(Figure("confusion", confusion_figure(pred), f"Rows: true class, normalised per row; counts in brackets. {pred.description.capitalize()}."))
-    if pred.proba is None:
-        report.add(Note("predictions.parquet has no probability columns (p_<class>): no ROC, PR or calibration."))
-        return
-    positive = run.info.get("positive_class")
+    positive = run.record.positive_class
     report.add(Heading("ROC and precision-recall curves"))
     report.add(Figure("roc_pr", roc_pr_figure(pred, positive), _curve_caption(pred, positive)))
     report.add(Heading("Calibration"))
@@ -157,7 +168,8 @@ def _positive(pred: Predictions, positive) -> str:
 
 def confusion_figure(pred: Predictions) -> bytes:
     classes = pred.classes
-    counts = confusion_matrix(pred.y_true, pred.y_pred, labels=classes)
+    true_codes, pred_codes = pred.codes(pred.y_true), pred.codes(pred.y_pred)
+    counts = confusion(true_codes, pred_codes, len(classes))
     totals = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, totals, out=np.zeros_like(counts, dtype=float), where=totals > 0)
     k = len(classes)
@@ -176,9 +188,8 @@ def confusion_figure(pred: Predictions) -> bytes:
         ax.set_yticks(range(k), classes)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        accuracy = float(np.trace(counts) / max(counts.sum(), 1))
-        balanced = float(np.mean([rates[i, i] for i in range(k) if totals[i, 0] > 0]))
-        ax.set_title(f"Confusion matrix (accuracy {accuracy:.3f}, balanced {balanced:.3f})")
+        ax.set_title(f"Confusion matrix (accuracy {accuracy(true_codes, pred_codes):.3f}, "
+                     f"balanced {balanced_accuracy(true_codes, pred_codes):.3f})")
         fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
         return style.to_png(fig)
 
@@ -195,14 +206,13 @@ def _one_vs_rest(pred: Predictions, positive) -> list[tuple[str, np.ndarray, np.
 def roc_pr_figure(pred: Predictions, positive=None) -> bytes:
     curves = [c for c in _one_vs_rest(pred, positive) if 0 < c[1].sum() < len(c[1])]
     with style.styled():
-        fig = style.new_figure(10.5, 5.6 if len(curves) > 1 else 5.0)
+        legend_rows = -(-(len(curves) + 1) // 4)
+        fig = style.new_figure(10.5, 5.0 + 0.25 * legend_rows)
         roc_ax, pr_ax = fig.subplots(1, 2)
         for i, (name, truth, score) in enumerate(curves):
-            fpr, tpr, _ = roc_curve(truth, score)
-            precision, recall, _ = precision_recall_curve(truth, score)
-            label = f"{name}: AUC {auc(fpr, tpr):.3f}, AP {average_precision_score(truth, score):.3f}"
-            roc_ax.plot(fpr, tpr, color=style.color(i), lw=1.8, label=label)
-            pr_ax.plot(recall, precision, color=style.color(i), lw=1.8, drawstyle="steps-post")
+            label = f"{name}: AUC {binary_auc(truth, score):.3f}, AP {binary_average_precision(truth, score):.3f}"
+            roc_ax.plot(*roc_points(truth, score), color=style.color(i), lw=1.8, label=label)
+            pr_ax.plot(*precision_recall_points(truth, score), color=style.color(i), lw=1.8, drawstyle="steps-post")
         roc_ax.plot([0, 1], [0, 1], ls="--", color=style.MUTED, lw=1, label="chance")
         if len(curves) == 1:
             pr_ax.axhline(curves[0][1].mean(), ls="--", color=style.MUTED, lw=1)
@@ -211,22 +221,10 @@ def roc_pr_figure(pred: Predictions, positive=None) -> bytes:
             (pr_ax, "Precision-recall curve", "recall (sensitivity)", "precision (PPV)"),
         ):
             ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), title=title, xlabel=xlabel, ylabel=ylabel)
-            ax.set_aspect("equal")
-        # One legend for both panels, below them, so no curve is hidden.
+        # One legend for both panels, below them, so no curve is hidden. No fixed aspect: constrained
+        # layout cannot place titles and the outside legend around equal-aspect axes (they were clipped).
         fig.legend(*roc_ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(4, len(curves) + 1))
         return style.to_png(fig)
-
-
-def calibration_bins(confidence: np.ndarray, outcome: np.ndarray, n_bins: int = 10):
-    """Per equal-width bin: mean confidence, observed frequency, count; and the expected calibration error."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
-    counts = np.bincount(index, minlength=n_bins)
-    safe = np.maximum(counts, 1)
-    mean_conf = np.bincount(index, weights=confidence, minlength=n_bins) / safe
-    observed = np.bincount(index, weights=outcome.astype(float), minlength=n_bins) / safe
-    ece = float(np.sum(counts * np.abs(mean_conf - observed)) / max(counts.sum(), 1))
-    return edges, mean_conf, observed, counts, ece
 
 
 def calibration_figure(pred: Predictions, positive=None) -> bytes:
@@ -240,19 +238,19 @@ def calibration_figure(pred: Predictions, positive=None) -> bytes:
         confidence = pred.proba[np.arange(len(top)), top]
         outcome = np.asarray(pred.classes, dtype=object)[top] == pred.y_true
         xlabel, ylabel = "confidence of the predicted class", "accuracy"
-    edges, mean_conf, observed, counts, ece = calibration_bins(confidence, outcome)
-    filled = counts > 0
+    bins = calibration(confidence, outcome)
+    filled = bins.counts > 0
     with style.styled():
         fig = style.new_figure(5.8, 6.0)
         grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
         ax = fig.add_subplot(grid[0])
         hist = fig.add_subplot(grid[1], sharex=ax)
         ax.plot([0, 1], [0, 1], ls="--", color=style.MUTED, lw=1, label="perfectly calibrated")
-        ax.plot(mean_conf[filled], observed[filled], "o-", color=style.color(0), lw=2, label="this model")
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel=ylabel, title=f"Calibration (ECE {ece:.3f})")
+        ax.plot(bins.confidence[filled], bins.observed[filled], "o-", color=style.color(0), lw=2, label="this model")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel=ylabel, title=f"Calibration (ECE {bins.ece:.3f})")
         ax.legend(loc="upper left")
         ax.tick_params(labelbottom=False)
-        hist.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=style.color(5), edgecolor="white")
+        hist.bar(bins.edges[:-1], bins.counts, width=np.diff(bins.edges), align="edge", color=style.color(5), edgecolor="white")
         hist.set(xlabel=xlabel, ylabel="predictions")
         return style.to_png(fig)
 
@@ -260,15 +258,15 @@ def calibration_figure(pred: Predictions, positive=None) -> bytes:
 def _embedding_map(report: Report, run: Run) -> None:
     frame = run.table("embedding_2d.parquet")
     report.add(Heading("Embedding map"))
-    if frame is None or frame.empty or not {"x", "y"} <= set(frame.columns):
+    if frame is None or frame.empty or not {"x", "y", "label"} <= set(frame.columns):
         report.add(Note("embedding_2d.parquet is missing: the probe did not save a 2-D map of the features."))
         return
-    method = str(run.info.get("embedding_method") or "t-SNE")
-    report.add(Figure("embedding", embedding_figure(frame, run.classes, method), f"{method} of the features, one point per image, coloured by label."))
+    report.add(Figure("embedding", embedding_figure(frame, list(run.record.classes)),
+                      "t-SNE of the features, one point per image, coloured by label."))
 
 
-def embedding_figure(frame: pd.DataFrame, classes: list[str], method: str = "t-SNE") -> bytes:
-    labels = frame["label"].astype(str) if "label" in frame else pd.Series(["all"] * len(frame))
+def embedding_figure(frame: pd.DataFrame, classes: list[str]) -> bytes:
+    labels = frame["label"].astype(str)
     order = [c for c in classes if c in set(labels)] + sorted(set(labels) - set(classes))
     with style.styled():
         fig = style.new_figure(7.6, 6.0)
@@ -283,7 +281,7 @@ def embedding_figure(frame: pd.DataFrame, classes: list[str], method: str = "t-S
         handles, names = ax.get_legend_handles_labels()
         ranked = sorted(zip(handles, names), key=lambda hn: order.index(hn[1].rsplit(" (", 1)[0]))
         ax.legend([h for h, _ in ranked], [n for _, n in ranked], loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2)
-        ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", title=f"Embedding map ({len(frame)} images)")
+        ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=f"Embedding map ({len(frame)} images)")
         ax.set_xticks([])
         ax.set_yticks([])
         return style.to_png(fig)
@@ -293,7 +291,7 @@ def pick_samples(pred: Predictions, n: int, seed: int = 0) -> list[int]:
     """Rows for the sample grid: the most confident mistakes and random correct ones, classes in turn."""
     rng = np.random.default_rng(seed)
     correct = pred.y_true == pred.y_pred
-    confidence = pred.proba.max(axis=1) if pred.proba is not None else np.zeros(len(correct))
+    confidence = pred.proba.max(axis=1)
     n_wrong = min(int((~correct).sum()), n // 2)
     n_right = min(int(correct.sum()), n - n_wrong)
     wrong_rows = _round_robin(pred, np.flatnonzero(~correct)[np.argsort(-confidence[~correct], kind="stable")], n_wrong)
@@ -317,8 +315,8 @@ def _round_robin(pred: Predictions, rows: np.ndarray, n: int) -> list[int]:
 def _sample_grid(report: Report, run: Run, pred: Predictions) -> None:
     report.add(Heading("Sample predictions"))
     rows, cols = SAMPLE_GRID
-    picked = pick_samples(pred, rows * cols, seed=int(run.info.get("seed") or 0))
-    thumbs = load_thumbnails(run.info.get("store"), run.path, [pred.ids[r] for r in picked])
+    picked = pick_samples(pred, rows * cols, seed=run.record.seed)
+    thumbs = load_thumbnails(run.record.store, run.path, [pred.ids[r] for r in picked])
     if isinstance(thumbs, str):
         report.add(Note(f"No sample grid: {thumbs}."))
         return
@@ -335,7 +333,7 @@ def sample_grid_figure(pred: Predictions, rows: list[int], thumbs: dict, cols: i
     for r in rows:
         ok = pred.y_true[r] == pred.y_pred[r]
         prob = ""
-        if pred.proba is not None and pred.y_pred[r] in pred.classes:
+        if pred.y_pred[r] in pred.classes:
             prob = f" ({pred.proba[r, pred.classes.index(pred.y_pred[r])]:.2f})"
         tiles.append(Tile(thumbs[pred.ids[r]], (f"{'✓' if ok else '✗'} true {pred.y_true[r]}", f"pred {pred.y_pred[r]}{prob}"),
                           style.CORRECT if ok else style.WRONG, border=5))
@@ -345,15 +343,16 @@ def sample_grid_figure(pred: Predictions, rows: list[int], thumbs: dict, cols: i
 
 def _study_pointer(report: Report, run: Run) -> None:
     """The tuning study of the run: its history and best parameters when the storage is readable."""
-    study = run.study()
-    if not study:
+    study = run.record.study
+    if study is None:
         return
-    command = f"embedstore report {study['storage']} --study {study.get('name')}"
+    command = f"embedstore report {shown_storage(study.storage, run.path)} --study {study.name}"
     report.add(Heading("Tuning"))
     from embedstore.report.study_report import tuning_summary
 
     try:
-        report.add(*tuning_summary(study["storage"], str(study.get("name"))))
+        report.add(*tuning_summary(study.storage, study.name))
     except EmbedstoreError as exc:
         report.add(Note(f"the tuning study cannot be read ({exc})."))
-    report.add(Paragraph(f"The study's full report (importances, parallel coordinates, slices): `{command}`."))
+    report.add(Paragraph(f"The study's full report (importances, parallel coordinates, slices): `{command}` "
+                         "(the storage named as seen from this run folder)."))

@@ -87,6 +87,15 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
+def fitted(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """``text``, cut short with an ellipsis where it would be wider than ``width`` pixels (a long id or group)."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def draw_sheet(grid: list[list[Optional[Tile]]], title: str, headers: Sequence[Header] = (),
                gaps: Sequence[int] = ()) -> bytes:
     """A contact sheet of thumbnails as PNG bytes, drawn with PIL (a grid of image axes in matplotlib
@@ -126,8 +135,8 @@ def draw_sheet(grid: list[list[Optional[Tile]]], title: str, headers: Sequence[H
                 draw.text((x + tile_w // 2, y + tile_h // 2), "image unavailable", fill="#7f7f7f",
                           font=caption_font, anchor="mm")
             for i, text in enumerate(tile.caption):
-                draw.text((x + tile_w // 2, y + tile_h + 6 + i * line_h), text, fill=tile.color,
-                          font=caption_font, anchor="ma")
+                draw.text((x + tile_w // 2, y + tile_h + 6 + i * line_h), fitted(str(text), caption_font, tile_w),
+                          fill=tile.color, font=caption_font, anchor="ma")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
