@@ -11,10 +11,11 @@ from __future__ import annotations
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
+from embedstore.heads.base import ArgmaxPredictMixin
 from embedstore.heads.stack import select_columns
 
 
-class ColumnsHead(ClassifierMixin, BaseEstimator):
+class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """A head that reads only ``columns`` of the probe's input frame (one feature set, or a concatenation)."""
 
     def __init__(self, head=None, columns=None):
@@ -29,6 +30,3 @@ class ColumnsHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self, "head_")
         return self.head_.predict_proba(select_columns(X, self.columns))
-
-    def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(1)]
