@@ -53,6 +53,11 @@ def progress_bar(description: str, total: int, enabled: bool = True, unit: str =
             log.finish()
 
 
+def note(message: str) -> None:
+    """A line that stays (on stderr, above a bar that is drawn): an event worth keeping, such as a tuned result."""
+    _console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
 @contextmanager
 def _rich_bar(description: str, total: int, unit: str) -> Iterator[Advance]:
     columns = (

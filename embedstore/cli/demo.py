@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from embedstore.atomic import check_replaceable
 from embedstore.cli.app import app
 from embedstore.cli.ls import ls
 from embedstore.demo import SAMPLE_DIR, sample_source
@@ -34,6 +32,7 @@ def demo(
     from embedstore.match.run import run_match
     from embedstore.probe import ProbeConfig, run_probe
     from embedstore.report import write_report
+    from embedstore.runs import check_out
 
     # Every option is checked before the extraction starts, so a mistake costs no model work.
     _check_offline(encoder)
@@ -43,8 +42,8 @@ def demo(
     })
     match_cfg = MatchConfig.from_dict({"store": str(store), "features": encoder, "groups": "lesion_id", "folds": 3,
                                        "out": str(runs / "demo-match"), "overwrite": True})
-    for run in ("demo-probe", "demo-match"):
-        check_replaceable(runs / run, overwrite=True)
+    for cfg in (probe_cfg, match_cfg):
+        check_out(cfg)
 
     typer.echo(f"sample: {SAMPLE_DIR} (200 HAM10000 images, CC BY-NC 4.0, Tschandl et al. 2018)")
     typer.echo("1/4 extract")
@@ -54,23 +53,26 @@ def demo(
     probe_cfg.features, match_cfg.features = [result.name], [result.name]
 
     typer.echo(f"2/4 probe: logistic regression on dx, 5 folds grouped by lesion_id, {trials} Optuna trials")
-    summary = run_probe(probe_cfg)
-    metrics = summary["metrics"]
-    typer.echo("   " + ", ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci_low']:.3f}, {metrics[m]['ci_high']:.3f}]"
-                                  for m in summary["headline"][:3]))
+    probe_run = run_probe(probe_cfg)
+    typer.echo("   " + _figures(probe_run, probe_run.metrics.headline[:3]))
 
     typer.echo("3/4 match: images of the same lesion, cosine threshold chosen on training folds")
-    match_dir = run_match(match_cfg).path
-    matched = json.loads((match_dir / "metrics.json").read_text())["metrics"]
-    typer.echo("   " + ", ".join(f"{m} {matched[m]['value']:.3f}" for m in ("pairwise_f1", "recall@1", "mAP")))
+    match_run = run_match(match_cfg)
+    typer.echo("   " + _figures(match_run, ("pairwise_f1", "recall@1", "mAP"), intervals=False))
 
     typer.echo("4/4 reports")
-    study = json.loads((Path(summary["out"]) / "run.json").read_text()).get("study")
-    reports = [Path(summary["out"]) / "report.html", match_dir / "report.html"]
-    if study:
-        reports.append(write_report(study["storage"], study=study.get("name")))
+    reports = [probe_run.path / "report.html", match_run.path / "report.html"]
+    if probe_run.record.study is not None:  # every study of the probe: one per outer fold, and the final one
+        reports.append(write_report(probe_run.record.study.storage))
     for path in reports:
         typer.echo(f"   {path}")
+
+
+def _figures(run, names, intervals: bool = True) -> str:
+    """``name value [low, high]`` of the run's metrics ``names``, as the probe and match commands print them."""
+    estimates = run.metrics.metrics
+    return ", ".join(f"{name} {estimates[name].format() if intervals else f'{estimates[name].value:.3f}'}"
+                     for name in names)
 
 
 def _check_offline(encoder: str) -> None:

@@ -112,8 +112,9 @@ def probe(
 @contextmanager
 def _progress(folds: int, quiet: bool) -> Iterator[Callable[[str, str], None]]:
     """``progress(event, message)`` for :func:`run_probe`: a bar over the folds, which appears at the first event
-    (so that an error in the input before it stays one line) and shows each event's message."""
-    from embedstore.progress import progress_bar
+    (so that an error in the input before it stays one line) and shows each event's message; what tuning chose
+    is also printed as a line that stays."""
+    from embedstore.progress import note, progress_bar
 
     with ExitStack() as stack:
         advance = []
@@ -122,6 +123,8 @@ def _progress(folds: int, quiet: bool) -> Iterator[Callable[[str, str], None]]:
             if not advance:
                 advance.append(stack.enter_context(progress_bar("probe", folds, enabled=not quiet, unit="folds")))
             advance[0](1 if event == "fold" else 0, message)
+            if event == "tuned" and not quiet:
+                note(message)
 
         yield progress
 

@@ -72,7 +72,7 @@ def rows_of_metrics(metrics: Metrics, run: str = "", features: str = "", model: 
     for name, estimates in metrics.models.items():
         own, _, within = name.partition(" (in ")
         entry, _, head = own.rpartition(" × ")
-        head = f"{head} (in {within.rsplit(' × ', 1)[-1]}" if within else head
+        head = f"{head} (in {within}" if within else head  # the stack's entry too: two stacks may share a base
         rows.append(ComparisonRow(entry or own, head, run, estimates))
     return rows
 
