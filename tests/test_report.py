@@ -19,7 +19,21 @@ from embedstore.errors import EmbedstoreError
 from embedstore.report import write_comparison, write_report
 from embedstore.report.match_report import SHEET_PAIRS, worst_pairs
 from embedstore.runs import Estimate
-from test_report_support import match_run, probe_run, sklearn_probe_run, states_study, tuned_study
+from embedstore.report import match_report, style
+from embedstore.report.study_figures import slice_figure
+from test_report_support import (
+    checking_layout,
+    drawn_texts,
+    layout_problems,
+    match_run,
+    probe_run,
+    sklearn_probe_run,
+    states_study,
+    tuned_study,
+)
+
+COMPARED = "mobilenet_v2,efficientnet_lite0"  # a probe comparing two feature sets (logreg on each)
+STACKED = "mobilenet_v2+efficientnet_lite0"  # one stack over both feature sets, beside its two bases
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +92,31 @@ def test_study_report_beside_sqlite_file_covers_every_study(ham_store, inputs):
     _figures_embedded(html)
 
 
+def test_study_names_are_comma_separated(ham_store, inputs, tmp_path):
+    storage, name = tuned_study(ham_store, inputs)
+    states_study(ham_store, inputs)
+    md = write_report(storage, out=tmp_path, study=f"{name}, states").with_suffix(".md").read_text()
+    assert md.startswith("# Optuna studies (2)")
+    assert "## Study: ham:dx:logreg" in md and "## Study: states" in md
+    with pytest.raises(EmbedstoreError, match=r"no study named 'nope' in .*it holds: "):
+        write_report(storage, out=tmp_path, study=f"{name},nope")
+
+
+def test_slice_plot_ticks_a_category_no_trial_took(monkeypatch):
+    """A categorical hyperparameter's every choice has its tick, None included, even one no trial took."""
+    study = optuna.create_study()
+    for C in (0.01, 0.1, 1.0):
+        study.enqueue_trial({"C": C, "class_weight": "balanced"})
+    study.optimize(lambda t: t.suggest_float("C", 1e-3, 10, log=True) + len(str(t.suggest_categorical(
+        "class_weight", ["balanced", None]))), n_trials=3)
+    figures = []
+    monkeypatch.setattr(style, "to_png", lambda fig, draw=style.to_png: figures.append(fig) or draw(fig))
+    slice_figure(study.trials, ["class_weight", "C"], study.trials[0].distributions, "objective")
+    assert layout_problems(figures[0]) == []
+    ticks = figures[0].axes[0].get_xticklabels()
+    assert [t.get_text() for t in drawn_texts(figures[0]) if t in ticks] == ["balanced", "None"]
+
+
 def test_study_with_failed_and_pruned_trials(ham_store, inputs, tmp_path):
     storage, name = states_study(ham_store, inputs)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -132,7 +171,7 @@ def test_study_errors_are_one_clear_line(ham_store, inputs, tmp_path):
 
 
 def test_probe_report_of_a_real_probe_run(ham_store, inputs, tmp_path):
-    run = _copy(probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path)
+    run = _copy(probe_run(ham_store, inputs, COMPARED), tmp_path)
     html = write_report(run)
     assert html == run / "report.html"
     _figures_embedded(html)
@@ -144,10 +183,63 @@ def test_probe_report_of_a_real_probe_run(ham_store, inputs, tmp_path):
         est = Estimate.from_dict(metrics["metrics"][name])
         assert f"| {est.value:.3f} | [{est.ci_low:.3f}, {est.ci_high:.3f}] |" in md, name
     folds = pd.read_csv(run / "folds.csv")
+    folds = folds[folds["model"] == metrics["model"]]
     first = metrics["headline"][0]
     for value in folds[first]:
         assert f"| {value:.3f} |" in md
     assert "Tuning" not in md  # the run was not tuned: no study pointer
+    # Two feature sets compared, no stack: titled by what it is, every model a row, the reported one marked.
+    assert "## Models compared" in md and "Ensemble" not in md
+    for name, values in metrics["models"].items():
+        entry, head = name.split(" × ")
+        reported = " (reported)" if name == metrics["model"] else ""
+        assert f"| {entry} | {head}{reported} | " in md, name
+    # The pooled out-of-fold AUC is said to be no mean of the folds' (and why it can be below all of them).
+    assert "pooled out-of-fold scores" in md and "calibrated differently" in md
+
+
+def test_stack_report_shows_the_ensemble_beside_its_bases(ham_store, inputs, tmp_path):
+    run = _copy(probe_run(ham_store, inputs, STACKED, head="stack"), tmp_path)
+    md = write_report(run).with_suffix(".md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "## Ensemble beside its base models" in md and "## Models compared" not in md
+    assert len(metrics["models"]) == 3  # the stack and a logreg base on each feature set
+    for features in STACKED.split("+"):
+        auc = metrics["models"][f"{features} × logreg (in {STACKED} × stack)"]["roc_auc"]["value"]
+        base = re.escape(f"| {features} | logreg (in {STACKED} × stack) |")
+        assert re.search(rf"^{base}.*{auc:.3f}", md, re.M), features
+
+
+def test_every_figure_fits_its_canvas(ham_store, inputs, tmp_path, monkeypatch):
+    """Titles, labels, tick labels and legends of every figure of every report kind lie inside the
+    image, and no legend covers an x tick label, an axis label or a title."""
+    problems = {}
+    monkeypatch.setattr(style, "to_png", checking_layout(problems))
+    for run in (sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), match_run(ham_store, inputs),
+                sklearn_probe_run(ham_store, inputs, "efficientnet_lite0", positive="mel")):
+        write_report(run, out=tmp_path / run.name)
+    storage, _ = tuned_study(ham_store, inputs)
+    states_study(ham_store, inputs)
+    write_report(storage, out=tmp_path / "studies")
+    assert len(problems) >= 20
+    assert {figure: found for figure, found in problems.items() if found} == {}
+
+
+def test_reports_name_files_relative_to_the_report(ham_store, inputs, tmp_path):
+    """No absolute path of the author's machine in a report: the store relative to the run folder
+    (or by its name), the storage relative to the report folder."""
+    far = Path(shutil.copytree(sklearn_probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path / "a" / "b" / "c" / "run"))
+    html = write_report(far).read_text()
+    assert str(ham_store) not in html and str(tmp_path) not in html
+    assert f"store <code>{ham_store.name}</code>" in html  # five folders up and down to the store: its name
+    near = Path(shutil.copytree(far, ham_store.parent / "near-run", dirs_exist_ok=True))
+    try:
+        assert f"store <code>../{ham_store.name}</code>" in write_report(near, out=tmp_path / "near").read_text()
+    finally:
+        shutil.rmtree(near)
+    storage, name = tuned_study(ham_store, inputs)
+    study = write_report(storage, out=inputs / "near-report", study=name).read_text()
+    assert "storage <code>../studies.db</code>" in study and str(inputs) not in study
 
 
 def test_binary_probe_report_and_missing_store(ham_store, inputs, tmp_path):
@@ -214,7 +306,7 @@ def test_match_report_of_a_real_match_run(ham_store, inputs, tmp_path):
     assert f"| pairwise F1 | {f1.value:.3f} | [{f1.ci_low:.3f}, {f1.ci_high:.3f}] |" in md
 
 
-def test_pair_sheet_takes_the_worst_pairs_of_each_kind(ham_store, inputs):
+def test_pair_sheet_takes_the_worst_pairs_of_each_kind(ham_store, inputs, tmp_path, monkeypatch):
     raw = pd.read_csv(match_run(ham_store, inputs) / "pairs.csv")
     false_matches, missed = worst_pairs(raw)
     assert 0 < len(false_matches) <= SHEET_PAIRS and 0 < len(missed) <= SHEET_PAIRS
@@ -224,16 +316,25 @@ def test_pair_sheet_takes_the_worst_pairs_of_each_kind(ham_store, inputs):
     assert math.isclose(missed["similarity"].iloc[0], fn["similarity"].min(), rel_tol=1e-6)
     assert list(false_matches["similarity"]) == sorted(false_matches["similarity"], reverse=True)
     assert set(false_matches["id_a"]) <= set(fp["id_a"].astype(str))
-    # Every image of the sheet is captioned with its id and its lesion.
     assert (false_matches["group_a"] != false_matches["group_b"]).all() and (missed["group_a"] == missed["group_b"]).all()
+    # Every image of the sheet is captioned with its image id and its lesion.
+    sheets = []
+    monkeypatch.setattr(match_report, "draw_sheet", lambda grid, *args, **kw: sheets.append(grid) or b"png")
+    write_report(_copy(match_run(ham_store, inputs), tmp_path))
+    tiles = [tile for row in sheets[0] for tile in row if tile is not None]
+    captions = {(tile.caption[0], tile.caption[1]) for tile in tiles}
+    expected = {(row[f"id_{side}"], f"lesion_id {row[f'group_{side}']}")
+                for frame in (false_matches, missed) for _, row in frame.iterrows() for side in "ab"}
+    assert captions == expected
 
 
 # --------------------------------------------------------------------------------- comparison
 
 
-def test_comparison_marks_the_best_run_per_metric_and_exports_latex_and_csv(ham_store, inputs, tmp_path):
+def test_comparison_shows_every_model_marks_the_best_and_exports_latex_and_csv(ham_store, inputs, tmp_path):
     runs = [
-        probe_run(ham_store, inputs, "mobilenet_v2"),
+        probe_run(ham_store, inputs, COMPARED),
+        probe_run(ham_store, inputs, STACKED, head="stack"),
         sklearn_probe_run(ham_store, inputs, "mobilenet_v2"),
         sklearn_probe_run(ham_store, inputs, "efficientnet_lite0"),
     ]
@@ -243,16 +344,29 @@ def test_comparison_marks_the_best_run_per_metric_and_exports_latex_and_csv(ham_
     latex = (tmp_path / "cmp" / "comparison.tex").read_text()
     assert latex.count("\\toprule") == latex.count("\\midrule") == latex.count("\\bottomrule") == 1
     body = latex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
-    assert len(body) == len(runs) == len(table)
+    # Every model of every run: each model a probe compared, the stack's bases too, one row each.
+    documents = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    expected = [(run.name, values) for run, doc in zip(runs, documents)
+                for values in (doc["models"].values() if doc["models"] else [doc["metrics"]])]
+    assert len(expected) == 2 + 3 + 1 + 1 == len(table) == len(body)
+    assert table["run"].tolist() == [name for name, _ in expected]
+    # The sklearn runs' models read as the first run's: the run folder tells them apart.
+    twice = f"logreg ({runs[0].name})"
+    base = f"logreg (in {STACKED} × stack)"
+    assert table["model"].tolist()[:5] == [twice, twice, "stack", base, base]
+    headline = documents[0]["headline"]
     for metric in ("balanced_accuracy", "roc_auc", "accuracy"):
-        values = [json.loads((r / "metrics.json").read_text())["metrics"][metric]["value"] for r in runs]
+        values = [v[metric]["value"] for _, v in expected]
         assert table[metric].tolist() == pytest.approx(values)
         best = [math.isclose(v, max(values), abs_tol=1e-12) for v in values]  # ties are all marked
         assert table[f"{metric}_best"].tolist() == best
-        column = 2 + list(json.loads((runs[0] / "metrics.json").read_text())["headline"]).index(metric)
-        cells = [row.split(" & ")[column] for row in body]
+        cells = [row.split(" & ")[2 + headline.index(metric)] for row in body]
         assert [c.startswith("\\textbf{") for c in cells] == best
-    assert "mobilenet\\_v2" in latex and "$\\times$" not in latex.split("\\midrule")[1]
+    # Features and head in columns of their own, LaTeX's special characters escaped.
+    assert [row.split(" & ")[0] for row in body] == [f.replace("_", "\\_") for f in table["features"]]
+    assert body[2].startswith("mobilenet\\_v2+efficientnet\\_lite0 & stack & ")
+    md = html.with_suffix(".md").read_text()
+    assert "7 models of 4 probe runs" in md and md.count(f"| {base} |") == 2
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -276,7 +390,7 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, inputs, tmp_path, capsys):
     storage, _ = tuned_study(ham_store, inputs)
-    code, _, err = _cli(capsys, storage, "--study", "nope", "--out", str(tmp_path / "x"))
+    code, _, err = _cli(capsys, storage, "--study", "nope", "-o", str(tmp_path / "x"))
     assert code == 2
     assert err.strip().count("\n") == 0 and "no study named 'nope'" in err
     assert not (tmp_path / "x").exists()
@@ -295,13 +409,16 @@ def test_cli_writes_reports_and_comparisons_and_explains_bad_input(ham_store, in
 HOSTILE = "<img src=x onerror=alert(1)> & <script>alert(2)"  # no "/": it names a folder of the run
 
 
-def test_labels_holding_html_are_text_in_both_reports(ham_store, tmp_path):
+def test_labels_holding_html_are_text_in_both_reports(ham_store, tmp_path, monkeypatch):
     """A class name from the user's table is escaped in report.md as in report.html: never run as HTML."""
     store = Path(shutil.copytree(ham_store, tmp_path / "hostile.zarr"))
     manifest = pd.read_parquet(store / "manifest.parquet")
     manifest["dx"] = manifest["dx"].replace({"mel": HOSTILE})
     manifest.to_parquet(store / "manifest.parquet", index=False)
+    problems = {}
+    monkeypatch.setattr(style, "to_png", checking_layout(problems))
     html = write_report(sklearn_probe_run(store, tmp_path, "mobilenet_v2", positive=HOSTILE))
+    assert len(problems) >= 5 and not any(problems.values()), problems  # the long name is cut short in figures
     for text in (html.read_text(), html.with_suffix(".md").read_text()):
         assert "<script" not in text and "<img src=x" not in text
         assert "&lt;img src=x onerror=alert(1)&gt; &amp; &lt;script&gt;alert(2)" in text

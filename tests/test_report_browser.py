@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from embedstore.report import write_comparison, write_report
+from test_report import COMPARED
 from test_report_support import (
     check_pages,
     find_chromium,
@@ -66,14 +67,14 @@ def test_reports_render_every_figure_in_headless_chromium(ham_store, inputs, tmp
     storage, _ = tuned_study(ham_store, inputs)
     states_study(ham_store, inputs)
     runs = {
-        "probe": shutil.copytree(probe_run(ham_store, inputs, "mobilenet_v2"), tmp_path / "probe"),
+        "probe": shutil.copytree(probe_run(ham_store, inputs, COMPARED), tmp_path / "probe"),
         "binary": shutil.copytree(sklearn_probe_run(ham_store, inputs, "efficientnet_lite0", "mel"), tmp_path / "binary"),
         "match": shutil.copytree(match_run(ham_store, inputs), tmp_path / "match"),
     }
     pages = {name: write_report(run) for name, run in runs.items()}
     pages["studies"] = write_report(storage, out=tmp_path / "studies")
     pages["comparison"] = write_comparison(
-        [probe_run(ham_store, inputs, "mobilenet_v2"), *(sklearn_probe_run(ham_store, inputs, f)
+        [probe_run(ham_store, inputs, COMPARED), *(sklearn_probe_run(ham_store, inputs, f)
                                                          for f in ("mobilenet_v2", "efficientnet_lite0"))],
         tmp_path / "comparison")
     control = _control_page(tmp_path)

@@ -201,7 +201,7 @@ def states_study(store: Path, root: Path) -> tuple[str, str]:
 # Figures as drawn: what of a matplotlib figure's layout a reader would see as broken.
 
 
-def _drawn_texts(fig) -> list:
+def drawn_texts(fig) -> list:
     """The texts a draw of ``fig`` puts on the canvas: every visible non-empty text, of the tick labels
     only those of ticks inside their axis' view (matplotlib keeps the others but does not draw them)."""
     from matplotlib.text import Text
@@ -222,14 +222,16 @@ def _drawn_texts(fig) -> list:
 def layout_problems(fig) -> list[str]:
     """Each text of ``fig`` (titles, labels, tick labels, legend entries) that is not wholly inside the
     canvas, and each legend that covers (or comes within 2 pixels of) an x tick label, an x axis label
-    or a title."""
+    or a title.
+
+    Measured on the layout of the figure's last draw, which is what its PNG shows: call it after
+    ``style.to_png(fig)`` (drawing again would lay the figure out again, and differently).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.transforms import Bbox
 
-    agg = FigureCanvasAgg(fig)  # report figures are drawn without pyplot, on no canvas of their own
-    agg.draw()
-    renderer, canvas = agg.get_renderer(), fig.bbox
-    problems, drawn = [], _drawn_texts(fig)
+    renderer, canvas = FigureCanvasAgg(fig).get_renderer(), fig.bbox
+    problems, drawn = [], drawn_texts(fig)
     for text in drawn:
         box = text.get_window_extent(renderer)
         if box.x0 < canvas.x0 - 1 or box.y0 < canvas.y0 - 1 or box.x1 > canvas.x1 + 1 or box.y1 > canvas.y1 + 1:
@@ -243,6 +245,22 @@ def layout_problems(fig) -> list[str]:
             problems += [f"the legend covers {label.get_text()!r}" for label in below
                          if label.get_window_extent(renderer).overlaps(area)]
     return problems
+
+
+def checking_layout(found: dict[str, list[str]]):
+    """A stand-in for ``style.to_png`` that renders the figure, then records its :func:`layout_problems`
+    in ``found`` under the figure's title (numbered in drawing order)."""
+    from embedstore.report import style
+
+    render = style.to_png
+
+    def to_png(fig) -> bytes:
+        png = render(fig)
+        title = next((t for t in (fig.get_suptitle(), *(ax.get_title() for ax in fig.axes)) if t), "?")
+        found[f"{len(found)}: {title}"] = layout_problems(fig)
+        return png
+
+    return to_png
 
 
 # --------------------------------------------------------------------------------------------

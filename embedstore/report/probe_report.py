@@ -22,7 +22,14 @@ from embedstore.metrics import (
     roc_points,
 )
 from embedstore.report import style
-from embedstore.report.charts import comparison_table, folds_table, headline_names, headline_section, interval_figure, row_labels
+from embedstore.report.charts import (
+    comparison_table,
+    folds_table,
+    headline_names,
+    headline_section,
+    interval_figure,
+    row_labels,
+)
 from embedstore.report.document import Figure, Heading, Note, Paragraph, Report
 from embedstore.report.paths import shown_path, shown_storage
 from embedstore.report.thumbnails import Tile, draw_sheet, load_thumbnails
@@ -175,21 +182,23 @@ def confusion_figure(pred: Predictions) -> bytes:
     k = len(classes)
     with style.styled():
         size = min(3.2 + 0.55 * k, 9.5)
-        fig = style.new_figure(size + 1.0, size)
+        fig = style.new_figure(max(size + 1.0, 6.0), size)  # 6 inches at least: room for the title
         ax = fig.add_subplot()
-        image = ax.imshow(rates, cmap=style.SEQUENTIAL_CMAP, vmin=0, vmax=1)
+        # aspect="auto": constrained layout cuts the axis labels of equal-aspect axes it must shrink.
+        image = ax.imshow(rates, cmap=style.SEQUENTIAL_CMAP, vmin=0, vmax=1, aspect="auto")
         ax.grid(False)
         fontsize = 9 if k <= 8 else 7
         for i in range(k):
             for j in range(k):
                 ink = "white" if rates[i, j] > 0.6 else "#1f2328"
                 ax.text(j, i, f"{rates[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", color=ink, fontsize=fontsize)
-        ax.set_xticks(range(k), classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
-        ax.set_yticks(range(k), classes)
+        labels = [style.short(c) for c in classes]
+        ax.set_xticks(range(k), labels, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+        ax.set_yticks(range(k), labels)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(f"Confusion matrix (accuracy {accuracy(true_codes, pred_codes):.3f}, "
-                     f"balanced {balanced_accuracy(true_codes, pred_codes):.3f})")
+        fig.suptitle(f"Confusion matrix (accuracy {accuracy(true_codes, pred_codes):.3f}, "
+                     f"balanced {balanced_accuracy(true_codes, pred_codes):.3f})", fontsize=12, fontweight="bold")
         fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
         return style.to_png(fig)
 
@@ -210,7 +219,7 @@ def roc_pr_figure(pred: Predictions, positive=None) -> bytes:
         fig = style.new_figure(10.5, 5.0 + 0.25 * legend_rows)
         roc_ax, pr_ax = fig.subplots(1, 2)
         for i, (name, truth, score) in enumerate(curves):
-            label = f"{name}: AUC {binary_auc(truth, score):.3f}, AP {binary_average_precision(truth, score):.3f}"
+            label = f"{style.short(name)}: AUC {binary_auc(truth, score):.3f}, AP {binary_average_precision(truth, score):.3f}"
             roc_ax.plot(*roc_points(truth, score), color=style.color(i), lw=1.8, label=label)
             pr_ax.plot(*precision_recall_points(truth, score), color=style.color(i), lw=1.8, drawstyle="steps-post")
         roc_ax.plot([0, 1], [0, 1], ls="--", color=style.MUTED, lw=1, label="chance")
@@ -232,7 +241,7 @@ def calibration_figure(pred: Predictions, positive=None) -> bytes:
         pos = _positive(pred, positive)
         confidence = pred.proba[:, pred.classes.index(pos)]
         outcome = pred.y_true == pos
-        xlabel, ylabel = f"predicted probability of {pos}", f"observed frequency of {pos}"
+        xlabel, ylabel = f"predicted probability of {style.short(pos)}", f"observed frequency of {style.short(pos)}"
     else:
         top = pred.proba.argmax(axis=1)
         confidence = pred.proba[np.arange(len(top)), top]
@@ -272,15 +281,15 @@ def embedding_figure(frame: pd.DataFrame, classes: list[str]) -> bytes:
         fig = style.new_figure(7.6, 6.0)
         ax = fig.add_subplot()
         size = float(np.clip(6000 / max(len(frame), 1), 4, 36))
-        # Largest classes first, so small classes stay visible on top.
-        for label in sorted(order, key=lambda c: -(labels == c).sum()):
+        drawing = sorted(order, key=lambda c: -(labels == c).sum())  # largest first: small classes stay on top
+        for label in drawing:
             i = order.index(label)
             mask = (labels == label).to_numpy()
             ax.scatter(frame["x"][mask], frame["y"][mask], s=size, color=style.color(i), alpha=0.8,
-                       linewidths=0.3, edgecolors="white", label=f"{label} ({mask.sum()})", zorder=2 + i / 100)
-        handles, names = ax.get_legend_handles_labels()
-        ranked = sorted(zip(handles, names), key=lambda hn: order.index(hn[1].rsplit(" (", 1)[0]))
-        ax.legend([h for h, _ in ranked], [n for _, n in ranked], loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2)
+                       linewidths=0.3, edgecolors="white", label=f"{style.short(label)} ({mask.sum()})", zorder=2 + i / 100)
+        handles = dict(zip(drawing, ax.get_legend_handles_labels()[0]))  # the legend in class order
+        ax.legend([handles[c] for c in order], [handles[c].get_label() for c in order], loc="center left",
+                  bbox_to_anchor=(1.0, 0.5), markerscale=2)
         ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=f"Embedding map ({len(frame)} images)")
         ax.set_xticks([])
         ax.set_yticks([])

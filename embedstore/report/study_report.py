@@ -114,20 +114,22 @@ def build_study_report(studies: list[optuna.Study], storage: str, out: Path) -> 
     return report
 
 
-def tuning_summary(storage: str, name: str) -> list[Block]:
-    """A short account of one study for the report of the run it tuned: history and best parameters."""
-    study = load_studies(storage, name)[0]
-    trials = study.get_trials(deepcopy=False)
-    blocks: list[Block] = [Paragraph(_summary(study, trials))]
-    best = _best_trial(study)
-    if best is None:
-        return blocks
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    objective = _objective_name(study)
-    blocks.append(Figure("tuning_history", history_figure(trials, objective, minimize),
-                         f"Optuna study `{name}`: every completed trial's {objective} and the best so far."))
-    blocks.append(Table(["hyperparameter", "value"], [[k, fmt_value(v)] for k, v in best.params.items()],
-                        f"Best trial #{best.number}: {objective} = {fmt_value(best.value)}."))
+def tuning_summary(storage: str, names: str) -> list[Block]:
+    """A short account of the studies ``names`` (comma-separated: a stack has one per base) for the
+    report of the run they tuned: each one's history and best parameters."""
+    blocks: list[Block] = []
+    for index, study in enumerate(load_studies(storage, names)):
+        trials = study.get_trials(deepcopy=False)
+        blocks.append(Paragraph(_summary(study, trials)))
+        best = _best_trial(study)
+        if best is None:
+            continue
+        minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+        objective = _objective_name(study)
+        blocks.append(Figure("tuning_history" + (f"_{index}" if index else ""), history_figure(trials, objective, minimize),
+                             f"Optuna study `{study.study_name}`: every completed trial's {objective} and the best so far."))
+        blocks.append(Table(["hyperparameter", "value"], [[k, fmt_value(v)] for k, v in best.params.items()],
+                            f"Best trial #{best.number}: {objective} = {fmt_value(best.value)}."))
     return blocks
 
 

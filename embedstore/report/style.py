@@ -56,6 +56,16 @@ RC = {
 }
 
 
+LABEL_CHARS = 24  # longest class name drawn on an axis or in a legend; tables show it whole
+
+
+def short(text: object, limit: int = LABEL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis, so a long class name cannot push a
+    figure's axes off its canvas."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def color(i: int) -> str:
     """The ``i``-th palette colour (cycling)."""
     return PALETTE[i % len(PALETTE)]
