@@ -43,9 +43,19 @@ STACK_FEATURES = [f"{encoder}-stages{size}" for encoder in common.ENCODERS for s
 BOOT = 1000
 
 
-def _store() -> FeatureStore:
+def _needed(parts: list[str]) -> list[str]:
+    """The feature sets the chosen parts read (a part never waits for an extraction it does not use)."""
+    names = list(ENCODERS)
+    if "pooling" in parts:
+        names += [f"{encoder}-stages" for encoder in ENCODERS]
+    if {"stack", "mel", "meltuned"} & set(parts):
+        names += STACK_FEATURES
+    return list(dict.fromkeys(names))
+
+
+def _store(parts: list[str]) -> FeatureStore:
     store = FeatureStore.open(HAM_STORE) if (HAM_STORE / "zarr.json").is_file() else None
-    names = [*ENCODERS, *STACK_FEATURES]
+    names = _needed(parts)
     if store is None or any(_n_done(store, e) < len(store.manifest) for e in names):
         ham_store(encoders=names)
         store = FeatureStore.open(HAM_STORE)
@@ -209,7 +219,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     from threadpoolctl import threadpool_limits
 
-    store = _store()
+    store = _store(args.parts.split(","))
     print(f"store {HAM_STORE}: {len(store.manifest)} images; encoders {', '.join(ENCODERS)}")
     with threadpool_limits(limits=1, user_api="blas"):  # as the probe runs, so the sklearn baseline is comparable
         for part in args.parts.split(","):
