@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HAM, peak_rss_mb  # noqa: E402
 
 from embedstore import FeatureStore, create_encoder, extract, open_source  # noqa: E402
-from embedstore.extraction import decode  # noqa: E402
+from embedstore.decoding import decode  # noqa: E402
 
 
 def subset_csv(limit: int | None, out: Path) -> Path:

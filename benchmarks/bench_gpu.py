@@ -262,12 +262,12 @@ def cpu_decode_batches(paths, batch_size: int, workers: int, prep, dev: torch.de
     """embedstore's decoding (PIL, draft mode) in DataLoader workers, pinned batches, as ``extract`` runs it."""
     from torch.utils.data import DataLoader
 
-    from embedstore.extraction import _collate, _Images
+    from embedstore.decoding import DecodedImages, collate_decoded
     from embedstore.sources import open_source
 
     source = open_source(paths[0].parent)  # a plain folder source (all the images sit in one folder)
-    loader = DataLoader(_Images(source, [p.name for p in paths], prep), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+    loader = DataLoader(DecodedImages(source, [p.name for p in paths], prep), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_decoded, pin_memory=dev.type == "cuda",
                         prefetch_factor=4 if workers else None)
     for _, images, failed in loader:
         assert not failed, failed[:3]

@@ -2,128 +2,57 @@
 
 One call of :func:`extract`:
 
-1. checks every option, reads the source's table and hashes the images
-   (only those whose size or mtime differ from what the store recorded:
-   a stat each for the rest), refusing a source none of whose images can be
-   read before anything is written;
+1. checks every option (:mod:`embedstore.extract_options`), reads the
+   source's table and hashes the images (only those whose size or mtime
+   differ from what the store recorded: a stat each for the rest), refusing a
+   source none of whose images can be read before anything is written;
 2. merges the table into the store's manifest (new images appended, changed
    ones marked by their new hash, removed ones reported);
 3. under the feature set's lock (exclusive, or shared between the shards of
-   one ``--shard i/n`` run), deletes the row chunks whose checksums fail, so
+   one ``shard="i/n"`` run), deletes the row chunks whose checksums fail, so
    their rows become pending, then picks the rows that are not fresh (never
    done, failed on other bytes, computed from an older version of the image);
 4. groups them by the store's row chunks, decodes them in DataLoader worker
-   processes (uint8, so little crosses the process boundary), normalises on
-   the device, runs the encoder (channels_last; bf16 autocast on CUDA), and
-   writes each chunk-aligned block as soon as it is complete, data first and
-   status last.
+   processes (:mod:`embedstore.decoding`; uint8, so little crosses the process
+   boundary), normalises on the device, runs the encoder (channels_last; bf16
+   autocast on CUDA), and writes each chunk-aligned block as soon as it is
+   complete, data first and status last.
 
 A full or read-only disk is one line saying what was kept. Killing the
-process loses at most the block in flight; rerunning redoes
-exactly the rows that are not final, with the same batches, so the result
-equals an uninterrupted run. Memory is bounded by one block and the loader's
-prefetch, however many images there are.
+process loses at most the block in flight; rerunning redoes exactly the rows
+that are not final, with the same batches, so the result equals an
+uninterrupted run of the same command, bit for bit. An incremental run
+encodes only the pending rows, so a changed or new image may be encoded in a
+batch of another size than a fresh extraction would use; the kernels may then
+round its float32 features differently (on a 2-core x86 CPU, MobileNetV2 in a
+batch of one differs from any larger batch by up to 7e-7), so an incremental
+store and a fresh one agree to about one float16 step, not always bit for bit.
+Memory is bounded by one block and the loader's prefetch, however many images
+there are.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from torch.utils.data import DataLoader
 
 from embedstore import __version__
 from embedstore.clock import utc_now
+from embedstore.decoding import DecodedImages, collate_decoded, decode, failure_reason
 from embedstore.devices import resolve_device
-from embedstore.encoders import Encoder, Preprocessing, create_encoder
-from embedstore.errors import ConfigError, EncoderError, SourceError, first_line
+from embedstore.encoders import Encoder, create_encoder
+from embedstore.errors import ConfigError, EncoderError, StoreError
+from embedstore.extract_options import (check_options, check_shard_gets_chunks, check_some_readable,
+                                        default_workers)
 from embedstore.progress import progress_bar
 from embedstore.sources import Source
-from embedstore.store import DONE, DTYPES, FAILED, FeatureStore, fingerprint, storage_errors
-
-_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                  "nearest": InterpolationMode.NEAREST}
-
-
-# ------------------------------------------------------------------ decoding
-def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
-    """Encoded bytes -> uint8 ``[3, crop, crop]``: shorter side resized, centre-cropped.
-
-    JPEGs are decoded at the smallest DCT scale that still covers the resize
-    target (PIL's draft mode), which makes large images cheap; images over
-    PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 megapixels)
-    raise rather than exhaust memory. 16-bit grey images are scaled to 8 bits
-    (PIL's own conversion would clip them to white; 16-bit RGB PIL reads as 8-bit).
-    """
-    if not data:
-        raise ValueError("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (prep.resize, prep.resize))
-    img = _to_8_bits(img).convert("RGB")
-    img = TF.resize(img, prep.resize, interpolation=_INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR))
-    img = TF.center_crop(img, prep.crop)
-    return TF.pil_to_tensor(img)
-
-
-def _to_8_bits(img: Image.Image) -> Image.Image:
-    """A 16-bit grey image (modes ``I;16*``, and ``I``, in which PIL may hold 16-bit PNGs) scaled to 8-bit ``L``:
-    0..65535 maps to 0..255 by rounding x / 257. Other images are returned as they are."""
-    if not (img.mode.startswith("I;16") or img.mode == "I"):
-        return img
-    wide = np.asarray(img).astype(np.int64)
-    return Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A short, human reason for an image that could not be read."""
-    if isinstance(exc, FileNotFoundError):
-        return "missing file"
-    if isinstance(exc, KeyError):
-        return "missing in source"
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image"
-    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        return f"image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
-    text = first_line(exc, None)
-    if "truncated" in text:
-        return "truncated image"
-    return text[:200]
-
-
-class _Images(Dataset):
-    """Decodes the images at ``paths`` of ``source``; unreadable ones come back as a reason instead."""
-
-    def __init__(self, source: Source, paths: list[str], prep: Preprocessing) -> None:
-        self.source, self.paths, self.prep = source, paths, prep
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, decode(self.source.read_bytes(self.paths[i]), self.prep), ""
-        except Exception as exc:  # noqa: BLE001 - any unreadable image is recorded, never fatal
-            return i, None, failure_reason(exc)
-
-
-def _collate(batch):
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    failed = [(i, reason) for i, t, reason in batch if t is None]
-    positions = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    images = torch.stack([t for _, t in ok]) if ok else None
-    return positions, images, failed
+from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, storage_errors
 
 
 # --------------------------------------------------------------------- model
@@ -151,17 +80,6 @@ class _Runner:
             if self.tta:
                 out = (out + self.model(torch.flip(x, dims=[3])).float()) / 2
         return out.cpu().numpy()
-
-
-def default_batch_size(device: torch.device) -> int:
-    """64 on a GPU; 8 on a CPU, where small batches stay in cache (MobileNetV2 on 2 cores: 104 images/s at 8, 44 at 64)."""
-    return 64 if device.type == "cuda" else 8
-
-
-def default_workers(device: torch.device) -> int:
-    """Decoding workers: half the cores on CPU (the model needs the rest), up to 8 beside a GPU."""
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
 
 
 # ------------------------------------------------------------------- extract
@@ -223,71 +141,10 @@ def default_name(encoder: Encoder, tta: bool, dtype: str) -> str:
     return "-".join(parts)
 
 
-def _parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(shard, tuple):
-        index, count = shard
-    else:
-        try:
-            index, count = (int(v) for v in shard.split("/"))
-        except ValueError:
-            raise ConfigError(f"--shard takes I/N (e.g. 0/4), not {shard!r}") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"--shard {index}/{count}: I must be in 0..N-1")
-    return index, count
-
-
-def _check_shard_gets_chunks(existing: FeatureStore | None, table, key: str, rows_per_chunk: int, index: int,
-                             count: int) -> None:
-    """Refuse, before any work, a shard that none of this source's row chunks falls to (it would do nothing)."""
-    if count == 1:
-        return
-    rows = existing.planned_rows(table["id"]) if existing else np.arange(len(table))
-    fixed = existing.chunking(key) if existing else None
-    rpc = fixed or rows_per_chunk
-    chunks = np.unique(rows // rpc)
-    if (chunks % count == index).any():
-        return
-    instead = ("fewer shards (the feature set's chunking is fixed)" if fixed else
-               f"fewer shards, or --rows-per-chunk {max(1, len(rows) // count)}")
-    raise ConfigError(f"--shard {index}/{count}: the {len(rows):,} images of this source fill {len(chunks)} row "
-                      f"chunk(s) of {rpc:,} rows, so shard {index} would get none; use {instead}")
-
-
-def check_options(*, device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                  dtype: str = "float16", rows_per_chunk: int = 1024,
-                  shard: str | tuple[int, int] = (0, 1)) -> tuple[torch.device, int, tuple[int, int]]:
-    """Refuse a bad extraction option in one line before any work (no model loaded, nothing hashed or
-    written); returns the device, the batch size and the shard (index, count)."""
-    dev = resolve_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    if batch_size < 1 or rows_per_chunk < 1:
-        raise ConfigError("--batch-size and --rows-per-chunk must be at least 1")
-    if num_workers is not None and num_workers < 0:
-        raise ConfigError(f"--workers must be 0 (decode in the main process) or more, not {num_workers}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return dev, batch_size, _parse_shard(shard)
-
-
 def _existing_store(path: str | Path) -> FeatureStore | None:
     """The store at ``path`` if something is there (anything but a store is refused now, before hashing);
     None when it is still to be created, which waits until there is something to write."""
     return FeatureStore.create_or_open(path) if Path(path).exists() else None
-
-
-def _check_some_readable(source: Source, table, hashes: list[str]) -> None:
-    """Refuse a source none of whose images can be read (a wrong --images or --template), before any
-    model work and before the store is written."""
-    if any(hashes):
-        return
-    first = table["_path"].iloc[0]
-    try:
-        source.read_bytes(first)
-        reason = "unreadable"
-    except Exception as exc:  # noqa: BLE001 - any reason is reported, none is fatal here
-        reason = failure_reason(exc)
-    raise SourceError(f"none of the {len(table):,} images of the source can be read (first: {source.where(first)}: "
-                      f"{reason}); check --images and --template (or --path-col, --metadata)")
 
 
 def _versions() -> dict:
@@ -334,13 +191,13 @@ def extract(
     key = fingerprint(config)
     name = name or default_name(encoder, tta, dtype)
     existing = store if isinstance(store, FeatureStore) else _existing_store(store)
-    _check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
+    check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
 
     with progress_bar("hashing", len(table), enabled=progress) as advance:  # unchanged images: a stat each
         recorded = existing.recorded_images(table, source.describe()) if existing else None
         state = source.content_hashes(recorded=recorded, progress=advance)
     hashes = state["sha256"].tolist()
-    _check_some_readable(source, table, hashes)
+    check_some_readable(source, table, hashes)
     store = existing or FeatureStore.create_or_open(store)
     attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": encoder.weights_file,
              "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
@@ -355,12 +212,11 @@ def extract(
     with store.lock(key, (shard_index, shard_count)):
         rows = update.rows
         rpc, n_set = fs.rows_per_chunk, fs.n_rows
-        from embedstore.errors import StoreError  # (what FeatureSet.read raises for a damaged chunk)
 
         def final_rows(start: int, stop: int) -> np.ndarray:  # before the repair; unreadable status: final
             try:
                 return np.isin(fs.read("status", slice(start, stop)), (DONE, FAILED))
-            except StoreError:
+            except StoreError:  # what FeatureSet.read raises for a damaged chunk
                 if stop - start <= rpc:
                     return np.ones(stop - start, dtype=bool)
                 return np.concatenate([final_rows(c, min(stop, c + rpc)) for c in range(start, stop, rpc)])
@@ -410,8 +266,8 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
             batches.append(list(range(start + s, start + min(s + batch_size, len(block)))))
             block_of_batch.append(b)
         start += len(block)
-    loader = DataLoader(_Images(source, paths, encoder.preprocessing), batch_sampler=batches,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+    loader = DataLoader(DecodedImages(source, paths, encoder.preprocessing), batch_sampler=batches,
+                        num_workers=num_workers, collate_fn=collate_decoded, pin_memory=dev.type == "cuda",
                         prefetch_factor=4 if num_workers else None)
     runner = _Runner(encoder, dev, tta)
     ids = source.table["id"].to_numpy()
@@ -469,5 +325,5 @@ def encoder_for(store: FeatureStore, features: str) -> tuple[Encoder, dict]:
                              image_size=attrs.get("image_size"), crop_pct=attrs.get("crop_pct"))
     if encoder.weights_sha256 != attrs.get("weights_sha256"):
         raise EncoderError(f"the weights of {attrs['encoder']} available now differ from those feature set "
-                           f"{attrs.get('name')} was extracted with; pass the same --weights file")
+                           f"{attrs.get('name')} was extracted with; pass the same weights file")
     return encoder, attrs

@@ -262,12 +262,12 @@ def test_symlinks_leading_out_of_the_image_folder_are_refused_like_dotdot(work, 
 
 # ------------------------------------------------------------------ item 15: options before any work
 @pytest.mark.parametrize("option, message", [
-    (["--dtype", "float61"], "--dtype must be one of float16, float32, not 'float61'"),
-    (["--batch-size", "0"], "--batch-size and --rows-per-chunk must be at least 1"),
-    (["--rows-per-chunk", "0"], "--batch-size and --rows-per-chunk must be at least 1"),
-    (["--workers", "-1"], "--workers must be 0"),
-    (["--shard", "2/2"], "--shard 2/2: I must be in 0..N-1"),
-    (["--shard", "half"], "--shard takes I/N"),
+    (["--dtype", "float61"], "dtype must be one of float16, float32, not 'float61'"),
+    (["--batch-size", "0"], "batch_size must be at least 1, not 0"),
+    (["--rows-per-chunk", "0"], "rows_per_chunk must be at least 1, not 0"),
+    (["--workers", "-1"], "num_workers must be 0 (decode in the main process) or more, not -1"),
+    (["--shard", "2/2"], "shard 2/2: I must be in 0..N-1"),
+    (["--shard", "half"], "shard must be I/N (e.g. 0/4), not 'half'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_options_fail_in_one_line_before_any_work(work, cli, monkeypatch, option, message):
@@ -290,7 +290,7 @@ def test_a_source_with_no_readable_image_fails_in_one_line_and_writes_nothing(wo
     code, out, err = cli("extract", "meta.csv", "--images", "empty", "--quiet", "--store", "new.zarr", cwd=path)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert (f"none of the {N} images of the source can be read (first: empty/{table['image_id'][0]}.jpg: "
-            f"missing file); check --images and --template") in err
+            f"missing file); check the source's image folder and path template") in err
     assert not (path / "new.zarr").exists()
     before = sorted(p.name for p in (path / "s.zarr").rglob("*"))
     code, _, err = cli("extract", "meta.csv", "--images", "empty", "--quiet", "--store", "s.zarr", cwd=path)

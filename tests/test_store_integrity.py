@@ -215,8 +215,8 @@ def test_sharded_and_unsharded_runs_exclude_each_other(data, tmp_path):
 def test_a_shard_that_gets_no_chunk_fails_before_any_work(data, encoder, tmp_path):
     with pytest.raises(ConfigError) as err:
         extract(source(data, "grown"), encoder, tmp_path / "new.zarr", shard="1/3", progress=False)
-    assert str(err.value) == ("--shard 1/3: the 24 images of this source fill 1 row chunk(s) of 1,024 rows, so shard 1 "
-                              "would get none; use fewer shards, or --rows-per-chunk 8")
+    assert str(err.value) == ("shard 1/3: the 24 images of this source fill 1 row chunk(s) of 1,024 rows, so shard 1 "
+                              "would get none; use fewer shards, or rows_per_chunk 8")
     assert not (tmp_path / "new.zarr").exists()
     store = copy(data, "ref", tmp_path)  # an existing set keeps its chunking: 3 chunks of 8
     with pytest.raises(ConfigError, match="fill 3 row chunk.*fewer shards \\(the feature set's chunking is fixed\\)"):
