@@ -80,8 +80,11 @@ def test_new_changed_and_removed_images(workdir, encoder, ham_root, ham_subset):
     assert result.n_written == 6 and result.n_skipped == 46
     store = FeatureStore.open(store_path)
     assert len(store.manifest) == 53 and store.manifest["id"].is_unique
-    X, _ = store.load(ENCODER, ids=[changed_id, donor_id])
-    np.testing.assert_array_equal(X[0], X[1])  # re-extracted from the new bytes
+    X, _ = store.load(ENCODER, ids=[changed_id])
+    # re-extracted from the new bytes: the only pending row of its chunk, so encoded alone (a batch of one, which
+    # CPU kernels may round differently from the donor's batch of five new rows), as embed_images encodes it here
+    alone = embed_images(encoder, [path / "images" / f"{changed_id}.jpg"], batch_size=1)
+    np.testing.assert_array_equal(X[0], alone[0].astype(np.float16).astype(np.float32))
 
 
 def test_reading_features_of_a_changed_image_is_refused(workdir, encoder, ham_root, ham_subset):
