@@ -86,8 +86,8 @@ def reads_of(monkeypatch):
         flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
         path = Path(args[0]).absolute()
         writes = any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-        if writes or path.is_dir() or not any(path.is_relative_to(w) for w in watched):
-            return  # a write, or a folder opened to sync it: only reads of the run's files count
+        if writes or not path.is_file() or not any(path.is_relative_to(w) for w in watched):
+            return  # a write, a folder opened to sync it, or a file that is not there: only reads of files count
         frame, through = sys._getframe(1), False
         while frame is not None and not through:
             through = frame.f_code.co_filename == runs_module

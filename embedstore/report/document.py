@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
+
+from embedstore.atomic import replacing_folder, write_file, write_text, written_by_embedstore
 
 
 @dataclass(frozen=True)
@@ -95,32 +94,22 @@ class Report:
             raise ValueError(f"duplicate figure names in report: {duplicates}")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=out))
-        try:
-            (staging / "figures").mkdir()
-            for figure in self.figures():
-                (staging / "figures" / f"{figure.name}.png").write_bytes(figure.png)
-            (staging / f"{stem}.html").write_text(render_html(self), encoding="utf-8")
-            (staging / f"{stem}.md").write_text(render_markdown(self), encoding="utf-8")
-            _replace_dir(staging / "figures", out / "figures", keep_other_stems=stem != "report")
-            for suffix in (".md", ".html"):  # the HTML last: its presence means the report is complete
-                os.replace(staging / f"{stem}{suffix}", out / f"{stem}{suffix}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        self._write_figures(out / "figures", replace=stem == "report")
+        write_text(out / f"{stem}.md", render_markdown(self))
+        write_text(out / f"{stem}.html", render_html(self))  # the HTML last: its presence means the report is complete
         return out / f"{stem}.html"
 
-
-def _replace_dir(new: Path, target: Path, keep_other_stems: bool) -> None:
-    """Move the figures of ``new`` into ``target``, replacing a previous report's figures."""
-    if target.exists() and not keep_other_stems:
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    target.mkdir(exist_ok=True)
-    for png in new.iterdir():
-        os.replace(png, target / png.name)
+    def _write_figures(self, folder: Path, replace: bool) -> None:
+        """The PNGs into ``folder``: a report's own figures replace the previous report's in one step
+        (:func:`embedstore.atomic.replacing_folder`); a comparison written beside a report, or a figures folder
+        that an older embedstore wrote without the marker, gets its PNGs added one by one, each atomically."""
+        if replace and (written_by_embedstore(folder) or not folder.exists()):
+            with replacing_folder(folder, overwrite=True, kind="report-figures", what="figures folder") as staging:
+                for figure in self.figures():
+                    (staging / f"{figure.name}.png").write_bytes(figure.png)
+            return
+        for figure in self.figures():
+            write_file(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(png))
 
 
 # --------------------------------------------------------------------------- HTML
