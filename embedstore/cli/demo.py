@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from embedstore.cli.app import app
+from embedstore.cli.options import QuietOpt
 from embedstore.cli.ls import ls
 from embedstore.demo import SAMPLE_DIR, sample_source
 from embedstore.errors import ConfigError
@@ -18,7 +19,7 @@ def demo(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to write the probe and match run folders."),
     encoder: str = typer.Option("mobilenet_v2", "--encoder", help="An offline encoder: mobilenet_v2 or efficientnet_lite0."),
     trials: int = typer.Option(10, "--trials", help="Optuna trials of the probe's tuning study (stored in sqlite beside the store)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline on the bundled 200-image HAM10000 sample, offline.
 

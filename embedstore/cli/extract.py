@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from embedstore.cli.app import app
+from embedstore.cli.options import DeviceOpt, QuietOpt
 from embedstore.errors import SourceError
 
 _err = Console(stderr=True)
@@ -31,13 +32,13 @@ def extract(
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, with bf16 autocast), cpu, or cuda[:N]."),
+    device: DeviceOpt = "auto",
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
     tta: bool = typer.Option(False, "--tta", help="Average the features of the image and its horizontal flip."),
     rows_per_chunk: int = typer.Option(1024, "--rows-per-chunk", help="Rows per zarr chunk: the unit of resume and of parallel writers."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: process only every N-th row chunk, so N processes can share the work."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the images that failed before (by default they are skipped until their bytes change)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: QuietOpt = False,
 ) -> None:
     """Extract frozen embeddings of every new or changed image into a zarr feature store.
 

@@ -27,7 +27,7 @@ ReportOpt = Annotated[Optional[bool], typer.Option("--report/--no-report", help=
                                                    "into the run folder (default: write them).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the folder at --out if embedstore wrote "
                                             "it (never anything else).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (progress lines still go to a log).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (no bar on a terminal, no progress lines in a log).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, or cuda[:N].")]
 
 
