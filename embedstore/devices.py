@@ -1,4 +1,4 @@
-"""The one place a ``--device`` value becomes a torch device (extraction and projection heads alike).
+"""The one place a device name (``--device``) becomes a torch device (extraction and projection heads alike).
 
 torch is imported when a device is resolved, not when this module is: ``embedstore --help``, and a
 match run without a projection head, never load it.
@@ -22,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu or auto")
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is available; use cpu or auto")
     try:
         return torch.device(device)
     except RuntimeError:
