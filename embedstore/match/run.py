@@ -323,10 +323,7 @@ def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = N
         groups=config.groups, seed=config.seed, method=config.method, projection=config.projection,
         parameter={config.param_name: value}, head=candidate or None, projected_features=projected_key,
     )
-    out = write_run(config, record, metrics, lambda folder: write_match_files(folder, result, clusters, head))
-    if config.report:
-        render_report(out)
-    return Run(out, record, metrics)
+    return write_run(config, record, metrics, lambda folder: write_match_files(folder, result, clusters, head))
 
 
 def write_projection(store, key, name, head, X_all, table_all, config) -> str:
@@ -357,13 +354,4 @@ def write_match_files(folder: Path, result: CVResult, clusters: pd.DataFrame, he
     clusters.to_csv(folder / "clusters.csv", index=False)
     if head is not None:
         head.save(folder / "head")
-
-
-def render_report(run_dir: Path) -> None:
-    """Render the report with embedstore.report when that module offers ``write_report``."""
-    import embedstore.report
-
-    write_report = getattr(embedstore.report, "write_report", None)
-    if write_report is not None:
-        write_report(run_dir)
 

@@ -9,7 +9,7 @@ The folder is written by :func:`embedstore.runs.write_run`: ``run.json`` (:class
 ``metrics.json`` (:class:`Metrics`), ``config.yaml``, then ``folds.csv``, ``predictions.parquet``,
 ``embedding_2d.parquet`` (a t-SNE map), the comparison tables and ``head/``; it replaces ``out`` in
 one step, only a folder an earlier run wrote, only with ``overwrite``, checked before any model is
-fitted. Then the report, when :mod:`embedstore.report` can write one.
+fitted; then the report.
 """
 
 from __future__ import annotations
@@ -26,32 +26,28 @@ from embedstore.probe.card import model_card, write_card
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.models import ModelSpec
 from embedstore.probe.protocol import ModelResult, Probe
-from embedstore.runs import Metrics, ProbeRecord, Run, StudyRef, check_out, read_run, write_run
+from embedstore.runs import Metrics, ProbeRecord, Run, StudyRef, check_out, write_run
 from embedstore.runs.comparison import metric_names, rows_of_metrics, write_comparison_tables
 
 
 def run_probe(cfg: ProbeConfig, progress=None) -> Run:
-    """Run the probe ``cfg`` describes and write its run folder; returns the run as read back from it.
+    """Run the probe ``cfg`` describes and write its run folder (and report); returns the run written.
 
     ``progress(event, message)`` is called after every fold (``"fold"``), tuned model (``"tuned"``)
     and writing step (``"step"``).
     """
     t0 = time.perf_counter()
-    out = check_out(cfg)  # before any model is fitted
+    check_out(cfg)  # before any model is fitted
     probe = Probe(cfg, progress)
     specs = [ModelSpec(entry, head) for entry in cfg.features for head in cfg.heads]
     with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
         results = [probe.evaluate_model(spec) for spec in specs]
-        probe.progress("step", "writing the run folder (bootstrap CIs, t-SNE)")
+        probe.progress("step", "writing the run folder (bootstrap CIs, t-SNE)" + (" and its report" if cfg.report else ""))
         models = probe.model_metrics(results)
         best = max(results, key=lambda r: models[r.spec.name][probe.headline_names()[0]].value)
         metrics = _metrics(probe, models, best)
         record = _record(probe, results, best, seconds=time.perf_counter() - t0)
-        write_run(cfg, record, metrics, lambda folder: _write_files(probe, results, best, metrics, folder))
-    if cfg.report:
-        probe.progress("step", "writing the report")
-        _write_report(out)
-    return read_run(out)
+        return write_run(cfg, record, metrics, lambda folder: _write_files(probe, results, best, metrics, folder))
 
 
 def _metrics(probe: Probe, models: dict, best: ModelResult) -> Metrics:
@@ -135,11 +131,3 @@ def _tsne(X: np.ndarray, labels: np.ndarray, ids: np.ndarray, max_rows: int, see
     xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=seed).fit_transform(Z)
     return pd.DataFrame({"id": ids[rows], "x": xy[:, 0], "y": xy[:, 1], "label": labels[rows]})
 
-
-def _write_report(out: Path):
-    """The report of the run, when :mod:`embedstore.report` offers ``write_report`` (else None)."""
-    try:
-        from embedstore.report import write_report
-    except ImportError:
-        return None
-    return write_report(out)

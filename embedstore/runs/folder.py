@@ -32,16 +32,21 @@ def check_out(config: RunConfig) -> Path:
     return out
 
 
-def write_run(config: RunConfig, record: RunRecord, metrics: Metrics, write_files: Callable[[Path], None]) -> Path:
+def write_run(config: RunConfig, record: RunRecord, metrics: Metrics, write_files: Callable[[Path], None]) -> "Run":
     """Write the run folder ``config.out``: the record, metrics and config, then ``write_files(folder)``
-    for the kind's own files; all of it appears at once or not at all. Returns the folder."""
+    for the kind's own files; all of it appears at once or not at all. Then, with ``config.report``, the
+    report (:func:`embedstore.report.write_report`, which reads the folder back). Returns the run written."""
     out = Path(config.out)
     with replacing_folder(out, overwrite=config.overwrite, kind=record.kind) as staging:
         (staging / RUN_FILE).write_text(json.dumps(record.to_dict(), indent=2))
         (staging / METRICS_FILE).write_text(json.dumps(metrics.to_dict(), indent=2))
         (staging / CONFIG_FILE).write_text(config.to_yaml())
         write_files(staging)
-    return out
+    if config.report:
+        from embedstore.report import write_report  # the report reads runs: imported when a run is written
+
+        write_report(out)
+    return Run(out, record, metrics)
 
 
 @dataclass(frozen=True)
