@@ -22,6 +22,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from embedstore.heads import save_head
+from embedstore.maps import feature_map
 from embedstore.probe.card import model_card, write_card
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.models import ModelSpec
@@ -79,7 +80,7 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     _predictions(probe, best).to_parquet(folder / "predictions.parquet", index=False)
     emb_cols = [c for n in best.spec.sets for c in d.columns[n]]
     labels = np.asarray(d.classes, dtype=object)[d.y]
-    _tsne(d.X[emb_cols].to_numpy(np.float32), labels, d.ids, cfg.tsne_max, cfg.seed).to_parquet(
+    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols).to_parquet(
         folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
@@ -112,22 +113,3 @@ def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
             frame[f"p_{c}"] = proba[:, k]
         parts.append(frame)
     return pd.concat(parts, ignore_index=True)
-
-
-def _tsne(X: np.ndarray, labels: np.ndarray, ids: np.ndarray, max_rows: int, seed: int) -> pd.DataFrame:
-    """2-D t-SNE of (at most ``max_rows``, stratified by label) rows, after PCA to 50 dimensions."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(X))
-    if len(rows) > max_rows:
-        counts = pd.Series(labels).value_counts()
-        strat = labels if counts.min() >= 2 else None
-        rows, _ = train_test_split(rows, train_size=max_rows, stratify=strat, random_state=seed)
-        rows = np.sort(rows)
-    Z = X[rows]
-    Z = PCA(n_components=min(50, *Z.shape), random_state=seed).fit_transform(Z)
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=seed).fit_transform(Z)
-    return pd.DataFrame({"id": ids[rows], "x": xy[:, 0], "y": xy[:, 1], "label": labels[rows]})
-
