@@ -119,14 +119,19 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """
 
     def fit(self, X, y, sample_weight=None):
+        self._fit_core(*self._prepare(X, y, sample_weight))
+        return self
+
+    def _prepare(self, X, y, sample_weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What every fit does first: classes, kept rows and weights, the fitted preprocessor; returns the
+        preprocessed training matrix, its class codes and weights for ``_fit_core``."""
         X = check_array(X, dtype=np.float32)
         rows, codes, weights = training_rows(self, y, sample_weight)
         if self.classes_.size < 2:
             raise ValueError("a head needs at least two classes in y")
         self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows])
-        self._fit_core(self.preprocessor_.transform(X[rows]), codes, weights)
         self.n_features_in_ = X.shape[1]
-        return self
+        return self.preprocessor_.transform(X[rows]), codes, weights
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "preprocessor_")

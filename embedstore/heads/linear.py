@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
+from embedstore.heads import logistic
 from embedstore.heads.base import EmbeddingHead
 
 
 class LogRegHead(EmbeddingHead):
-    """The linear probe: multinomial logistic regression (L-BFGS) on normalised features.
+    """The linear probe: L2-penalised logistic regression (multinomial; binomial for two classes) on
+    normalised features, with scikit-learn's objective and stopping rule (``tol``, ``max_iter``).
 
-    ``C`` is the inverse L2 strength; DINOv2 and CLIP_benchmark search it on
-    a log grid, which is what :mod:`embedstore.tune` does.
+    ``C`` is the inverse L2 strength; DINOv2 and CLIP_benchmark search it on a log grid, which
+    :mod:`embedstore.tune` does along a warm-started path (:func:`embedstore.heads.logistic.fit_path`).
+    It is fitted by :mod:`embedstore.heads.logistic` (float32 products, preconditioned L-BFGS) on
+    ``device`` (``cpu``, ``cuda``, ``auto``); predicting always runs on the CPU.
     """
 
     def __init__(self, C=1.0, norm="standard", pca=None, whiten=False, class_weight=None,
-                 undersample=None, max_iter=1000, seed=0):
+                 undersample=None, max_iter=1000, tol=1e-4, device="cpu", seed=0):
         self.C = C
         self.norm = norm
         self.pca = pca
@@ -26,14 +30,42 @@ class LogRegHead(EmbeddingHead):
         self.class_weight = class_weight
         self.undersample = undersample
         self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
         self.seed = seed
 
     def _fit_core(self, Z, codes, sample_weight):
-        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-        self.model_.fit(Z, codes, sample_weight=sample_weight)
+        self._keep(logistic.fit(Z, codes, self.classes_.size, self.C, sample_weight, self.tol, self.max_iter,
+                                self.fit_device()))
+
+    def fit_path(self, X, y, Cs, sample_weight=None) -> list[LogRegHead]:
+        """One fitted copy of this head per C of ``Cs`` (increasing), each fit warm-started from the one before:
+        the regularisation path, for what a sweep of C costs (:func:`embedstore.heads.logistic.fit_path`)."""
+        Z, codes, weights = self._prepare(X, y, sample_weight)
+        fits = logistic.fit_path(Z, codes, self.classes_.size, Cs, weights, self.tol, self.max_iter, self.fit_device())
+        heads = []
+        for fitted in fits:
+            head = clone(self).set_params(C=fitted.C)
+            head.classes_, head.preprocessor_, head.n_features_in_ = self.classes_, self.preprocessor_, self.n_features_in_
+            head._keep(fitted)
+            heads.append(head)
+        return heads
+
+    def fit_device(self) -> str:
+        """The torch device name the fit runs on (``cpu`` without torch); ConfigError for one not present."""
+        if self.device == "cpu":
+            return "cpu"
+        from embedstore.devices import resolve_device
+
+        return str(resolve_device(self.device))
+
+    def _keep(self, fitted: logistic.LogisticFit) -> None:
+        self.coef_, self.intercept_, self.n_evals_ = fitted.coef, fitted.intercept, fitted.n_evals
 
     def _proba_core(self, Z):
-        return self.model_.predict_proba(Z)
+        if "model_" in vars(self):  # a head saved before embedstore fitted its own: a scikit-learn model inside
+            return self.model_.predict_proba(Z)
+        return logistic.predict_proba(Z, self.coef_, self.intercept_)
 
 
 class SVMHead(EmbeddingHead):
