@@ -79,6 +79,13 @@ SEARCH_SPACES: dict[str, SpaceFn] = {
 }
 
 
+#: Heads whose search sweeps one parameter along a warm-started path (each inner fold fits the whole path at once,
+#: :meth:`embedstore.heads.LogRegHead.fit_path`) instead of sampling it: head -> that parameter. The path takes
+#: ``n_trials`` values log-spaced over the parameter's range in :data:`SEARCH_SPACES`, for every combination of
+#: the space's categorical parameters; every point is stored as a trial of the study.
+PATH_PARAMETERS = {"logreg": "C"}
+
+
 def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = None) -> float:
     """Mean of ``metric(y_test, proba, y_pred)`` over ``folds`` (a function of
     :func:`embedstore.metrics.metric_functions`); with a trial, report after each fold and prune."""
@@ -103,17 +110,19 @@ def search_space(space: str) -> dict[str, str]:
     return {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(trial.distributions.items())}
 
 
-def study_problem(space: str, y, folds, seed: int, fixed, **context) -> dict:
+def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None = None, **context) -> dict:
     """Everything that decides a trial's value, as plain JSON: the problem a study may be reused for.
 
-    This module adds what :func:`tune` sees (search space, fixed parameter names, labels, folds, seed);
-    ``context`` is what only the caller knows (feature fingerprints, row ids, target, metric, decision, ...).
-    ``fingerprint(study_problem(...))`` is the study's identity.
+    This module adds what :func:`tune` sees (search space, fixed parameter names, labels, folds, seed, and for a
+    path search the number of path values ``n_trials``); ``context`` is what only the caller knows (feature
+    fingerprints, row ids, target, metric, decision, ...). ``fingerprint(study_problem(...))`` is the study's identity.
     """
+    search = {"path": PATH_PARAMETERS[space], "values": n_trials} if searches_path(space, fixed) else {}
     return {
         "protocol": 1,  # TPE seeded per finished trial, median pruner over folds
         "space": space,
         "distributions": search_space(space),
+        **({"search": search} if search else {}),
         "fixed": sorted(fixed),
         "labels": digest(y),
         "folds": [[digest(train), digest(test)] for train, test in folds],
@@ -158,6 +167,10 @@ def tune(
         _claim(study, problem, storage)
     _fail_stale_trials(study)
 
+    if searches_path(space, fixed):
+        _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial)
+        return _best(study, n_trials * len(_grid_choices(space, fixed)), fixed), study
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")  # a rerun tells a dead owner's trial
         params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
@@ -172,11 +185,75 @@ def tune(
         if last.state == optuna.trial.TrialState.FAIL:
             raise ConfigError(f"trial {last.number} of study {study_name!r} scored no number (NaN or infinite): "
                               "the metric is undefined on these folds; choose another --metric")
+    return _best(study, n_trials, fixed), study
+
+
+def searches_path(space: str, fixed) -> bool:
+    """Whether ``space`` is searched along a path: its head has a path parameter, and the user did not fix it."""
+    return space in PATH_PARAMETERS and PATH_PARAMETERS[space] not in fixed
+
+
+def _best(study: optuna.Study, n_trials: int, fixed) -> dict:
+    """The parameters of the best of the study's first ``n_trials`` finished trials (a longer study stored
+    earlier changes nothing; of equal values, the earliest)."""
     complete = [t for t in _finished(study)[:n_trials] if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise ConfigError(f"study {study_name!r} has no completed trial; every trial failed or was pruned")
-    best = max(complete, key=lambda t: t.value)  # of the first n_trials: a longer study stored earlier changes nothing
-    return {k: v for k, v in best.params.items() if k not in fixed}, study
+        raise ConfigError(f"study {study.study_name!r} has no completed trial; every trial failed or was pruned")
+    best = max(complete, key=lambda t: t.value)
+    return {k: v for k, v in best.params.items() if k not in fixed}
+
+
+def _grid_choices(space: str, fixed) -> list[dict]:
+    """Every combination of the categorical parameters of ``space`` that are not ``fixed``, as dicts."""
+    choices = [{}]
+    for name, dist in search_distributions(space).items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution) and name not in fixed:
+            choices = [{**c, name: v} for c in choices for v in dist.choices]
+    return choices
+
+
+def search_distributions(space: str) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The distributions ``SEARCH_SPACES[space]`` searches, by parameter name."""
+    return {name: optuna.distributions.json_to_distribution(d) for name, d in search_space(space).items()}
+
+
+def path_values(space: str, n: int) -> np.ndarray:
+    """The ``n`` values of the path parameter of ``space``: log-spaced over its range, increasing."""
+    dist = search_distributions(space)[PATH_PARAMETERS[space]]
+    return np.logspace(np.log10(dist.low), np.log10(dist.high), n)
+
+
+def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial) -> None:
+    """Add to ``study`` a trial for every point of the path grid it lacks: per combination of the categorical
+    parameters, each fold fits the whole path (warm-started) once and scores every point.
+
+    A combination is stored when all its folds are done, so a killed run loses at most the one it was on.
+    """
+    param = PATH_PARAMETERS[space]
+    values = path_values(space, n_trials)
+    distributions = {k: v for k, v in search_distributions(space).items() if k not in fixed}
+    stored = {tuple(sorted(t.params.items(), key=str)) for t in _finished(study)}
+    for choice in _grid_choices(space, fixed):
+        points = [{**choice, param: float(v)} for v in values]
+        if all(tuple(sorted(p.items(), key=str)) in stored for p in points):
+            continue
+        estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in choice.items()})
+        scores = np.empty((len(folds), len(values)))
+        for k, (train, test) in enumerate(folds):
+            for j, fitted in enumerate(estimator.fit_path(_rows(X, train), y[train], values)):
+                proba = fitted.predict_proba(_rows(X, test))
+                scores[k, j] = metric(y[test], proba, decide(fitted, proba))
+        for j, params in enumerate(points):
+            value = float(np.mean(scores[:, j]))
+            trial = optuna.trial.create_trial(
+                params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
+                value=value if np.isfinite(value) else None,
+                state=optuna.trial.TrialState.COMPLETE if np.isfinite(value) else optuna.trial.TrialState.FAIL,
+                user_attrs={f"fold_{k}": float(scores[k, j]) for k in range(len(folds))},
+            )
+            study.add_trial(trial)
+            if on_trial is not None:
+                on_trial(study, study.trials[-1])
 
 
 def _open_study(storage: str, study_name: str) -> optuna.Study:

@@ -10,12 +10,12 @@ from sklearn.metrics import balanced_accuracy_score
 from threadpoolctl import threadpool_limits
 
 from embedstore.errors import ConfigError
-from embedstore.heads import HEADS, KNNHead, make_head
+from embedstore.heads import HEADS, KNNHead, LogRegHead, make_head
 from embedstore.layout import study_storage
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
-from embedstore.tune import SEARCH_SPACES, cv_score, study_problem, tune
+from embedstore.tune import SEARCH_SPACES, cv_score, path_values, study_problem, tune
 
 
 balanced_accuracy = metric_functions(7)["balanced_accuracy"]  # f(y_true, proba, y_pred), as the probe tunes
@@ -116,3 +116,26 @@ def test_a_stored_study_of_another_problem_is_refused(ham, tmp_path):
     tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "legacy")  # no fingerprint, as before
     with pytest.raises(ConfigError, match="unknown problem"):
         tune(KNNHead(), "knn", X, y, folds, balanced_accuracy, 1, storage, "legacy", problem=problem)
+
+
+def test_logreg_sweeps_a_warm_started_path_of_c_stored_as_trials(ham, tmp_path):
+    X, y, folds = ham
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    head = LogRegHead()
+    best, study = tune(head, "logreg", X, y, folds, balanced_accuracy, 4, storage, "path", seed=0)
+    # 4 values of C for each class-weight choice, log-spaced over the search space's range, in grid order
+    Cs = path_values("logreg", 4)
+    assert Cs[0] == pytest.approx(1e-4) and Cs[-1] == pytest.approx(1e2) and len(study.trials) == 8
+    assert [t.params["C"] for t in study.trials] == pytest.approx([*Cs, *Cs])
+    # each trial scores what separate fits of its C score on the same folds
+    for t in study.trials[1:3]:
+        separate = cv_score(LogRegHead(**t.params), X, y, folds, balanced_accuracy)
+        assert t.value == pytest.approx(separate, abs=0.02)
+        assert t.value == pytest.approx(np.mean([t.user_attrs[f"fold_{k}"] for k in range(3)]))
+    top = max(study.trials, key=lambda t: t.value)
+    assert best == top.params
+    # a finished path runs nothing more; a fixed class weight leaves one path
+    assert len(tune(head, "logreg", X, y, folds, balanced_accuracy, 4, storage, "path")[1].trials) == 8
+    best, fixed = tune(LogRegHead(class_weight="balanced"), "logreg", X, y, folds, balanced_accuracy, 3, storage, "cw",
+                       fixed=frozenset({"class_weight"}))
+    assert len(fixed.trials) == 3 and set(best) == {"C"}

@@ -23,8 +23,15 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         self.columns = columns
 
     def fit(self, X, y):
-        self.head_ = clone(self.head).fit(select_columns(X, self.columns), y)
-        self.classes_ = self.head_.classes_
+        return self._wrap(clone(self.head).fit(select_columns(X, self.columns), y))
+
+    def fit_path(self, X, y, values) -> list[ColumnsHead]:
+        """One fitted copy per value of the head's path (its ``fit_path``, e.g. C of a logistic head)."""
+        return [clone(self)._wrap(head) for head in clone(self.head).fit_path(select_columns(X, self.columns), y, values)]
+
+    def _wrap(self, head) -> ColumnsHead:
+        """This wrapper, fitted around the fitted ``head``."""
+        self.head_, self.classes_ = head, head.classes_
         return self
 
     def predict_proba(self, X):

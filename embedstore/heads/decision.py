@@ -39,11 +39,19 @@ class BalancedDecision(ClassifierMixin, BaseEstimator):
         self.estimator = estimator
 
     def fit(self, X, y, **fit_params):
-        self.estimator_ = clone(self.estimator).fit(X, y, **fit_params)
-        self.classes_ = self.estimator_.classes_
+        return self._wrap(clone(self.estimator).fit(X, y, **fit_params), X, y)
+
+    def fit_path(self, X, y, values) -> list[BalancedDecision]:
+        """One fitted copy per value of the wrapped estimator's path (its ``fit_path``)."""
+        return [clone(self)._wrap(estimator, X, y) for estimator in clone(self.estimator).fit_path(X, y, values)]
+
+    def _wrap(self, estimator, X, y) -> BalancedDecision:
+        """This wrapper, fitted around ``estimator`` (fitted on ``X``, ``y``)."""
+        self.estimator_ = estimator
+        self.classes_ = estimator.classes_
         codes = np.searchsorted(self.classes_, np.asarray(y))
         self.class_prior_ = np.bincount(codes, minlength=self.classes_.size) / codes.size
-        self.n_features_in_ = getattr(self.estimator_, "n_features_in_", X.shape[1])
+        self.n_features_in_ = getattr(estimator, "n_features_in_", X.shape[1])
         return self
 
     def predict_proba(self, X) -> np.ndarray:
