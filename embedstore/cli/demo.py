@@ -18,7 +18,7 @@ def demo(
     store: Path = typer.Option(Path("stores/demo.zarr"), "--store", help="Where to write the demo feature store."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to write the probe and match run folders."),
     encoder: str = typer.Option("mobilenet_v2", "--encoder", help="An offline encoder: mobilenet_v2 or efficientnet_lite0."),
-    trials: int = typer.Option(10, "--trials", help="Optuna trials of the probe's tuning study (stored in sqlite beside the store)."),
+    trials: int = typer.Option(10, "--trials", help="Values of C the probe's nested studies sweep, per class weight (stored in sqlite beside the store)."),
     quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline on the bundled 200-image HAM10000 sample, offline.
@@ -53,7 +53,7 @@ def demo(
     ls(store, failures=False)
     probe_cfg.features, match_cfg.features = [result.name], [result.name]
 
-    typer.echo(f"2/4 probe: logistic regression on dx, 5 folds grouped by lesion_id, {trials} Optuna trials")
+    typer.echo(f"2/4 probe: logistic regression on dx, 5 folds grouped by lesion_id, C tuned over {trials} values per class weight")
     probe_run = run_probe(probe_cfg)
     typer.echo("   " + _figures(probe_run, probe_run.metrics.headline[:3]))
 

@@ -11,6 +11,7 @@ import typer
 from embedstore.cli.app import app
 from embedstore.cli.options import (
     ConfigOpt,
+    DeviceOpt,
     FoldsOpt,
     GroupsOpt,
     NBootOpt,
@@ -81,6 +82,7 @@ def probe(
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Prefix of the Optuna study names; a stored study of that name tuned for another problem is refused."),
     seed: SeedOpt = None,
     n_boot: NBootOpt = None,
+    device: DeviceOpt = None,
     report: ReportOpt = None,
     out: ProbeOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -94,7 +96,7 @@ def probe(
         stack_joint=stack_joint, trials=trials, metadata=metadata, positive=positive, folds=folds,
         inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=_parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, seed=seed, n_boot=n_boot,
-        report=report, out=out, overwrite=overwrite or None,
+        device=device, report=report, out=out, overwrite=overwrite or None,
     ))
     if param:  # on top of the recipe's parameters of each head, not instead of them
         params = dict(cfg.params)

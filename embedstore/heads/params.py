@@ -27,6 +27,7 @@ _SET_ELSEWHERE = {
     "meta": "the stack's meta_C and meta_class_weight",
     "n_splits": "--inner-folds",
     "seed": "--seed",
+    "device": "--device",
 }
 #: Parameters whose default is None (or that may be None), with the type of their other values.
 _OPTIONAL = {"pca": int, "undersample": float}
@@ -66,6 +67,7 @@ _FRACTION = _Range(0, 1, low_open=True)
 #: as what fitting with them needs: scikit-learn's or LightGBM's own checks, or what the head's code does.
 _RANGES = {
     "C": _POSITIVE,  # LogisticRegression, LinearSVC
+    "tol": _POSITIVE,  # logreg's stopping rule: largest absolute gradient
     "meta_C": _POSITIVE,  # the stack's LogisticRegression
     "learning_rate": _POSITIVE,  # MLPClassifier learning_rate_init, LightGBM
     "temperature": _POSITIVE,  # knn votes exp(sim / temperature): 0 is nan, < 0 favours the farthest neighbours

@@ -125,7 +125,7 @@ class FeatureIndex:
         """Move the index to GPU 0 (HNSW has no GPU version and stays on the CPU)."""
         if not gpu_available():
             raise ConfigError("this faiss build has no GPU support or no GPU is visible; install faiss-gpu")
-        self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
+        self.index = gpu_copy(self.index)
 
     # -- searching ----------------------------------------------------------------------
     def prepare(self, X: np.ndarray) -> np.ndarray:
@@ -249,6 +249,12 @@ def search_index(index, Q: np.ndarray, k: int, batch: int = 8192) -> tuple[np.nd
         sims[start:start + batch], rows[start:start + batch] = s, r
     sims[rows < 0] = -np.inf
     return sims, rows
+
+
+def gpu_copy(index, device: str = "cuda"):
+    """FAISS's GPU copy of ``index`` on the GPU that ``device`` (``cuda``, ``cuda:N`` or ``auto``) names;
+    call only when :func:`gpu_available`."""
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), int(device.partition(":")[2] or 0), index)
 
 
 def exact_index(Z: np.ndarray):

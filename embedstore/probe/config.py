@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from embedstore.devices import resolve_device
 from embedstore.errors import ConfigError
 from embedstore.heads import DECISIONS, HEADS, coerce_params
 from embedstore.metrics import metric_functions
@@ -45,6 +46,7 @@ class ProbeConfig(RunConfig):
     study_name: str | None = None
     tsne_max: int = 3000
     blas_threads: int = 1  # BLAS threads; one is fastest for these small solves on a shared CPU
+    device: str = "auto"  # where the heads that can use a GPU fit (logreg): auto (CUDA when present), cpu, cuda[:N]
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +60,8 @@ class ProbeConfig(RunConfig):
             raise ConfigError("tsne_max must be at least 2 and blas_threads at least 1")
         if self.decision not in DECISIONS:
             raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
+        if self.device != "cpu":
+            resolve_device(self.device)  # one line now for a device that is not there, not after the first folds
         self._validate_split()
         self._validate_metric()
         if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 from sklearn.base import clone
 
-from embedstore.heads import BalancedDecision, ColumnsHead, StackHead, make_head
+from embedstore.heads import HEADS, BalancedDecision, ColumnsHead, StackHead, make_head
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.data import ProbeData
 
@@ -39,6 +39,8 @@ class ModelSpec:
 def base_params(cfg: ProbeConfig, head: str) -> dict:
     """The parameters ``head`` is built with before tuning: the run's seed and the fixed ``params``."""
     params = {"seed": cfg.seed} if head != "stack" else {}
+    if head != "stack" and "device" in HEADS[head]().get_params():
+        params["device"] = cfg.device
     params.update(cfg.params.get(head, {}))
     return params
 

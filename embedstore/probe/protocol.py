@@ -31,7 +31,7 @@ import pandas as pd
 from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
 from embedstore.layout import study_storage
-from embedstore.metrics import bootstrap_ci, evaluate, metric_functions
+from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
 from embedstore.probe.models import METADATA_HEADS, ModelSpec, base_params, build_model, fit, stack_of, tunable_parts
@@ -142,7 +142,8 @@ class Probe:
             if metadata else None,
             "target": cfg.target, "positive": cfg.positive, "classes": d.classes,
             "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
-            "head": head, "params": base_params(cfg, head), "metric": self.metric_name, "decision": cfg.decision,
+            "head": head, "params": {k: v for k, v in base_params(cfg, head).items() if k != "device"},  # where, not what
+            "metric": self.metric_name, "decision": cfg.decision,
         }
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
@@ -160,7 +161,7 @@ class Probe:
                 continue
             local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
             fixed = frozenset(cfg.params.get(head, {}))
-            problem = study_problem(head, self.data.y[rows], local, cfg.seed, fixed,
+            problem = study_problem(head, self.data.y[rows], local, cfg.seed, fixed, n_trials=cfg.trials,
                                     **self._problem(sets, head, rows, scope))
             part = f"{'+'.join(sets)}:{head}"
             name = (f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
@@ -225,14 +226,10 @@ class Probe:
         y = d.y[rows]
         pred = proba.argmax(1) if pred is None else pred
         groups = None if d.groups is None else d.groups[rows]
-        out = {}
-        for name, fn in metric_functions(len(d.classes)).items():
-            if name in self.headline_names():
-                out[name] = Estimate.of(bootstrap_ci(fn, y, proba, pred, groups=groups, n_boot=self.cfg.n_boot,
-                                                     seed=self.cfg.seed))
-            else:
-                out[name] = Estimate(fn(y, proba, pred))
-        return out
+        cis = bootstrap_metrics(self.headline_names(), y, proba, pred, groups=groups, n_boot=self.cfg.n_boot,
+                                seed=self.cfg.seed)
+        return {name: Estimate.of(cis[name]) if name in cis else Estimate(fn(y, proba, pred))
+                for name, fn in metric_functions(len(d.classes)).items()}
 
     def model_metrics(self, results: list[ModelResult]) -> dict[str, dict[str, Estimate]]:
         """The metrics of every model of ``results``, by name, and of each stack's bases (``base (in stack)``)."""
