@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HAM_STORE  # noqa: E402
+from common import HAM_STORE, timed  # noqa: E402
 
 from embedstore.metrics import bootstrap_ci, bootstrap_metrics, metric_functions  # noqa: E402
 from embedstore.probe.protocol import BINARY_HEADLINE, MULTICLASS_HEADLINE  # noqa: E402
@@ -43,13 +42,6 @@ def problems(rows: int | None) -> dict[str, tuple]:
         proba = LogisticRegression(C=1.0, max_iter=300).fit(X, target).predict_proba(X)
         out[name] = (headline, target, proba, proba.argmax(1), groups)
     return out
-
-
-def timed(run):
-    """``run()``'s result, wall seconds and CPU seconds of this process."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = run()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:

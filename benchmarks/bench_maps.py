@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HAM_STORE  # noqa: E402
+from common import HAM_STORE, timed  # noqa: E402
 
 from embedstore.maps import feature_map  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
@@ -56,13 +55,6 @@ def measures(frame: pd.DataFrame, space_neighbours: np.ndarray) -> str:
     same = (labels[near] == labels[:, None]).mean()
     kept = np.mean([len(np.intersect1d(a, b)) for a, b in zip(near, space_neighbours)]) / near.shape[1]
     return f"same-class {same:.3f}, kept {kept:.3f}"
-
-
-def timed(run):
-    """``run()``'s result, wall seconds and CPU seconds of this process."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = run()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:

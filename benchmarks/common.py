@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,13 @@ def encoder_options(name: str) -> dict:
         else:
             options["pooling"] = part
     return options
+
+
+def timed(run):
+    """``run()``'s result, wall seconds and CPU seconds of this process."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def peak_rss_mb() -> float:
