@@ -227,7 +227,8 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
     """Add to ``study`` a trial for every point of the path grid it lacks: per combination of the categorical
     parameters, each fold fits the whole path (warm-started) once and scores every point.
 
-    A combination is stored when all its folds are done, so a killed run loses at most the one it was on.
+    A combination's points are stored when all its folds are done, in grid order, skipping those a killed run
+    stored already, so a resumed study holds the trials of an uninterrupted one, in the same order.
     """
     param = PATH_PARAMETERS[space]
     values = path_values(space, n_trials)
@@ -235,7 +236,8 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
     stored = {tuple(sorted(t.params.items(), key=str)) for t in _finished(study)}
     for choice in _grid_choices(space, fixed):
         points = [{**choice, param: float(v)} for v in values]
-        if all(tuple(sorted(p.items(), key=str)) in stored for p in points):
+        missing = [tuple(sorted(p.items(), key=str)) not in stored for p in points]
+        if not any(missing):
             continue
         estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in choice.items()})
         scores = np.empty((len(folds), len(values)))
@@ -244,6 +246,8 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
                 proba = fitted.predict_proba(_rows(X, test))
                 scores[k, j] = metric(y[test], proba, decide(fitted, proba))
         for j, params in enumerate(points):
+            if not missing[j]:
+                continue
             value = float(np.mean(scores[:, j]))
             trial = optuna.trial.create_trial(
                 params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
@@ -251,6 +255,7 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
                 state=optuna.trial.TrialState.COMPLETE if np.isfinite(value) else optuna.trial.TrialState.FAIL,
                 user_attrs={f"fold_{k}": float(scores[k, j]) for k in range(len(folds))},
             )
+            faults.point("trial-commit")
             study.add_trial(trial)
             if on_trial is not None:
                 on_trial(study, study.trials[-1])
