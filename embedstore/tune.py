@@ -172,7 +172,7 @@ def tune(
         return _best(study, n_trials * len(_grid_choices(space, fixed)), fixed), study
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")  # a rerun tells a dead owner's trial
+        trial.set_user_attr("owner", _owner())  # a rerun tells a dead owner's trial
         params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
         value = cv_score(clone(head).set_params(**params), X, y, folds, metric, trial)
         faults.point("trial-commit")
@@ -253,7 +253,7 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
                 params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
                 value=value if np.isfinite(value) else None,
                 state=optuna.trial.TrialState.COMPLETE if np.isfinite(value) else optuna.trial.TrialState.FAIL,
-                user_attrs={f"fold_{k}": float(scores[k, j]) for k in range(len(folds))},
+                user_attrs={"owner": _owner(), **{f"fold_{k}": float(scores[k, j]) for k in range(len(folds))}},
             )
             faults.point("trial-commit")
             study.add_trial(trial)
@@ -301,6 +301,11 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
         if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _owner() -> str:
+    """``host:pid`` of this process, recorded on every trial it computes."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _trial_seed(seed: int, n_done: int) -> int:
