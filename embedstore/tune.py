@@ -233,10 +233,10 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
     param = PATH_PARAMETERS[space]
     values = path_values(space, n_trials)
     distributions = {k: v for k, v in search_distributions(space).items() if k not in fixed}
-    stored = {tuple(sorted(t.params.items(), key=str)) for t in _finished(study)}
+    stored = {_params_key(t.params) for t in _finished(study)}
     for choice in _grid_choices(space, fixed):
         points = [{**choice, param: float(v)} for v in values]
-        missing = [tuple(sorted(p.items(), key=str)) not in stored for p in points]
+        missing = [_params_key(p) not in stored for p in points]
         if not any(missing):
             continue
         estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in choice.items()})
@@ -301,6 +301,11 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
         if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _params_key(params: dict) -> tuple:
+    """A trial's parameters as a hashable key (to tell which path points a study holds already)."""
+    return tuple(sorted(params.items(), key=str))
 
 
 def _owner() -> str:
