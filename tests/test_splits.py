@@ -32,6 +32,22 @@ def test_no_lesion_on_both_sides_of_any_fold(ham_table):
         assert abs(np.mean(y[test] == "mel") - np.mean(y == "mel")) < 0.03
 
 
+@pytest.mark.parametrize("target, n_splits, seed", [("dx", 5, 0), ("dx", 3, 7), ("melanoma", 5, 1)])
+def test_folds_are_scikit_learns_stratified_group_kfold(ham_table, target, n_splits, seed):
+    """The fast splitter assigns every row to the fold scikit-learn's StratifiedGroupKFold(shuffle=True) does,
+    so results computed on its folds did not change when it replaced scikit-learn's (7-class and binary)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = ham_table["dx"].to_numpy()
+    y = (y == "mel").astype(int) if target == "melanoma" else y
+    g = ham_table["lesion_id"].to_numpy()
+    ours = group_kfold(y, g, n_splits=n_splits, seed=seed)
+    reference = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(y, y, g)
+    for (train, test), (ref_train, ref_test) in zip(ours, reference, strict=True):
+        assert np.array_equal(test, np.sort(ref_test))
+        assert np.array_equal(train, np.sort(ref_train))
+
+
 def test_folds_are_reproducible_and_seed_dependent(ham_subset):
     y, g = ham_subset["dx"].to_numpy(), ham_subset["lesion_id"].to_numpy()
     a, b = group_kfold(y, g, seed=0), group_kfold(y, g, seed=0)
