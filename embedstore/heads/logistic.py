@@ -56,13 +56,13 @@ def predict_proba(Z, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def fit(Z, codes, n_classes: int, C: float, sample_weight=None, tol: float = 1e-4, max_iter: int = 1000,
+def fit(Z, codes, n_classes: int, C: float, sample_weight=None, tol: float = 1e-5, max_iter: int = 1000,
         device: str = "cpu") -> LogisticFit:
     """The model of one ``C`` (from zero, as scikit-learn starts)."""
     return fit_path(Z, codes, n_classes, [C], sample_weight, tol, max_iter, device)[0]
 
 
-def fit_path(Z, codes, n_classes: int, Cs, sample_weight=None, tol: float = 1e-4, max_iter: int = 1000,
+def fit_path(Z, codes, n_classes: int, Cs, sample_weight=None, tol: float = 1e-5, max_iter: int = 1000,
              device: str = "cpu") -> list[LogisticFit]:
     """Models of every C in ``Cs`` (increasing), each warm-started from the previous one's solution.
 

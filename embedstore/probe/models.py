@@ -45,6 +45,15 @@ def base_params(cfg: ProbeConfig, head: str) -> dict:
     return params
 
 
+def effective_params(cfg: ProbeConfig, head: str) -> dict:
+    """Every parameter ``head`` is built with before tuning, its defaults included, except where it runs
+    (``device``): what a tuning study's identity must hold, so that a changed default (a solver's ``tol``)
+    makes a new study instead of reusing trials computed under the old one."""
+    params = HEADS[head](**base_params(cfg, head)).get_params(deep=False)
+    params.pop("device", None)
+    return params
+
+
 def build_model(cfg: ProbeConfig, data: ProbeData, spec: ModelSpec, tuned: dict[str, dict] | None = None):
     """The estimator of ``spec``, reading the probe frame; ``tuned`` overrides parameters per base name.
 

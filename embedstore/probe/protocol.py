@@ -34,7 +34,7 @@ from embedstore.layout import study_storage
 from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
-from embedstore.probe.models import METADATA_HEADS, ModelSpec, base_params, build_model, fit, stack_of, tunable_parts
+from embedstore.probe.models import METADATA_HEADS, ModelSpec, build_model, effective_params, fit, stack_of, tunable_parts
 from embedstore.runs.record import Estimate
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
@@ -142,7 +142,7 @@ class Probe:
             if metadata else None,
             "target": cfg.target, "positive": cfg.positive, "classes": d.classes,
             "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
-            "head": head, "params": {k: v for k, v in base_params(cfg, head).items() if k != "device"},  # where, not what
+            "head": head, "params": effective_params(cfg, head),
             "metric": self.metric_name, "decision": cfg.decision,
         }
 
