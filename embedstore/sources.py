@@ -58,6 +58,13 @@ class Source:
     def __init__(self) -> None:
         self._table: pd.DataFrame | None = None
 
+    def __getstate__(self) -> dict:
+        """What a decoding worker receives: the source without its table, which only the driver needs
+        (400,000 rows of metadata would otherwise be copied into every worker)."""
+        state = self.__dict__.copy()
+        state["_table"] = None
+        return state
+
     @property
     def table(self) -> pd.DataFrame:
         """One row per image: ``id``, ``_path`` (what :meth:`read_bytes` takes), then the source's columns."""
@@ -266,7 +273,7 @@ class Hdf5Source(Source):
         self._pid = None
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_file"] = None
         return state
 
