@@ -33,10 +33,8 @@ there are.
 
 from __future__ import annotations
 
-import gc
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,11 +274,7 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
     starts = np.cumsum([0] + [len(b) for b in blocks])
     buffer = reasons = None
     t_model = time.perf_counter()
-    # The workers fork when the loader starts. Frozen, the driver's objects (400,000 rows of manifest, table and
-    # hashes at ISIC 2024 size) are left alone by the workers' garbage collector, which would otherwise touch,
-    # and so copy, every page that holds one (CPython's gc.freeze, made for this).
-    gc.freeze()
-    with progress_bar(f"extracting {result.name}", len(order), enabled=progress) as advance, _unfrozen_after():
+    with progress_bar(f"extracting {result.name}", len(order), enabled=progress) as advance:
         for n, (positions, images, failed) in enumerate(loader):
             b = block_of_batch[n]
             if buffer is None:
@@ -300,15 +294,6 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
                 buffer = reasons = None
     result.n_failed = len(result.failures)
     result.images_per_s = len(order) / max(time.perf_counter() - t_model, 1e-9)
-
-
-@contextmanager
-def _unfrozen_after():
-    """Undo :func:`gc.freeze` when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 # --------------------------------------------------------------- new images
