@@ -1,6 +1,6 @@
 """ISIC 2024 scale on one machine (issue #12): the CLI, as a user runs it, on the ISIC-2024-like data set.
 
-    python benchmarks/make_isic2024_like.py                       # once: 401,059 rows (about 10 min, 1.3 GB)
+    python benchmarks/make_isic2024_like.py                       # once: 401,059 rows (about 11 min, 1.6 GB)
     python benchmarks/bench_isic2024_scale.py --steps extract     # HAM 128 px, 40,000 rows, 401,059 rows, rerun, ls
     python benchmarks/bench_isic2024_scale.py --steps recipe,report,query,knn
 
