@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
 from embedstore.errors import ConfigError
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -66,7 +67,8 @@ def _stratified_group_folds(y, groups, n_splits: int, seed: int) -> np.ndarray:
     the spread of their class counts, each put where the folds' per-class shares vary least, ties to the
     smaller fold), so folds, and every result computed on them, stay what they were. What changes is that
     each group's candidate folds are scored in one array operation instead of a Python loop of array
-    operations: 0.3 s instead of 4 s for HAM10000's 7,470 lesions, which nested tuning pays per outer fold.
+    operations: 0.8 s instead of 3.9 s for HAM10000's 7,470 lesions in 5 folds (measured beside another job),
+    which nested tuning pays per outer fold.
     """
     _, y_inv, y_cnt = np.unique(np.asarray(y), return_inverse=True, return_counts=True)
     if np.all(n_splits > y_cnt):
