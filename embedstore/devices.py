@@ -6,6 +6,8 @@ match run without a projection head, never load it.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedstore.errors import ConfigError
@@ -27,3 +29,17 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+
+
+def device_name(device: str) -> str:
+    """:func:`resolve_device` as a name (``cpu``, ``cuda:0``), without importing torch (2 s) where ``auto``
+    can only mean the CPU: on Linux with no GPU driver loaded (NVIDIA's, ROCm's or WSL's device file)."""
+    if device == "cpu" or (device == "auto" and not _gpu_driver_possible()):
+        return "cpu"
+    return str(resolve_device(device))
+
+
+def _gpu_driver_possible() -> bool:
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg"))

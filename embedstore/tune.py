@@ -37,6 +37,7 @@ from sklearn.base import clone
 from embedstore import faults
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, first_line
+from embedstore.heads.base import fit_paths
 from embedstore.heads.decision import decide
 from embedstore.store import digest, fingerprint
 
@@ -79,8 +80,8 @@ SEARCH_SPACES: dict[str, SpaceFn] = {
 }
 
 
-#: Heads whose search sweeps one parameter along a warm-started path (each inner fold fits the whole path at once,
-#: :meth:`embedstore.heads.LogRegHead.fit_path`) instead of sampling it: head -> that parameter. The path takes
+#: Heads whose search sweeps one parameter along a warm-started path (the inner folds fit the whole path at once,
+#: :meth:`embedstore.heads.LogRegHead.fit_paths`) instead of sampling it: head -> that parameter. The path takes
 #: ``n_trials`` values log-spaced over the parameter's range in :data:`SEARCH_SPACES`, for every combination of
 #: the space's categorical parameters; every point is stored as a trial of the study.
 PATH_PARAMETERS = {"logreg": "C"}
@@ -241,8 +242,9 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
             continue
         estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in choice.items()})
         scores = np.empty((len(folds), len(values)))
-        for k, (train, test) in enumerate(folds):
-            for j, fitted in enumerate(estimator.fit_path(_rows(X, train), y[train], values)):
+        paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
+        for k, ((_, test), path) in enumerate(zip(folds, paths)):
+            for j, fitted in enumerate(path):
                 proba = fitted.predict_proba(_rows(X, test))
                 scores[k, j] = metric(y[test], proba, decide(fitted, proba))
         for j, params in enumerate(points):

@@ -71,9 +71,57 @@ def test_head_path_through_wrappers_equals_separate_fits(features):
     X = pd.DataFrame(Z, columns=columns)
     model = BalancedDecision(ColumnsHead(LogRegHead(class_weight="balanced", tol=1e-6), columns))
     Cs = [0.003, 0.03]
-    for C, fitted in zip(Cs, model.fit_path(X, y, Cs)):
+    (path,) = model.fit_paths(X, y, [np.arange(len(y))], Cs)
+    for C, fitted in zip(Cs, path):
         alone = BalancedDecision(ColumnsHead(LogRegHead(C=C, class_weight="balanced", tol=1e-6), columns)).fit(X, y)
         assert fitted.estimator_.head_.C == C
         assert np.abs(fitted.predict_proba(X) - alone.predict_proba(X)).max() < 2e-3
         assert (fitted.predict(X) == alone.predict(X)).mean() > 0.99
         assert np.array_equal(fitted.class_prior_, alone.class_prior_)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_folds_fitted_together_equal_fits_alone(features, binary):
+    """The folds' models and the refit on all rows, fitted at once over one shared matrix (each with its own
+    standardisation as an affine map of it), are the models each fit alone gives."""
+    from embedstore.splits import group_kfold
+
+    Z, codes, _ = features
+    if binary:
+        codes = (codes == np.bincount(codes).argmax()).astype(int)
+    X = Z * 3.0 + 1.5  # raw features: every fold standardises them on its own rows
+    row_sets = [train for train, _ in group_kfold(codes, None, 4, 0)] + [np.arange(len(codes))]
+    head = LogRegHead(C=0.05, class_weight="balanced", tol=1e-7)
+    together = head.fit_paths(X, codes, row_sets)
+    for rows, (fitted,) in zip(row_sets, together):
+        alone = LogRegHead(C=0.05, class_weight="balanced", tol=1e-7).fit(X[rows], codes[rows])
+        assert np.abs(fitted.predict_proba(X) - alone.predict_proba(X)).max() < 2e-3
+        assert np.allclose(fitted.preprocessor_.scaler_.mean_, alone.preprocessor_.scaler_.mean_)
+
+
+def test_folds_fitted_together_are_reproducible_and_follow_the_path(features):
+    """Fitting the folds together twice gives the same numbers to the last bit (the threads' order of asking
+    does not enter the products), and every point of their path is the fit of that C."""
+    Z, codes, _ = features
+    row_sets = [np.flatnonzero(np.arange(len(codes)) % 3 != k) for k in range(3)]
+    head = LogRegHead(tol=1e-6)
+    first = head.fit_paths(Z, codes, row_sets, [0.003, 0.03])
+    second = head.fit_paths(Z, codes, row_sets, [0.003, 0.03])
+    for path_a, path_b, rows in zip(first, second, row_sets):
+        assert [h.C for h in path_a] == [0.003, 0.03]
+        for a, b in zip(path_a, path_b):
+            assert np.array_equal(a.coef_, b.coef_) and np.array_equal(a.intercept_, b.intercept_)
+        alone = LogRegHead(C=0.03, tol=1e-6).fit(Z[rows], codes[rows])
+        assert np.abs(path_a[1].predict_proba(Z) - alone.predict_proba(Z)).max() < 2e-3
+
+
+def test_undersampled_folds_are_fitted_each_on_its_own_rows(features):
+    """Folds that share few rows (20:1 undersampling of a rare class) are fitted one by one, each as alone."""
+    Z, codes, _ = features
+    rare = (codes == np.bincount(codes).argmin()).astype(int)
+    row_sets = [np.flatnonzero(np.arange(len(rare)) % 2 != k) for k in range(2)]
+    head = LogRegHead(C=0.1, undersample=2, tol=1e-7)
+    for rows, (fitted,) in zip(row_sets, head.fit_paths(Z, rare, row_sets)):
+        alone = LogRegHead(C=0.1, undersample=2, tol=1e-7).fit(Z[rows], rare[rows])
+        assert fitted.n_evals_ == alone.n_evals_
+        assert np.array_equal(fitted.coef_, alone.coef_)

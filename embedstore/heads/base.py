@@ -10,7 +10,7 @@ preprocessed matrix ``Z`` and integer class codes.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.utils.class_weight import compute_sample_weight
@@ -48,11 +48,22 @@ class Preprocessor(TransformerMixin, BaseEstimator):
         return self
 
     def _normed(self, X):
-        if self.norm == "l2":
-            return normalize(X)
-        if self.norm == "standard":
-            return self.scaler_.transform(X)
-        return X
+        X = self.row_normed(X)
+        return self.scaler_.transform(X) if self.norm == "standard" else X
+
+    def row_normed(self, X):
+        """The part of the normalisation that treats each row alone: L2 (``norm="l2"``), else none."""
+        return normalize(X) if self.norm == "l2" else X
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mean, scale)`` with ``transform(X) == (row_normed(X) - mean) / scale``, or None where the fitted
+        map is no such thing (PCA): what lets several fits share one matrix (a logistic head's ``fit_paths``)."""
+        check_is_fitted(self, "n_features_in_")
+        if self.pca_ is not None:
+            return None
+        if self.scaler_ is not None:
+            return self.scaler_.mean_, self.scaler_.scale_
+        return np.zeros(self.n_features_in_), np.ones(self.n_features_in_)
 
     def transform(self, X):
         check_is_fitted(self, "n_features_in_")
@@ -123,15 +134,24 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         return self
 
     def _prepare(self, X, y, sample_weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """What every fit does first: classes, kept rows and weights, the fitted preprocessor; returns the
-        preprocessed training matrix, its class codes and weights for ``_fit_core``."""
+        """What every fit does first (:meth:`_set_up`); returns the preprocessed training matrix, its class
+        codes and weights for ``_fit_core``."""
         X = check_array(X, dtype=np.float32)
-        rows, codes, weights = training_rows(self, y, sample_weight)
+        rows, codes, weights = self._set_up(X, y, sample_weight)
+        return self.preprocessor_.transform(X[rows]), codes, weights
+
+    def _set_up(self, X: np.ndarray, y, sample_weight, rows: np.ndarray | None = None):
+        """Classes, kept rows and their weights, the preprocessor fitted on them, for a fit on ``rows`` of
+        ``X``/``y``/``sample_weight`` (None: all); returns the kept rows (indices into ``X``), their class
+        codes and weights."""
+        rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+        y = np.asarray(y)[rows]
+        kept, codes, weights = training_rows(self, y, None if sample_weight is None else np.asarray(sample_weight)[rows])
         if self.classes_.size < 2:
             raise ValueError("a head needs at least two classes in y")
-        self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows])
+        self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows[kept]])
         self.n_features_in_ = X.shape[1]
-        return self.preprocessor_.transform(X[rows]), codes, weights
+        return rows[kept], codes, weights
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "preprocessor_")
@@ -142,3 +162,26 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
 
     def _proba_core(self, Z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+
+def fit_paths(estimator, X, y, row_sets, values=None) -> list[list]:
+    """Fitted clones of ``estimator``, one list per row set of ``row_sets`` (indices into ``X`` and ``y``) with
+    one fit per value of its path parameter (``values``; None: its own setting, one fit).
+
+    An estimator with a ``fit_paths`` method fits them its own way (a logistic head fits all row sets in one
+    pass over the matrix per evaluation); any other is cloned and fitted per row set.
+    """
+    if hasattr(estimator, "fit_paths"):
+        return clone(estimator).fit_paths(X, y, row_sets, values)
+    if values is not None:
+        raise TypeError(f"{type(estimator).__name__} has no path parameter to sweep")
+    y = np.asarray(y)
+    return [[clone(estimator).fit(_take(X, rows), y[rows])] for rows in row_sets]
+
+
+def _take(X, rows):
+    """``rows`` of ``X`` (a DataFrame or an array); ``X`` itself, not a copy, when they are all its rows in order."""
+    rows = np.asarray(rows)
+    if len(rows) == len(X) and np.array_equal(rows, np.arange(len(X))):
+        return X
+    return X.iloc[rows] if hasattr(X, "iloc") else X[rows]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths
 from embedstore.heads.stack import select_columns
 
 
@@ -25,9 +25,11 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         return self._wrap(clone(self.head).fit(select_columns(X, self.columns), y))
 
-    def fit_path(self, X, y, values) -> list[ColumnsHead]:
-        """One fitted copy per value of the head's path (its ``fit_path``, e.g. C of a logistic head)."""
-        return [clone(self)._wrap(head) for head in clone(self.head).fit_path(select_columns(X, self.columns), y, values)]
+    def fit_paths(self, X, y, row_sets, values=None) -> list[list[ColumnsHead]]:
+        """Fitted copies per row set and per value of the head's path (:func:`embedstore.heads.base.fit_paths`),
+        all reading one selection of the columns."""
+        fits = fit_paths(self.head, select_columns(X, self.columns), y, row_sets, values)
+        return [[clone(self)._wrap(head) for head in path] for path in fits]
 
     def _wrap(self, head) -> ColumnsHead:
         """This wrapper, fitted around the fitted ``head``."""

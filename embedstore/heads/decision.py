@@ -21,6 +21,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
+from embedstore.heads.base import fit_paths
+
 #: Decision rules a probe accepts: the plain argmax, or the balanced-accuracy rule.
 DECISIONS = ("argmax", "balanced")
 
@@ -41,9 +43,12 @@ class BalancedDecision(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, **fit_params):
         return self._wrap(clone(self.estimator).fit(X, y, **fit_params), X, y)
 
-    def fit_path(self, X, y, values) -> list[BalancedDecision]:
-        """One fitted copy per value of the wrapped estimator's path (its ``fit_path``)."""
-        return [clone(self)._wrap(estimator, X, y) for estimator in clone(self.estimator).fit_path(X, y, values)]
+    def fit_paths(self, X, y, row_sets, values=None) -> list[list[BalancedDecision]]:
+        """Fitted copies per row set and per value of the wrapped estimator's path
+        (:func:`embedstore.heads.base.fit_paths`)."""
+        y = np.asarray(y)
+        fits = fit_paths(self.estimator, X, y, row_sets, values)
+        return [[clone(self)._wrap(estimator, X, y[rows]) for estimator in path] for rows, path in zip(row_sets, fits)]
 
     def _wrap(self, estimator, X, y) -> BalancedDecision:
         """This wrapper, fitted around ``estimator`` (fitted on ``X``, ``y``)."""

@@ -6,9 +6,10 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.svm import LinearSVC
+from sklearn.utils.validation import check_array
 
 from embedstore.heads import logistic
-from embedstore.heads.base import EmbeddingHead
+from embedstore.heads.base import EmbeddingHead, Preprocessor
 
 
 class LogRegHead(EmbeddingHead):
@@ -21,7 +22,7 @@ class LogRegHead(EmbeddingHead):
     point, while 1e-5 lands within 0.0002 of it (BENCHMARKS.md, "Heads at the speed of the cache").
 
     ``C`` is the inverse L2 strength; DINOv2 and CLIP_benchmark search it on a log grid, which
-    :mod:`embedstore.tune` does along a warm-started path (:func:`embedstore.heads.logistic.fit_path`).
+    :mod:`embedstore.tune` does along a warm-started path (:meth:`fit_paths`).
     It is fitted by :mod:`embedstore.heads.logistic` (float32 products, preconditioned L-BFGS) on
     ``device`` (``cpu``, ``cuda``, ``auto``); predicting always runs on the CPU.
     """
@@ -43,26 +44,60 @@ class LogRegHead(EmbeddingHead):
         self._keep(logistic.fit(Z, codes, self.classes_.size, self.C, sample_weight, self.tol, self.max_iter,
                                 self.fit_device()))
 
-    def fit_path(self, X, y, Cs, sample_weight=None) -> list[LogRegHead]:
-        """One fitted copy of this head per C of ``Cs`` (increasing), each fit warm-started from the one before:
-        the regularisation path, for what a sweep of C costs (:func:`embedstore.heads.logistic.fit_path`)."""
-        Z, codes, weights = self._prepare(X, y, sample_weight)
-        fits = logistic.fit_path(Z, codes, self.classes_.size, Cs, weights, self.tol, self.max_iter, self.fit_device())
-        heads = []
-        for fitted in fits:
-            head = clone(self).set_params(C=fitted.C)
-            head.classes_, head.preprocessor_, head.n_features_in_ = self.classes_, self.preprocessor_, self.n_features_in_
-            head._keep(fitted)
-            heads.append(head)
-        return heads
+    def fit_paths(self, X, y, row_sets, Cs=None, sample_weight=None) -> list[list[LogRegHead]]:
+        """Fitted copies of this head on each row set of ``row_sets`` (indices into ``X``: the training rows of
+        each fold, say), for each C of ``Cs`` (increasing, each fit warm-started from the one before: the
+        regularisation path; None: this head's own C): ``[row set][C]``.
+
+        Each copy is the model :meth:`fit` gives on its rows (to the solver's tolerance), with its own
+        preprocessing. Where the row sets overlap, as folds do, the fits share one matrix, standardised over
+        all their rows, with each fit's own standardisation an affine map of it, and one pass over it per
+        round of evaluations (:func:`embedstore.heads.logistic.fit_paths`); where they share few rows
+        (undersampled folds) or the head reduces with PCA, each is fitted on its own matrix.
+        """
+        X = check_array(X, dtype=np.float32)
+        Cs = [self.C] if Cs is None else list(Cs)
+        heads = [clone(self) for _ in row_sets]
+        prepared = [head._set_up(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
+        union = np.unique(np.concatenate([rows for rows, _, _ in prepared]))
+        maps = [head.preprocessor_.affine() for head in heads]
+        n_classes, device = heads[0].classes_.size, self.fit_device()
+        if all(m is not None for m in maps) and sum(len(rows) for rows, _, _ in prepared) >= 2 * len(union):
+            G, tasks = self._shared(X, union, prepared, maps)
+            paths = logistic.fit_paths(G, tasks, n_classes, Cs, self.tol, self.max_iter, device)
+        else:  # little overlap (undersampled folds) or PCA: each fit on its own matrix
+            paths = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, n_classes, Cs, weights,
+                                       self.tol, self.max_iter, device)
+                     for head, (rows, codes, weights) in zip(heads, prepared)]
+        return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, paths)]
+
+    def _shared(self, X, union, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
+        """The matrix the fits share (``union``'s rows, row-normalised, standardised over them when the head
+        standardises) and each fit's task on it."""
+        base = Preprocessor(self.norm).row_normed(X[union])
+        mean, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+        if self.norm == "standard":
+            mean, scale = base.mean(0, dtype=np.float64), base.std(0, dtype=np.float64)
+            scale[scale == 0] = 1.0
+        G = (base - np.float32(mean)) / np.float32(scale)
+        tasks = []
+        for (rows, codes, weights), (own_mean, own_scale) in zip(prepared, maps):
+            shift = (own_mean - mean) / scale  # (X - own_mean) / own_scale == (G - shift) * (scale / own_scale)
+            tasks.append(logistic.Task(np.searchsorted(union, rows), codes, weights, shift, scale / own_scale))
+        return G, tasks
+
+    def _fitted_copy(self, head: LogRegHead, fitted: logistic.LogisticFit) -> LogRegHead:
+        """A copy of ``head`` (set up for its rows) holding ``fitted``, with ``C`` set to the C it was fitted with."""
+        copy = clone(head).set_params(C=fitted.C)
+        copy.classes_, copy.preprocessor_, copy.n_features_in_ = head.classes_, head.preprocessor_, head.n_features_in_
+        copy._keep(fitted)
+        return copy
 
     def fit_device(self) -> str:
         """The torch device name the fit runs on (``cpu`` without torch); ConfigError for one not present."""
-        if self.device == "cpu":
-            return "cpu"
-        from embedstore.devices import resolve_device
+        from embedstore.devices import device_name
 
-        return str(resolve_device(self.device))
+        return device_name(self.device)
 
     def _keep(self, fitted: logistic.LogisticFit) -> None:
         self.coef_, self.intercept_, self.n_evals_ = fitted.coef, fitted.intercept, fitted.n_evals

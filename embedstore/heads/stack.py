@@ -4,8 +4,9 @@ Each base head sees its own columns of the input (one feature set, another
 feature set, the embeddings plus metadata), so heads of different encoders
 and kinds combine. The meta-learner is trained only on out-of-fold
 probabilities computed on stratified *group* folds, so no base prediction it
-learns from was made by a model that saw that row's lesion; the bases are then
-refitted on all rows. Inside a probe's outer cross-validation this is a fully
+learns from was made by a model that saw that row's lesion; the bases are also
+fitted on all rows (with the folds' fits, in one go where a base can: a logistic
+base's fits share one pass over its matrix). Inside a probe's outer cross-validation this is a fully
 nested scheme.
 """
 
@@ -17,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths
 from embedstore.splits import group_kfold
 
 
@@ -64,18 +65,19 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             raise ValueError("a stack needs at least one base head")
         self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
         folds = group_kfold(codes, groups, n_splits=self.n_splits, seed=self.seed)
-        self.oof_ = {}
+        row_sets = [train for train, _ in folds] + [np.arange(len(codes))]
+        self.oof_, self.bases_ = {}, []
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns)
+            *inner, final = [path[0] for path in fit_paths(head, Xb, codes, row_sets)]  # the folds' and the refit
             oof = np.zeros((len(codes), self.classes_.size))
-            for train, test in folds:
-                fitted = clone(head).fit(_rows(Xb, train), codes[train])
+            for fitted, (_, test) in zip(inner, folds):
                 oof[test] = fitted.predict_proba(_rows(Xb, test))
             self.oof_[name] = oof
+            self.bases_.append((name, final, columns))
         self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(
             C=self.meta_C, class_weight=self.meta_class_weight, max_iter=2000)
         self.meta_.fit(_logit_features(list(self.oof_.values())), codes)
-        self.bases_ = [(name, clone(head).fit(select_columns(X, cols), codes), cols) for name, head, cols in self.bases]
         self.n_features_in_ = X.shape[1]
         return self
 

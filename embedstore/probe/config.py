@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from embedstore.devices import resolve_device
+from embedstore.devices import device_name
 from embedstore.errors import ConfigError
 from embedstore.heads import DECISIONS, HEADS, coerce_params
 from embedstore.metrics import metric_functions
@@ -45,23 +45,24 @@ class ProbeConfig(RunConfig):
     storage: str | None = None  # Optuna storage URL; default a sqlite file beside the store
     study_name: str | None = None
     tsne_max: int = 3000
-    blas_threads: int = 1  # BLAS threads; one is fastest for these small solves on a shared CPU
+    blas_threads: int | None = None  # threads for BLAS and the 2-D map; default: the BLAS's own (one per core)
     device: str = "auto"  # where the heads that can use a GPU fit (logreg): auto (CUDA when present), cpu, cuda[:N]
 
     def validate(self) -> None:
         super().validate()
         self._validate_heads()
-        self.check_whole_numbers("inner_folds", "trials", "tsne_max", "blas_threads")
+        self.check_whole_numbers("inner_folds", "trials", "tsne_max")
+        if self.blas_threads is not None:
+            self.check_whole_numbers("blas_threads")
         if self.inner_folds < 2:
             raise ConfigError(f"inner_folds must be at least 2, got {self.inner_folds}")
         if self.trials < 0:
             raise ConfigError("--trials must be 0 (no tuning) or more")
-        if self.tsne_max < 2 or self.blas_threads < 1:
+        if self.tsne_max < 2 or (self.blas_threads is not None and self.blas_threads < 1):
             raise ConfigError("tsne_max must be at least 2 and blas_threads at least 1")
         if self.decision not in DECISIONS:
             raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
-        if self.device != "cpu":
-            resolve_device(self.device)  # one line now for a device that is not there, not after the first folds
+        device_name(self.device)  # one line now for a device that is not there, not after the first folds
         self._validate_split()
         self._validate_metric()
         if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):

@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.base import clone
 
 from embedstore.heads import HEADS, BalancedDecision, ColumnsHead, StackHead, make_head
+from embedstore.heads.base import fit_paths
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.data import ProbeData
 
@@ -92,6 +93,31 @@ def fit(model, X: pd.DataFrame, y, groups, rows):
     if stack_of(model) is not None:
         return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
     return clone(model).fit(X.iloc[rows], y[rows])
+
+
+def fit_each(model, X: pd.DataFrame, y, groups, row_sets, progress=None) -> list:
+    """A fitted clone of ``model`` per row set of ``row_sets``, with ``progress(message)`` after each fit.
+
+    A logistic head fits them all in one go (their fits share one pass over its matrix,
+    :meth:`embedstore.heads.LogRegHead.fit_paths`), reported once.
+    """
+    progress = progress or (lambda message: None)
+    if _head_of(model) is not None and hasattr(_head_of(model), "fit_paths"):
+        fitted = [path[0] for path in fit_paths(model, X, y, row_sets)]
+        progress(f"fitted {len(row_sets)} models together")
+        return fitted
+    fitted = []
+    for rows in row_sets:
+        fitted.append(fit(model, X, y, groups, rows))
+        progress(f"fitted model {len(fitted)}/{len(row_sets)}")
+    return fitted
+
+
+def _head_of(model):
+    """The head inside a single model (under its decision rule and column selection); None for a stack."""
+    if isinstance(model, BalancedDecision):
+        model = model.estimator
+    return model.head if isinstance(model, ColumnsHead) else None
 
 
 def _decided(cfg: ProbeConfig, model):

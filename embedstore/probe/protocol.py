@@ -34,7 +34,8 @@ from embedstore.layout import study_storage
 from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
-from embedstore.probe.models import METADATA_HEADS, ModelSpec, build_model, effective_params, fit, stack_of, tunable_parts
+from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_each, stack_of,
+                                     tunable_parts)
 from embedstore.runs.record import Estimate
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
@@ -67,8 +68,8 @@ class ModelResult:
 class Probe:
     """One probe run's data, split and folds; :func:`embedstore.probe.run_probe` is the entry point.
 
-    ``progress(event, message)`` is called after every fold (``"fold"``), tuned model (``"tuned"``)
-    and writing step (``"step"``).
+    ``progress(event, message)`` is called after every fold (``"fold"``), fit of several folds' models at once
+    or one by one before scoring (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
     """
 
     def __init__(self, cfg: ProbeConfig, progress=None):
@@ -177,6 +178,13 @@ class Probe:
             self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
         return tuned
 
+    def _tune_fold(self, spec: ModelSpec, k: int, train: np.ndarray) -> dict[str, dict]:
+        """The parameters tuned for outer fold ``k`` on its training rows only, by inner group folds."""
+        d = self.data
+        inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], self.cfg.inner_folds,
+                            self.cfg.seed, class_names=d.classes)
+        return self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
+
     def evaluate_model(self, spec: ModelSpec) -> ModelResult:
         """OOF (and test) probabilities and predicted classes, per-fold metrics, the final fitted model of one spec."""
         cfg, d = self.cfg, self.data
@@ -184,14 +192,13 @@ class Probe:
         oof_pred = np.full(len(d.y), -1)
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
+        shared = [] if cfg.trials else fit_each(  # one head for every fold and the final one: fitted together
+            build_model(cfg, d, spec), d.X, d.y, d.groups, [train for train, _ in self.folds] + [self.fit_rows],
+            lambda message: self.progress("fit", f"{spec.name}: {message}"))
         for k, (train, test) in enumerate(self.folds):
             t0 = time.perf_counter()
-            tuned = {}
-            if cfg.trials:
-                inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], cfg.inner_folds, cfg.seed,
-                                    class_names=d.classes)
-                tuned = self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
-            model = fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
+            model = shared[k] if shared else fit(
+                build_model(cfg, d, spec, self._tune_fold(spec, k, train)), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])
             oof_pred[test] = decide(model, oof[test])
             stack = stack_of(model)
@@ -199,11 +206,11 @@ class Probe:
                 for name, p in stack.base_probas(d.X.iloc[test]).items():
                     base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
             scores = evaluate(d.y[test], oof[test], oof_pred[test])
-            fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test),
-                              **scores, "seconds": round(time.perf_counter() - t0, 2)})
+            timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # tuned folds are timed apart
+            fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
-        final = fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
+        final = shared[-1] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
         test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
         test_pred = decide(final, test_proba) if len(self.test) else None
         stack = stack_of(final)

@@ -14,6 +14,7 @@ fitted; then the report.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,8 +35,8 @@ from embedstore.runs.comparison import metric_names, rows_of_metrics, write_comp
 def run_probe(cfg: ProbeConfig, progress=None) -> Run:
     """Run the probe ``cfg`` describes and write its run folder (and report); returns the run written.
 
-    ``progress(event, message)`` is called after every fold (``"fold"``), tuned model (``"tuned"``)
-    and writing step (``"step"``).
+    ``progress(event, message)`` is called after every fold (``"fold"``), fit of several folds' models at once
+    or one by one before scoring (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
     """
     t0 = time.perf_counter()
     check_out(cfg)  # before any model is fitted
@@ -80,7 +81,8 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     _predictions(probe, best).to_parquet(folder / "predictions.parquet", index=False)
     emb_cols = [c for n in best.spec.sets for c in d.columns[n]]
     labels = np.asarray(d.classes, dtype=object)[d.y]
-    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols).to_parquet(
+    threads = cfg.blas_threads or os.cpu_count() or 1
+    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=threads).to_parquet(
         folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
