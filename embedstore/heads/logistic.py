@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import scipy.optimize
+import scipy.special
 from threadpoolctl import ThreadpoolController
 
 #: Rows of the matrix per block of an evaluation on the CPU: 1,024 rows of 1,280 float32 features (5 MB) stay
@@ -233,7 +234,7 @@ class _Problems:
         if self.k == 1:
             r, y = raw[..., 0], (codes == 1)[:, None]
             loss = (w * (np.logaddexp(0.0, r) - y * r)).sum(0)
-            return loss, (w * (1.0 / (1.0 + np.exp(-r)) - y))[..., None]
+            return loss, (w * (scipy.special.expit(r) - y))[..., None]
         top = raw.max(2, keepdims=True)
         e = np.exp(raw - top)
         total = e.sum(2, keepdims=True)
