@@ -59,11 +59,11 @@ class LogRegHead(EmbeddingHead):
         Cs = [self.C] if Cs is None else list(Cs)
         heads = [clone(self) for _ in row_sets]
         prepared = [head._set_up(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
-        union = np.unique(np.concatenate([rows for rows, _, _ in prepared]))
+        union, positions = logistic.shared_rows([rows for rows, _, _ in prepared])
         maps = [head.preprocessor_.affine() for head in heads]
         n_classes, device = heads[0].classes_.size, self.fit_device()
         if all(m is not None for m in maps) and sum(len(rows) for rows, _, _ in prepared) >= 2 * len(union):
-            G, tasks = self._shared(X, union, prepared, maps)
+            G, tasks = self._shared(X, union, positions, prepared, maps)
             paths = logistic.fit_paths(G, tasks, n_classes, Cs, self.tol, self.max_iter, device)
         else:  # little overlap (undersampled folds) or PCA: each fit on its own matrix
             paths = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, n_classes, Cs, weights,
@@ -71,9 +71,9 @@ class LogRegHead(EmbeddingHead):
                      for head, (rows, codes, weights) in zip(heads, prepared)]
         return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, paths)]
 
-    def _shared(self, X, union, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
+    def _shared(self, X, union, positions, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
         """The matrix the fits share (``union``'s rows, row-normalised, standardised over them when the head
-        standardises) and each fit's task on it."""
+        standardises) and each fit's task on it (its rows at ``positions`` of it)."""
         base = Preprocessor(self.norm).row_normed(X[union])
         mean, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
         if self.norm == "standard":
@@ -81,9 +81,9 @@ class LogRegHead(EmbeddingHead):
             scale[scale == 0] = 1.0
         G = (base - np.float32(mean)) / np.float32(scale)
         tasks = []
-        for (rows, codes, weights), (own_mean, own_scale) in zip(prepared, maps):
+        for at, (_, codes, weights), (own_mean, own_scale) in zip(positions, prepared, maps):
             shift = (own_mean - mean) / scale  # (X - own_mean) / own_scale == (G - shift) * (scale / own_scale)
-            tasks.append(logistic.Task(np.searchsorted(union, rows), codes, weights, shift, scale / own_scale))
+            tasks.append(logistic.Task(at, codes, weights, shift, scale / own_scale))
         return G, tasks
 
     def _fitted_copy(self, head: LogRegHead, fitted: logistic.LogisticFit) -> LogRegHead:

@@ -102,6 +102,24 @@ class Task:
     scale: np.ndarray | None = None
 
 
+def shared_rows(row_sets: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The rows several fits share, for their shared matrix: every row of ``row_sets``, once, ordered so that
+    rows used by the same fits lie together, and each row set as positions in that order.
+
+    :func:`fit_paths` computes a block of rows only for the fits that use it: with the rows of each inner
+    fold's held-out part together, each block is computed for two of three inner fits, not all three.
+    """
+    union = np.unique(np.concatenate(row_sets))
+    pattern = np.zeros((len(union), len(row_sets)), dtype=bool)
+    at = [np.searchsorted(union, rows) for rows in row_sets]
+    for i, where in enumerate(at):
+        pattern[where, i] = True
+    order = np.lexsort(pattern.T[::-1]) if len(row_sets) > 1 else np.arange(len(union))
+    position = np.empty(len(union), dtype=np.int64)
+    position[order] = np.arange(len(union))
+    return union[order], [position[where] for where in at]
+
+
 def fit_paths(G, tasks: list[Task], n_classes: int, Cs, tol: float = 1e-5, max_iter: int = 1000,
               device: str = "cpu") -> list[list[LogisticFit]]:
     """:func:`fit_path` of every task of ``tasks`` over one shared matrix ``G``, all at once: the models of
@@ -177,6 +195,10 @@ class _Problems:
             if task.scale is not None:
                 self.scale[i] = task.scale
         self.moment = backend.weighted_moment(self.weights.mean(1))  # G^T diag(mean w) G, float64 [d, d]
+        member = np.zeros((n, len(tasks)), dtype=bool)
+        for i, task in enumerate(tasks):
+            member[slice(None) if task.rows is None else task.rows, i] = True
+        self.block_tasks = [member[lo:hi].any(0) for lo, hi in backend.blocks()]  # a block is computed for these
         self._held: dict[float, list] = {}  # C -> [preconditioner, tasks holding it]
         self._lock = threading.Lock()
 
@@ -186,7 +208,7 @@ class _Problems:
             if C not in self._held:
                 lam = float(np.mean(1.0 / (C * self.w_sum)))
                 chol = scipy.linalg.cholesky(self.moment + lam * np.eye(self.d), lower=True)
-                inv = scipy.linalg.solve_triangular(chol, np.eye(self.d), lower=True)
+                inv = scipy.linalg.solve_triangular(chol, np.eye(self.d), lower=True).astype(np.float32)
                 self._held[C] = [_Preconditioner(C, chol, inv), 0]
             self._held[C][1] += 1
             return self._held[C][0]
@@ -204,23 +226,27 @@ class _Problems:
         d, k, m = self.d, self.k, len(asks)
         tasks = [a.task for a in asks]
         pres = [a.pre for a in asks]
-        W = _grouped(pres, [a.x[: d * k].reshape(d, k) for a in asks], lambda pre, A: pre.inv.T @ A)  # W = L^-T A
+        W = _grouped(pres, [a.x[: d * k].reshape(d, k) for a in asks], _times(lambda pre: pre.inv.T))  # W = L^-T A
         raw_W = np.hstack([self.scale[t][:, None] * Wi for t, Wi in zip(tasks, W)])
         bias = np.stack([a.x[d * k:] - (self.shift[t] * self.scale[t]) @ Wi for a, t, Wi in zip(asks, tasks, W)])
         loss, R_sum, G_R = np.zeros(m), np.zeros((m, k)), np.zeros((d, m * k))
-        for lo, hi in self.backend.blocks():
-            raw = self.backend.product(raw_W, lo, hi).reshape(hi - lo, m, k) + bias
-            block_loss, R = self._loss(raw, self.weights[lo:hi][:, tasks], self.codes[lo:hi])
-            loss += block_loss
-            R_sum += R.sum(0)
-            G_R += self.backend.back(R.reshape(hi - lo, m * k), lo, hi)
+        for (lo, hi), active in zip(self.backend.blocks(), self.block_tasks):
+            on = np.flatnonzero(active[tasks])  # the asks whose task has rows in this block
+            if not on.size:
+                continue
+            cols = (on[:, None] * k + np.arange(k)).ravel()
+            raw = self.backend.product(raw_W[:, cols], lo, hi).reshape(hi - lo, on.size, k) + bias[on]
+            block_loss, R = self._loss(raw, self.weights[lo:hi][:, np.asarray(tasks)[on]], self.codes[lo:hi])
+            loss[on] += block_loss
+            R_sum[on] += R.sum(0)
+            G_R[:, cols] += self.backend.back(R.reshape(hi - lo, on.size * k), lo, hi)
         answers, g_w = [], []
         for i, (a, t, Wi) in enumerate(zip(asks, tasks, W)):
             lam = 1.0 / (a.pre.C * self.w_sum[t])
             g = self.scale[t][:, None] * (G_R[:, i * k:(i + 1) * k] - np.outer(self.shift[t], R_sum[i])) + lam * Wi
             g_w.append(g)
             loss[i] += 0.5 * lam * float((Wi * Wi).sum())
-        g_a = _grouped(pres, g_w, lambda pre, g: pre.inv @ g)  # dA = L^-1 dW
+        g_a = _grouped(pres, g_w, _times(lambda pre: pre.inv))  # dA = L^-1 dW
         for i in range(m):
             gmax = max(np.abs(g_w[i]).max(), np.abs(R_sum[i]).max())
             answers.append((float(loss[i]), np.concatenate([g_a[i].ravel(), R_sum[i]]), float(gmax)))
@@ -257,6 +283,12 @@ def _grouped(pres: list[_Preconditioner], parts: list[np.ndarray], product) -> l
         for j, i in enumerate(members):
             out[i] = joint[:, j * width:(j + 1) * width]
     return out
+
+
+def _times(matrix):
+    """``(pre, B) -> matrix(pre) @ B`` in float32 (the inverse is kept in float32: it is read twice per round of
+    evaluations, and half the bytes is half the time), as float64."""
+    return lambda pre, B: (matrix(pre) @ B.astype(np.float32)).astype(np.float64)
 
 
 class _Fit:
@@ -299,7 +331,7 @@ class _Fit:
                 loss_grad, x0, method="L-BFGS-B", jac=True, callback=converged,
                 options={"maxiter": max_iter, "maxls": 50, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps},
             )
-            W = pre.inv.T @ result.x[: d * k].reshape(d, k)
+            W = _times(lambda p: p.inv.T)(pre, result.x[: d * k].reshape(d, k))
             return LogisticFit(np.ascontiguousarray(W), result.x[d * k:].copy(), C, evals[0])
         finally:
             self.problems.release(pre)

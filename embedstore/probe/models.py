@@ -89,10 +89,13 @@ def stack_of(model) -> StackHead | None:
 
 
 def fit(model, X: pd.DataFrame, y, groups, rows):
-    """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds)."""
+    """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds).
+
+    A single head reads its own columns of all of ``X`` and takes the rows from them
+    (:func:`embedstore.heads.base.fit_paths`): no copy of the rows' every column."""
     if stack_of(model) is not None:
         return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
-    return clone(model).fit(X.iloc[rows], y[rows])
+    return fit_paths(model, X, y, [rows])[0][0]
 
 
 def fit_each(model, X: pd.DataFrame, y, groups, row_sets, progress=None) -> list:

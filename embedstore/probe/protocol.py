@@ -169,8 +169,8 @@ class Probe:
                     f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
                     f":{part}:{fingerprint(problem)}:{scope}")
             self.studies[spec.name, key, scope] = name
-            tuned[key], _ = tune(
-                est, head, self.data.X.iloc[rows], self.data.y[rows], local, self.metric, cfg.trials,
+            tuned[key], _ = tune(  # the whole frame and folds of its rows: no copy of the rows' every column
+                est, head, self.data.X, self.data.y, folds, self.metric, cfg.trials,
                 self.storage, name, cfg.seed,
                 prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
                 fixed=fixed, problem=problem,
