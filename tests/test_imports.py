@@ -70,3 +70,20 @@ def test_extract_is_the_function_and_extraction_the_module():
     assert callable(extract) and not isinstance(extract, types.ModuleType)
     assert isinstance(embedstore.extraction, types.ModuleType)
     assert embedstore.extract is extract is embedstore.extraction.extract
+
+
+def test_a_probe_config_on_a_machine_without_a_gpu_driver_does_not_import_torch():
+    """``device: auto`` (the probe's default) means the CPU where no GPU driver is loaded, known without torch."""
+    proc = _run("""
+        import sys
+
+        from embedstore.devices import _gpu_driver_possible, device_name
+        from embedstore.heads import LogRegHead
+        from embedstore.probe import ProbeConfig
+
+        ProbeConfig.from_dict({"store": "s.zarr", "features": ["f"], "target": "dx"})
+        assert LogRegHead(device="auto").fit_device() == ("cpu" if not _gpu_driver_possible() else device_name("auto"))
+        if not _gpu_driver_possible():
+            assert "torch" not in sys.modules, "torch imported to resolve device auto"
+    """)
+    assert proc.returncode == 0, proc.stderr
