@@ -48,10 +48,11 @@ def feature_map(X: np.ndarray | pd.DataFrame, labels: np.ndarray, ids: np.ndarra
     """``id, x, y, label``: a t-SNE map of at most ``max_rows`` rows of ``X`` (stratified by label).
 
     ``X`` is an array or a DataFrame (then ``columns`` picks the features, all by default); only the sampled
-    rows are read. ``n_jobs`` threads (the probe gives it the cores its BLAS has): on 5,000 HAM10000 rows, two
-    threads took 6.6 s against 12.5 s for one on this project's 2-core machine; one and two threads draw the
-    same map. (An earlier measurement, two threads 1.7 times slower, was taken while scipy's idle OpenBLAS
-    threads spun on the same cores: see :func:`embedstore.heads.logistic._scipy_blas_single_threaded`.)
+    rows are read. ``n_jobs`` threads (the probe gives it ``blas_threads``, or the cores it may run on): on
+    5,000 HAM10000 rows, two threads took 6.6 s against 12.5 s for one on this project's 2-core machine; one and
+    two threads draw the same map. (An earlier measurement, two threads 1.7 times slower, was taken while
+    scipy's idle OpenBLAS threads spun on the same cores: see
+    :func:`embedstore.heads.logistic._scipy_blas_single_threaded`.)
     """
     rows = map_rows(labels, max_rows, seed)
     if isinstance(X, pd.DataFrame):

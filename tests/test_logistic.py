@@ -125,3 +125,17 @@ def test_undersampled_folds_are_fitted_each_on_its_own_rows(features):
         alone = LogRegHead(C=0.1, undersample=2, tol=1e-7).fit(Z[rows], rare[rows])
         assert fitted.n_evals_ == alone.n_evals_
         assert np.array_equal(fitted.coef_, alone.coef_)
+
+
+def test_row_sets_with_other_classes_or_repeated_rows_are_fitted_each_alone(features):
+    """A row set lacking a class, or holding a row twice (a bootstrap sample), cannot share one matrix of class
+    codes and row weights: each is fitted as alone, with its own classes."""
+    Z, codes, _ = features
+    rarest = np.bincount(codes).argmin()
+    without = np.flatnonzero(codes != rarest)
+    repeated = np.sort(np.random.default_rng(0).choice(len(codes), len(codes)))
+    row_sets = [np.arange(len(codes)), without, repeated]
+    for rows, (fitted,) in zip(row_sets, LogRegHead(C=0.1, tol=1e-6).fit_paths(Z, codes, row_sets)):
+        alone = LogRegHead(C=0.1, tol=1e-6).fit(Z[rows], codes[rows])
+        assert np.array_equal(fitted.classes_, alone.classes_)
+        assert np.array_equal(fitted.coef_, alone.coef_)

@@ -61,15 +61,25 @@ class LogRegHead(EmbeddingHead):
         prepared = [head._set_up(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
         union, positions = logistic.shared_rows([rows for rows, _, _ in prepared])
         maps = [head.preprocessor_.affine() for head in heads]
-        n_classes, device = heads[0].classes_.size, self.fit_device()
-        if all(m is not None for m in maps) and sum(len(rows) for rows, _, _ in prepared) >= 2 * len(union):
+        device = self.fit_device()
+        if self._can_share(heads, prepared, maps, len(union)):
             G, tasks = self._shared(X, union, positions, prepared, maps)
-            paths = logistic.fit_paths(G, tasks, n_classes, Cs, self.tol, self.max_iter, device)
-        else:  # little overlap (undersampled folds) or PCA: each fit on its own matrix
-            paths = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, n_classes, Cs, weights,
+            paths = logistic.fit_paths(G, tasks, heads[0].classes_.size, Cs, self.tol, self.max_iter, device)
+        else:  # little overlap (undersampled folds), PCA, other classes or repeated rows: each on its own matrix
+            paths = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, head.classes_.size, Cs, weights,
                                        self.tol, self.max_iter, device)
                      for head, (rows, codes, weights) in zip(heads, prepared)]
         return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, paths)]
+
+    @staticmethod
+    def _can_share(heads, prepared, maps, n_union: int) -> bool:
+        """Whether the fits can share one matrix, and gain by it: every preprocessing an affine map, the same
+        classes in every row set (one class code per row), no row twice in a set (a row's weight is per fit and
+        row), and each row used by two fits on average."""
+        return (all(m is not None for m in maps)
+                and all(np.array_equal(head.classes_, heads[0].classes_) for head in heads)
+                and all(len(np.unique(rows)) == len(rows) for rows, _, _ in prepared)
+                and sum(len(rows) for rows, _, _ in prepared) >= 2 * n_union)
 
     def _shared(self, X, union, positions, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
         """The matrix the fits share (``union``'s rows, row-normalised, standardised over them when the head
@@ -94,7 +104,8 @@ class LogRegHead(EmbeddingHead):
         return copy
 
     def fit_device(self) -> str:
-        """The torch device name the fit runs on (``cpu`` without torch); ConfigError for one not present."""
+        """The torch device name the fit runs on (``cpu``, ``cuda``, ``cuda:1``; ``cpu`` without torch where no GPU
+        driver is loaded); ConfigError for one not present."""
         from embedstore.devices import device_name
 
         return device_name(self.device)

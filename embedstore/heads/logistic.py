@@ -8,10 +8,11 @@ classes, binomial (one column) for two. What differs is how it is minimised, bec
 the problem (measured in BENCHMARKS.md, "Heads at the speed of the cache"):
 
 - it upcasts the float32 matrix to float64 at every one of its hundreds of loss evaluations; here the
-  products stay in float32 (the parameters, the loss and the per-row terms are float64);
+  products stay in float32 (the loss, the per-row terms and L-BFGS's parameters are float64);
 - L-BFGS on raw standardised features is badly conditioned (~350 evaluations at ``C=1`` on HAM10000).
   Here it runs on preconditioned parameters ``W = L^-T A`` with ``L L^T = Z^T diag(w) Z + lambda I`` (a
-  change of variables: the optimum is the same, found in ~4x fewer evaluations), and stops on
+  change of variables: the optimum is the same, found in ~4x fewer evaluations; for fits that share a matrix,
+  ``Z`` is the shared matrix, ``w`` the fits' mean row weights and lambda their mean), and stops on
   scikit-learn's own criterion measured in the original parameters (largest absolute gradient <= ``tol``,
   or no relative progress), so a fit is at least as converged as scikit-learn's;
 - one model's evaluation is bound by memory, not arithmetic: it reads the whole matrix twice (``Z @ W``, then

@@ -98,22 +98,16 @@ def fit(model, X: pd.DataFrame, y, groups, rows):
     return fit_paths(model, X, y, [rows])[0][0]
 
 
-def fit_each(model, X: pd.DataFrame, y, groups, row_sets, progress=None) -> list:
-    """A fitted clone of ``model`` per row set of ``row_sets``, with ``progress(message)`` after each fit.
+def fits_together(model) -> bool:
+    """Whether ``model`` fits several row sets of one matrix together (a single logistic head, whose fits share
+    one pass over its matrix: :meth:`embedstore.heads.LogRegHead.fit_paths`)."""
+    head = _head_of(model)
+    return head is not None and hasattr(head, "fit_paths")
 
-    A logistic head fits them all in one go (their fits share one pass over its matrix,
-    :meth:`embedstore.heads.LogRegHead.fit_paths`), reported once.
-    """
-    progress = progress or (lambda message: None)
-    if _head_of(model) is not None and hasattr(_head_of(model), "fit_paths"):
-        fitted = [path[0] for path in fit_paths(model, X, y, row_sets)]
-        progress(f"fitted {len(row_sets)} models together")
-        return fitted
-    fitted = []
-    for rows in row_sets:
-        fitted.append(fit(model, X, y, groups, rows))
-        progress(f"fitted model {len(fitted)}/{len(row_sets)}")
-    return fitted
+
+def fit_together(model, X: pd.DataFrame, y, row_sets) -> list:
+    """A fitted clone of ``model`` (:func:`fits_together`) per row set of ``row_sets``, fitted at once."""
+    return [path[0] for path in fit_paths(model, X, y, row_sets)]
 
 
 def _head_of(model):

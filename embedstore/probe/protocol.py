@@ -34,8 +34,8 @@ from embedstore.layout import study_storage
 from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
-from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_each, stack_of,
-                                     tunable_parts)
+from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_together,
+                                     fits_together, stack_of, tunable_parts)
 from embedstore.runs.record import Estimate
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
@@ -69,7 +69,7 @@ class Probe:
     """One probe run's data, split and folds; :func:`embedstore.probe.run_probe` is the entry point.
 
     ``progress(event, message)`` is called after every fold (``"fold"``), fit of several folds' models at once
-    or one by one before scoring (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
+    (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
     """
 
     def __init__(self, cfg: ProbeConfig, progress=None):
@@ -192,13 +192,14 @@ class Probe:
         oof_pred = np.full(len(d.y), -1)
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
-        shared = [] if cfg.trials else fit_each(  # one head for every fold and the final one: fitted together
-            build_model(cfg, d, spec), d.X, d.y, d.groups, [train for train, _ in self.folds] + [self.fit_rows],
-            lambda message: self.progress("fit", f"{spec.name}: {message}"))
+        shared = []  # one head for every fold and the final one, fitted together where it can be
+        if not cfg.trials and fits_together(build_model(cfg, d, spec)):
+            shared = fit_together(build_model(cfg, d, spec), d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows])
+            self.progress("fit", f"{spec.name}: fitted {len(shared)} models together")
         for k, (train, test) in enumerate(self.folds):
             t0 = time.perf_counter()
-            model = shared[k] if shared else fit(
-                build_model(cfg, d, spec, self._tune_fold(spec, k, train)), d.X, d.y, d.groups, train)
+            tuned = self._tune_fold(spec, k, train) if cfg.trials else {}
+            model = shared[k] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
             oof[test] = model.predict_proba(d.X.iloc[test])
             oof_pred[test] = decide(model, oof[test])
             stack = stack_of(model)
@@ -206,7 +207,7 @@ class Probe:
                 for name, p in stack.base_probas(d.X.iloc[test]).items():
                     base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
             scores = evaluate(d.y[test], oof[test], oof_pred[test])
-            timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # tuned folds are timed apart
+            timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # (with its tuning) where fitted alone
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")

@@ -36,7 +36,7 @@ def run_probe(cfg: ProbeConfig, progress=None) -> Run:
     """Run the probe ``cfg`` describes and write its run folder (and report); returns the run written.
 
     ``progress(event, message)`` is called after every fold (``"fold"``), fit of several folds' models at once
-    or one by one before scoring (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
+    (``"fit"``), tuned model (``"tuned"``) and writing step (``"step"``).
     """
     t0 = time.perf_counter()
     check_out(cfg)  # before any model is fitted
@@ -81,8 +81,7 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     _predictions(probe, best).to_parquet(folder / "predictions.parquet", index=False)
     emb_cols = [c for n in best.spec.sets for c in d.columns[n]]
     labels = np.asarray(d.classes, dtype=object)[d.y]
-    threads = cfg.blas_threads or os.cpu_count() or 1
-    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=threads).to_parquet(
+    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=cfg.blas_threads or _cores()).to_parquet(
         folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
@@ -94,6 +93,11 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     head.mkdir()
     save_head(best.model, head)
     write_card(model_card(probe, best, metrics.metrics), head)
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS tells it, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
