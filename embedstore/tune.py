@@ -37,7 +37,7 @@ from sklearn.base import clone
 from embedstore import faults
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, first_line
-from embedstore.heads.base import fit_paths
+from embedstore.heads.base import fit_paths, take_rows
 from embedstore.heads.decision import decide
 from embedstore.store import digest, fingerprint
 
@@ -92,8 +92,8 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
     :func:`embedstore.metrics.metric_functions`); with a trial, report after each fold and prune."""
     scores = []
     for k, (train, test) in enumerate(folds):
-        fitted = clone(head).fit(_rows(X, train), y[train])
-        proba = fitted.predict_proba(_rows(X, test))
+        fitted = clone(head).fit(take_rows(X, train), y[train])
+        proba = fitted.predict_proba(take_rows(X, test))
         scores.append(float(metric(y[test], proba, decide(fitted, proba))))
         if trial is not None:
             trial.set_user_attr(f"fold_{k}", scores[-1])
@@ -245,7 +245,7 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
         paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
         for k, ((_, test), path) in enumerate(zip(folds, paths)):
             for j, fitted in enumerate(path):
-                proba = fitted.predict_proba(_rows(X, test))
+                proba = fitted.predict_proba(take_rows(X, test))
                 scores[k, j] = metric(y[test], proba, decide(fitted, proba))
         for j, params in enumerate(points):
             if not missing[j]:
@@ -319,6 +319,3 @@ def _trial_seed(seed: int, n_done: int) -> int:
     """The sampler seed of the trial that follows ``n_done`` finished ones: a function of the history only."""
     return int(hashlib.sha256(f"{seed}:{n_done}".encode()).hexdigest()[:8], 16)
 
-
-def _rows(X, rows):
-    return X.iloc[rows] if hasattr(X, "iloc") else X[rows]

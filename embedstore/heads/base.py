@@ -176,10 +176,10 @@ def fit_paths(estimator, X, y, row_sets, values=None) -> list[list]:
     if values is not None:
         raise TypeError(f"{type(estimator).__name__} has no path parameter to sweep")
     y = np.asarray(y)
-    return [[clone(estimator).fit(_take(X, rows), y[rows])] for rows in row_sets]
+    return [[clone(estimator).fit(take_rows(X, rows), y[rows])] for rows in row_sets]
 
 
-def _take(X, rows):
+def take_rows(X, rows):
     """``rows`` of ``X`` (a DataFrame or an array); ``X`` itself, not a copy, when they are all its rows in order."""
     rows = np.asarray(rows)
     if len(rows) == len(X) and np.array_equal(rows, np.arange(len(X))):

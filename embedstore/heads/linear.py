@@ -84,12 +84,9 @@ class LogRegHead(EmbeddingHead):
     def _shared(self, X, union, positions, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
         """The matrix the fits share (``union``'s rows, row-normalised, standardised over them when the head
         standardises) and each fit's task on it (its rows at ``positions`` of it)."""
-        base = Preprocessor(self.norm).row_normed(X[union])
-        mean, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
-        if self.norm == "standard":
-            mean, scale = base.mean(0, dtype=np.float64), base.std(0, dtype=np.float64)
-            scale[scale == 0] = 1.0
-        G = (base - np.float32(mean)) / np.float32(scale)
+        common = Preprocessor(self.norm).fit(X[union])  # the head's own normalisation, over all the fits' rows
+        G = common.transform(X[union])
+        mean, scale = common.affine()
         tasks = []
         for at, (_, codes, weights), (own_mean, own_scale) in zip(positions, prepared, maps):
             shift = (own_mean - mean) / scale  # (X - own_mean) / own_scale == (G - shift) * (scale / own_scale)

@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, take_rows
 from embedstore.splits import group_kfold
 
 
@@ -72,7 +72,7 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             *inner, final = [path[0] for path in fit_paths(head, Xb, codes, row_sets)]  # the folds' and the refit
             oof = np.zeros((len(codes), self.classes_.size))
             for fitted, (_, test) in zip(inner, folds):
-                oof[test] = fitted.predict_proba(_rows(Xb, test))
+                oof[test] = fitted.predict_proba(take_rows(Xb, test))
             self.oof_[name] = oof
             self.bases_.append((name, final, columns))
         self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(
@@ -89,6 +89,3 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         return self.meta_.predict_proba(_logit_features(list(self.base_probas(X).values())))
 
-
-def _rows(X, rows):
-    return X.iloc[rows] if isinstance(X, pd.DataFrame) else X[rows]

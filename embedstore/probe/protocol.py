@@ -193,8 +193,9 @@ class Probe:
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
         shared = []  # one head for every fold and the final one, fitted together where it can be
-        if not cfg.trials and fits_together(build_model(cfg, d, spec)):
-            shared = fit_together(build_model(cfg, d, spec), d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows])
+        untuned = build_model(cfg, d, spec)
+        if not cfg.trials and fits_together(untuned):
+            shared = fit_together(untuned, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows])
             self.progress("fit", f"{spec.name}: fitted {len(shared)} models together")
         for k, (train, test) in enumerate(self.folds):
             t0 = time.perf_counter()
