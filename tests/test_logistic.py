@@ -44,6 +44,21 @@ def test_fit_reaches_scikit_learns_optimum(features, binary, C):
     assert (fitted.proba(Z).argmax(1) == ref.predict(Z)).mean() > 0.99
 
 
+def test_fewer_rows_than_columns_at_a_weak_penalty(features):
+    """Binary fits on a few hundred rows of 1,280 columns (an undersampled fold) at a weak penalty: the float32 moment is
+    singular there, and the solver must still reach scikit-learn's optimum instead of failing to factor it."""
+    Z, codes, _ = features
+    rows = np.concatenate([np.flatnonzero(codes == 0), np.flatnonzero(codes != 0)[:250]])  # fewer rows than columns
+    Zs = StandardScaler().fit_transform(Z[rows]).astype(np.float32)
+    y = (codes[rows] == 0).astype(int)
+    weights = compute_sample_weight("balanced", y)
+    assert Zs.shape[0] < Zs.shape[1]
+    for C in (1.0, 1e4):
+        fitted = logistic.fit(Zs, y, 2, C, weights, tol=1e-7)
+        ref = _reference(Zs, y, C, weights)
+        assert np.abs(fitted.proba(Zs) - ref.predict_proba(Zs)).max() < 2e-3
+
+
 def test_path_points_equal_fits_from_scratch(features):
     Z, codes, n_classes = features
     Cs = [0.001, 0.01, 0.1]

@@ -209,8 +209,7 @@ class _Problems:
         """The preconditioner of ``C``, made by the first task to reach it and shared with the others."""
         with self._lock:
             if C not in self._held:
-                lam = float(np.mean(1.0 / (C * self.w_sum)))
-                chol = scipy.linalg.cholesky(self.moment + lam * np.eye(self.d), lower=True)
+                chol = _cholesky(self.moment, float(np.mean(1.0 / (C * self.w_sum))))
                 inv = scipy.linalg.solve_triangular(chol, np.eye(self.d), lower=True).astype(np.float32)
                 self._held[C] = [_Preconditioner(C, chol, inv), 0]
             self._held[C][1] += 1
@@ -273,6 +272,24 @@ class _Problems:
         p = e / total
         p[np.arange(len(codes)), :, codes] -= 1.0
         return loss, w[..., None] * p
+
+
+def _cholesky(moment: np.ndarray, lam: float) -> np.ndarray:
+    """Lower Cholesky factor of ``moment + lam I``, with ``lam`` raised where that is not positive definite.
+
+    With fewer rows than columns the moment is singular, and computed in float32 it has eigenvalues a little
+    below zero, which a weak penalty (large C) does not lift: the factorisation fails. The preconditioner is
+    only a change of variables, and any positive definite one has the same optimum, so ``lam`` is raised by
+    steps of the float32 rounding scale of the moment's diagonal until it factors; where ``lam`` alone works
+    nothing changes.
+    """
+    scale = float(np.trace(moment)) / len(moment)
+    for extra in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+        try:
+            return scipy.linalg.cholesky(moment + (lam + extra * scale) * np.eye(len(moment)), lower=True)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the preconditioner's moment matrix is not positive definite (NaN or infinite features?)")
 
 
 def _grouped(pres: list[_Preconditioner], parts: list[np.ndarray], product) -> list[np.ndarray]:
