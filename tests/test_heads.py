@@ -192,3 +192,55 @@ def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_ro
     ref.fit(normalize(X[rows]), codes, sample_weight=weights)
     np.testing.assert_allclose(logreg.predict_proba(query), ref.predict_proba(normalize(query)), atol=2e-4)
     assert np.array_equal(logreg.predict(query), logreg.classes_[ref.predict_proba(normalize(query)).argmax(1)])
+
+
+def _frame_with_metadata(ham) -> pd.DataFrame:
+    """The probe's kind of frame: feature columns, then metadata (numeric, categorical, text)."""
+    table = ham["table"]
+    frame = pd.DataFrame(ham["X"], columns=[f"f{i}" for i in range(ham["X"].shape[1])])
+    frame["age"] = table["age"].astype(float).to_numpy()
+    frame["sex"] = table["sex"].astype(object).to_numpy()
+    return frame
+
+
+def test_lgbm_row_sets_fitted_side_by_side_equal_fits_one_by_one(ham, monkeypatch):
+    """A stack's or a trial's LightGBM folds run on the cores at once; each model is the one fitted alone, on
+    a copy of its rows (also where the PCA would otherwise use more BLAS threads)."""
+    import embedstore.heads.lgbm as lgbm
+
+    frame, y, groups, train = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"]
+    codes = np.unique(y[train], return_inverse=True)[1]
+    row_sets = [train[tr] for tr, _ in group_kfold(codes, groups[train], n_splits=3, seed=0)]
+    head = LGBMHead(n_estimators=30, pca=16, passthrough=("age", "sex"), undersample=4, class_weight="balanced")
+    monkeypatch.setattr(lgbm, "usable_cores", lambda: 2)
+    together = [path[0] for path in head.fit_paths(frame, y, row_sets)]
+    query = frame.iloc[ham["test"]]
+    with threadpool_limits(limits=2, user_api="blas"):
+        alone = [clone(head).fit(frame.iloc[rows], y[rows]) for rows in row_sets]
+    for a, b in zip(together, alone):
+        assert np.array_equal(a.predict_proba(query), b.predict_proba(query))
+
+
+def test_lgbm_predicts_in_blocks_what_it_predicts_at_once(ham, monkeypatch):
+    import embedstore.heads.lgbm as lgbm
+
+    frame, y, train, test = _frame_with_metadata(ham), ham["y"], ham["train"], ham["test"]
+    head = LGBMHead(n_estimators=30, pca=16, passthrough=("age", "sex")).fit(frame.iloc[train], y[train])
+    at_once = head.predict_proba(frame.iloc[test])
+    monkeypatch.setattr(lgbm, "PREDICT_ROWS", 7)
+    np.testing.assert_allclose(head.predict_proba(frame.iloc[test]), at_once, atol=1e-6)
+
+
+def test_stack_fitted_on_rows_of_the_whole_frame_equals_the_stack_of_their_copy(ham):
+    """The probe fits a stack on its training rows of the whole frame (no copy of their every column): the same
+    stack as one fitted on a copy of those rows."""
+    frame, y, groups, train, test = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"], ham["test"]
+    features = [c for c in frame.columns if c.startswith("f")]
+    stack = StackHead(bases=[("lr", LogRegHead(C=0.1), features),
+                             ("gb", LGBMHead(n_estimators=20, pca=8, passthrough=("age", "sex")), [*features, "age", "sex"])],
+                      n_splits=3, seed=0)
+    on_rows = stack.fit_paths(frame, y, [train], groups=groups)[0][0]
+    on_copy = clone(stack).fit(frame.iloc[train], y[train], groups=groups[train])
+    np.testing.assert_allclose(on_rows.predict_proba(frame.iloc[test]), on_copy.predict_proba(frame.iloc[test]), atol=1e-9)
+    bases = on_rows.base_probas(frame.iloc[test])
+    assert np.array_equal(on_rows.proba_of_bases(bases), on_rows.predict_proba(frame.iloc[test]))

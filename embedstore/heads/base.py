@@ -164,19 +164,27 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
 
-def fit_paths(estimator, X, y, row_sets, values=None) -> list[list]:
+def fit_paths(estimator, X, y, row_sets, values=None, **fit_params) -> list[list]:
     """Fitted clones of ``estimator``, one list per row set of ``row_sets`` (indices into ``X`` and ``y``) with
     one fit per value of its path parameter (``values``; None: its own setting, one fit).
 
     An estimator with a ``fit_paths`` method fits them its own way (a logistic head fits all row sets in one
-    pass over the matrix per evaluation); any other is cloned and fitted per row set.
+    pass over the matrix per evaluation, a LightGBM head several side by side, a stack reads only its rows'
+    columns); any other is cloned and fitted per row set. ``fit_params`` (a stack's ``groups``, over all of
+    ``X``) go to the estimator's own ``fit_paths``.
     """
     if hasattr(estimator, "fit_paths"):
-        return clone(estimator).fit_paths(X, y, row_sets, values)
+        return clone(estimator).fit_paths(X, y, row_sets, values, **fit_params)
     if values is not None:
         raise TypeError(f"{type(estimator).__name__} has no path parameter to sweep")
     y = np.asarray(y)
     return [[clone(estimator).fit(take_rows(X, rows), y[rows])] for rows in row_sets]
+
+
+def single_core(estimator) -> bool:
+    """Whether a fit of ``estimator`` runs on one core (a LightGBM head at ``n_jobs=1``, or a wrapper of one),
+    so that several of its fits may run side by side (:func:`embedstore.parallel.in_order`)."""
+    return bool(getattr(estimator, "single_core", lambda: False)())
 
 
 def take_rows(X, rows):

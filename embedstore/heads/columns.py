@@ -11,7 +11,7 @@ from __future__ import annotations
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, single_core
 from embedstore.heads.stack import select_columns
 
 
@@ -30,6 +30,10 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         all reading one selection of the columns."""
         fits = fit_paths(self.head, select_columns(X, self.columns), y, row_sets, values)
         return [[clone(self)._wrap(head) for head in path] for path in fits]
+
+    def single_core(self) -> bool:
+        """Whether the head's fit runs on one core (:func:`embedstore.heads.base.single_core`)."""
+        return single_core(self.head)
 
     def _wrap(self, head) -> ColumnsHead:
         """This wrapper, fitted around the fitted ``head``."""

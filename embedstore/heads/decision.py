@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import fit_paths
+from embedstore.heads.base import fit_paths, single_core
 
 #: Decision rules a probe accepts: the plain argmax, or the balanced-accuracy rule.
 DECISIONS = ("argmax", "balanced")
@@ -43,12 +43,16 @@ class BalancedDecision(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, **fit_params):
         return self._wrap(clone(self.estimator).fit(X, y, **fit_params), X, y)
 
-    def fit_paths(self, X, y, row_sets, values=None) -> list[list[BalancedDecision]]:
+    def fit_paths(self, X, y, row_sets, values=None, **fit_params) -> list[list[BalancedDecision]]:
         """Fitted copies per row set and per value of the wrapped estimator's path
         (:func:`embedstore.heads.base.fit_paths`)."""
         y = np.asarray(y)
-        fits = fit_paths(self.estimator, X, y, row_sets, values)
+        fits = fit_paths(self.estimator, X, y, row_sets, values, **fit_params)
         return [[clone(self)._wrap(estimator, X, y[rows]) for estimator in path] for rows, path in zip(row_sets, fits)]
+
+    def single_core(self) -> bool:
+        """Whether the wrapped estimator's fit runs on one core (:func:`embedstore.heads.base.single_core`)."""
+        return single_core(self.estimator)
 
     def _wrap(self, estimator, X, y) -> BalancedDecision:
         """This wrapper, fitted around ``estimator`` (fitted on ``X``, ``y``)."""

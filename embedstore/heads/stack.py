@@ -6,8 +6,9 @@ and kinds combine. The meta-learner is trained only on out-of-fold
 probabilities computed on stratified *group* folds, so no base prediction it
 learns from was made by a model that saw that row's lesion; the bases are also
 fitted on all rows (with the folds' fits, in one go where a base can: a logistic
-base's fits share one pass over its matrix). Inside a probe's outer cross-validation this is a fully
-nested scheme.
+base's fits share one pass over its matrix, a LightGBM base's run side by side). Inside a probe's outer
+cross-validation this is a fully nested scheme; there the stack is fitted on the training rows of the probe's
+frame (:meth:`StackHead.fit_paths`), reading only those rows of each base's columns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, take_rows
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, single_core, take_rows
+from embedstore.parallel import in_order, usable_cores
 from embedstore.splits import group_kfold
 
 
@@ -61,23 +63,39 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         self.seed = seed
 
     def fit(self, X, y, groups=None):
+        return self._fit_rows(X, y, np.arange(len(y)), groups)
+
+    def fit_paths(self, X, y, row_sets, values=None, groups=None) -> list[list[StackHead]]:
+        """A fitted copy per row set of ``row_sets`` (indices into ``X``, ``y`` and ``groups``): each reads its
+        rows of every base's columns of ``X`` only, never a copy of all its rows' columns."""
+        if values is not None:
+            raise TypeError("StackHead has no path parameter to sweep")
+        return [[clone(self)._fit_rows(X, y, np.asarray(rows), groups)] for rows in row_sets]
+
+    def _fit_rows(self, X, y, rows: np.ndarray, groups) -> StackHead:
         if not self.bases:
             raise ValueError("a stack needs at least one base head")
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        folds = group_kfold(codes, groups, n_splits=self.n_splits, seed=self.seed)
-        row_sets = [train for train, _ in folds] + [np.arange(len(codes))]
+        self.classes_, local = np.unique(np.asarray(y)[rows], return_inverse=True)
+        codes = np.full(len(y), -1)  # class codes over all of X; only ``rows`` are read
+        codes[rows] = local
+        folds = [(rows[train], rows[test]) for train, test in
+                 group_kfold(local, None if groups is None else np.asarray(groups)[rows], n_splits=self.n_splits,
+                             seed=self.seed)]
         self.oof_, self.bases_ = {}, []
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns)
-            *inner, final = [path[0] for path in fit_paths(head, Xb, codes, row_sets)]  # the folds' and the refit
-            oof = np.zeros((len(codes), self.classes_.size))
-            for fitted, (_, test) in zip(inner, folds):
-                oof[test] = fitted.predict_proba(take_rows(Xb, test))
-            self.oof_[name] = oof
+            *inner, final = [path[0] for path in fit_paths(head, Xb, codes, [train for train, _ in folds] + [rows])]
+            oof = np.zeros((len(y), self.classes_.size))
+            workers = usable_cores() if single_core(head) else 1  # one-core heads predict their folds side by side
+            probas = in_order(lambda fit_test: fit_test[0].predict_proba(take_rows(Xb, fit_test[1])),
+                              zip(inner, [test for _, test in folds]), workers)
+            for (_, test), proba in zip(folds, probas):
+                oof[test] = proba
+            self.oof_[name] = oof[rows]
             self.bases_.append((name, final, columns))
         self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(
             C=self.meta_C, class_weight=self.meta_class_weight, max_iter=2000)
-        self.meta_.fit(_logit_features(list(self.oof_.values())), codes)
+        self.meta_.fit(_logit_features(list(self.oof_.values())), local)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -87,5 +105,10 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         return {name: head.predict_proba(select_columns(X, cols)) for name, head, cols in self.bases_}
 
     def predict_proba(self, X) -> np.ndarray:
-        return self.meta_.predict_proba(_logit_features(list(self.base_probas(X).values())))
+        return self.proba_of_bases(self.base_probas(X))
+
+    def proba_of_bases(self, base_probas: dict[str, np.ndarray]) -> np.ndarray:
+        """The stack's class probabilities from its bases' (:meth:`base_probas`), without predicting them again."""
+        check_is_fitted(self, "meta_")
+        return self.meta_.predict_proba(_logit_features([base_probas[name] for name, _, _ in self.bases_]))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from sklearn.base import clone
 
 from embedstore.heads import HEADS, BalancedDecision, ColumnsHead, StackHead, make_head
 from embedstore.heads.base import fit_paths
@@ -89,13 +88,12 @@ def stack_of(model) -> StackHead | None:
 
 
 def fit(model, X: pd.DataFrame, y, groups, rows):
-    """A fitted clone of ``model`` on ``rows`` (a stack also gets their groups for its inner folds).
+    """A fitted clone of ``model`` on ``rows`` (a stack also gets the groups, for its inner folds).
 
-    A single head reads its own columns of all of ``X`` and takes the rows from them
+    Every head, a stack's bases too, reads its own columns of all of ``X`` and takes the rows from them
     (:func:`embedstore.heads.base.fit_paths`): no copy of the rows' every column."""
-    if stack_of(model) is not None:
-        return clone(model).fit(X.iloc[rows], y[rows], groups=None if groups is None else groups[rows])
-    return fit_paths(model, X, y, [rows])[0][0]
+    fit_params = {"groups": groups} if stack_of(model) is not None else {}
+    return fit_paths(model, X, y, [rows], **fit_params)[0][0]
 
 
 def fits_together(model) -> bool:

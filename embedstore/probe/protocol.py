@@ -201,22 +201,18 @@ class Probe:
             t0 = time.perf_counter()
             tuned = self._tune_fold(spec, k, train) if cfg.trials else {}
             model = shared[k] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
-            oof[test] = model.predict_proba(d.X.iloc[test])
+            oof[test], bases = _predict(model, d.X.iloc[test])
             oof_pred[test] = decide(model, oof[test])
-            stack = stack_of(model)
-            if stack is not None:
-                for name, p in stack.base_probas(d.X.iloc[test]).items():
-                    base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
+            for name, p in bases.items():
+                base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
             scores = evaluate(d.y[test], oof[test], oof_pred[test])
             timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # (with its tuning) where fitted alone
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
         final = shared[-1] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
-        test_proba = final.predict_proba(d.X.iloc[self.test]) if len(self.test) else None
+        test_proba, base_test = _predict(final, d.X.iloc[self.test]) if len(self.test) else (None, {})
         test_pred = decide(final, test_proba) if len(self.test) else None
-        stack = stack_of(final)
-        base_test = stack.base_probas(d.X.iloc[self.test]) if stack is not None and len(self.test) else {}
         return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned, base_oof, base_test)
 
     # ------------------------------------------------------------------ metrics
@@ -253,3 +249,13 @@ class Probe:
         """The predictions a model is scored on (probabilities or classes): its test ones when there
         is a test split, else its OOF ones."""
         return test if len(self.test) else oof[self.train]
+
+
+def _predict(model, X: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model``'s class probabilities for ``X``, and a stack's bases' by name ({} for a single head); a stack's
+    bases predict once, for both."""
+    stack = stack_of(model)
+    if stack is None:
+        return model.predict_proba(X), {}
+    bases = stack.base_probas(X)
+    return stack.proba_of_bases(bases), bases

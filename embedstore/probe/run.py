@@ -14,7 +14,6 @@ fitted; then the report.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from embedstore.heads import save_head
 from embedstore.maps import feature_map
+from embedstore.parallel import usable_cores
 from embedstore.probe.card import model_card, write_card
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.models import ModelSpec
@@ -81,7 +81,7 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     _predictions(probe, best).to_parquet(folder / "predictions.parquet", index=False)
     emb_cols = [c for n in best.spec.sets for c in d.columns[n]]
     labels = np.asarray(d.classes, dtype=object)[d.y]
-    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=cfg.blas_threads or _cores()).to_parquet(
+    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=cfg.blas_threads or usable_cores()).to_parquet(
         folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
@@ -93,11 +93,6 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     head.mkdir()
     save_head(best.model, head)
     write_card(model_card(probe, best, metrics.metrics), head)
-
-
-def _cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS tells it, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
