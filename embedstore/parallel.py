@@ -33,9 +33,11 @@ def usable_cores() -> int:
 def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``fn(item)`` for every item, at most ``workers`` at a time, yielded in the items' order.
 
-    The next item starts as soon as a result is taken, so a consumer that stops early (a pruned trial) leaves
-    at most ``workers - 1`` items computed for nothing, and none started after it stopped. While several
-    run, the BLAS is held to one thread each, so the pieces do not fight over the cores.
+    The next item starts when the consumer comes back for another result, so a consumer that stops early (a
+    pruned trial) leaves at most ``workers - 1`` items computed for nothing, and none started after it
+    stopped; close the iterator (``contextlib.closing``, or take it whole with ``list``) so that its threads
+    and its hold of the BLAS end with it. While several run, the BLAS is held to one thread each, so the
+    pieces do not fight over the cores.
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
@@ -46,11 +48,10 @@ def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator
         running = deque(pool.submit(fn, item) for _, item in zip(range(workers), todo))
         try:
             while running:
-                result = running.popleft().result()
-                for item in todo:
+                yield running.popleft().result()
+                for item in todo:  # the next one starts only once the consumer asks for more
                     running.append(pool.submit(fn, item))
                     break
-                yield result
         finally:
             for future in running:
                 future.cancel()

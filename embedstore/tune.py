@@ -38,9 +38,9 @@ from sklearn.base import clone
 from embedstore import faults
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, first_line
-from embedstore.parallel import in_order, usable_cores
-from embedstore.heads.base import fit_paths, single_core, take_rows
+from embedstore.heads.base import fit_paths, predict_rows, single_core
 from embedstore.heads.decision import decide
+from embedstore.parallel import in_order, usable_cores
 from embedstore.store import digest, fingerprint
 
 SpaceFn = Callable[[optuna.Trial], dict]
@@ -100,7 +100,7 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
     def score(fold) -> float:
         train, test = fold
         fitted = fit_paths(head, X, y, [train])[0][0]  # a head takes its rows from X: no copy of their every column
-        proba = fitted.predict_proba(take_rows(X, test))
+        proba = predict_rows(fitted, X, test)
         return float(metric(y[test], proba, decide(fitted, proba)))
 
     scores = []
@@ -132,7 +132,7 @@ def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None =
     """
     search = {"path": PATH_PARAMETERS[space], "values": n_trials} if searches_path(space, fixed) else {}
     return {
-        "protocol": 2,  # TPE seeded per finished trial, median pruner over folds; 2: LightGBM's PCA on one BLAS thread
+        "protocol": 2,  # TPE seeded per finished trial, median pruner over folds; 2: every PCA on one BLAS thread
         "space": space,
         "distributions": search_space(space),
         **({"search": search} if search else {}),
@@ -257,7 +257,7 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
         paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
         for k, ((_, test), path) in enumerate(zip(folds, paths)):
             for j, fitted in enumerate(path):
-                proba = fitted.predict_proba(take_rows(X, test))
+                proba = predict_rows(fitted, X, test)
                 scores[k, j] = metric(y[test], proba, decide(fitted, proba))
         for j, params in enumerate(points):
             if not missing[j]:
@@ -298,7 +298,8 @@ def _claim(study: optuna.Study, problem: dict, storage: str) -> None:
     if stored is not None and stored != key:
         raise ConfigError(f"study {study.study_name!r} in {storage} was tuned for another problem (fingerprint "
                           f"{stored}, this one is {key}: other features, rows, folds, seed, head, parameters or "
-                          "metric); pass another --study-name or --storage")
+                          "metric, or an earlier embedstore whose trials are computed otherwise); pass another "
+                          "--study-name or --storage")
     if stored is None:
         study.set_user_attr("problem", problem)
         study.set_user_attr("fingerprint", key)

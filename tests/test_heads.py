@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from embedstore.heads import HEADS, BalancedDecision, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, decide, make_head
 from embedstore.heads.base import undersample_indices
@@ -222,13 +222,14 @@ def test_lgbm_row_sets_fitted_side_by_side_equal_fits_one_by_one(ham, monkeypatc
 
 
 def test_lgbm_predicts_in_blocks_what_it_predicts_at_once(ham, monkeypatch):
-    import embedstore.heads.lgbm as lgbm
+    from embedstore.heads import base
 
     frame, y, train, test = _frame_with_metadata(ham), ham["y"], ham["train"], ham["test"]
     head = LGBMHead(n_estimators=30, pca=16, passthrough=("age", "sex")).fit(frame.iloc[train], y[train])
     at_once = head.predict_proba(frame.iloc[test])
-    monkeypatch.setattr(lgbm, "PREDICT_ROWS", 7)
+    monkeypatch.setattr(base, "PREDICT_ROWS", 7)
     np.testing.assert_allclose(head.predict_proba(frame.iloc[test]), at_once, atol=1e-6)
+    np.testing.assert_allclose(base.predict_rows(head, frame, test), at_once, atol=1e-6)
 
 
 def test_stack_fitted_on_rows_of_the_whole_frame_equals_the_stack_of_their_copy(ham):
@@ -236,11 +237,14 @@ def test_stack_fitted_on_rows_of_the_whole_frame_equals_the_stack_of_their_copy(
     stack as one fitted on a copy of those rows."""
     frame, y, groups, train, test = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"], ham["test"]
     features = [c for c in frame.columns if c.startswith("f")]
-    stack = StackHead(bases=[("lr", LogRegHead(C=0.1), features),
-                             ("gb", LGBMHead(n_estimators=20, pca=8, passthrough=("age", "sex")), [*features, "age", "sex"])],
+    stack = StackHead(bases=[("gb", LGBMHead(n_estimators=20, pca=8, passthrough=("age", "sex")), [*features, "age", "sex"]),
+                             ("lr", LogRegHead(C=0.1), features)],
                       n_splits=3, seed=0)
-    on_rows = stack.fit_paths(frame, y, [train], groups=groups)[0][0]
-    on_copy = clone(stack).fit(frame.iloc[train], y[train], groups=groups[train])
+    with threadpool_limits(limits=2, user_api="blas"):
+        on_rows = stack.fit_paths(frame, y, [train], groups=groups)[0][0]
+        # the LightGBM base's folds ran side by side on one BLAS thread each; the hold ended with them
+        assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {2}
+        on_copy = clone(stack).fit(frame.iloc[train], y[train], groups=groups[train])
     np.testing.assert_allclose(on_rows.predict_proba(frame.iloc[test]), on_copy.predict_proba(frame.iloc[test]), atol=1e-9)
     bases = on_rows.base_probas(frame.iloc[test])
     assert np.array_equal(on_rows.proba_of_bases(bases), on_rows.predict_proba(frame.iloc[test]))

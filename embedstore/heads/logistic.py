@@ -289,7 +289,7 @@ def _cholesky(moment: np.ndarray, lam: float) -> np.ndarray:
             return scipy.linalg.cholesky(moment + (lam + extra * scale) * np.eye(len(moment)), lower=True)
         except np.linalg.LinAlgError:
             continue
-    raise np.linalg.LinAlgError("the preconditioner's moment matrix is not positive definite (NaN or infinite features?)")
+    raise np.linalg.LinAlgError("the preconditioner's moment matrix is not positive definite")
 
 
 def _grouped(pres: list[_Preconditioner], parts: list[np.ndarray], product) -> list[np.ndarray]:

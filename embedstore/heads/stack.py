@@ -8,7 +8,8 @@ learns from was made by a model that saw that row's lesion; the bases are also
 fitted on all rows (with the folds' fits, in one go where a base can: a logistic
 base's fits share one pass over its matrix, a LightGBM base's run side by side). Inside a probe's outer
 cross-validation this is a fully nested scheme; there the stack is fitted on the training rows of the probe's
-frame (:meth:`StackHead.fit_paths`), reading only those rows of each base's columns.
+frame (:meth:`StackHead.fit_paths`): each base reads its columns of the frame (a view, where pandas can give
+one) and takes only its rows from them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, single_core, take_rows
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, predict_rows, single_core
 from embedstore.parallel import in_order, usable_cores
 from embedstore.splits import group_kfold
 
@@ -66,8 +67,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         return self._fit_rows(X, y, np.arange(len(y)), groups)
 
     def fit_paths(self, X, y, row_sets, values=None, groups=None) -> list[list[StackHead]]:
-        """A fitted copy per row set of ``row_sets`` (indices into ``X``, ``y`` and ``groups``): each reads its
-        rows of every base's columns of ``X`` only, never a copy of all its rows' columns."""
+        """A fitted copy per row set of ``row_sets`` (indices into ``X``, ``y`` and ``groups``, each row once):
+        each base takes its rows from its columns of ``X``, with no copy of the rows' every column first."""
         if values is not None:
             raise TypeError("StackHead has no path parameter to sweep")
         return [[clone(self)._fit_rows(X, y, np.asarray(rows), groups)] for rows in row_sets]
@@ -75,6 +76,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def _fit_rows(self, X, y, rows: np.ndarray, groups) -> StackHead:
         if not self.bases:
             raise ValueError("a stack needs at least one base head")
+        if len(np.unique(rows)) < len(rows):  # out-of-fold probabilities are kept by row
+            raise ValueError("a stack's rows must each appear once")
         self.classes_, local = np.unique(np.asarray(y)[rows], return_inverse=True)
         codes = np.full(len(y), -1)  # class codes over all of X; only ``rows`` are read
         codes[rows] = local
@@ -87,8 +90,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             *inner, final = [path[0] for path in fit_paths(head, Xb, codes, [train for train, _ in folds] + [rows])]
             oof = np.zeros((len(y), self.classes_.size))
             workers = usable_cores() if single_core(head) else 1  # one-core heads predict their folds side by side
-            probas = in_order(lambda fit_test: fit_test[0].predict_proba(take_rows(Xb, fit_test[1])),
-                              zip(inner, [test for _, test in folds]), workers)
+            probas = list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),
+                                   zip(inner, [test for _, test in folds]), workers))
             for (_, test), proba in zip(folds, probas):
                 oof[test] = proba
             self.oof_[name] = oof[rows]
