@@ -16,6 +16,8 @@ from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from embedstore.parallel import one_blas_thread
+
 NORMS = ("l2", "standard", "none")
 
 
@@ -41,7 +43,8 @@ class Preprocessor(TransformerMixin, BaseEstimator):
         Z = self._normed(X)
         if self.pca or self.whiten:
             n = min(int(self.pca) if self.pca else Z.shape[1], *Z.shape)
-            self.pca_ = PCA(n_components=n, whiten=self.whiten, random_state=self.seed).fit(Z)
+            with one_blas_thread():  # randomized SVD's result depends on the BLAS's thread count: one, everywhere
+                self.pca_ = PCA(n_components=n, whiten=self.whiten, random_state=self.seed).fit(Z)
         else:
             self.pca_ = None
         self.n_features_in_ = X.shape[1]
@@ -185,6 +188,19 @@ def single_core(estimator) -> bool:
     """Whether a fit of ``estimator`` runs on one core (a LightGBM head at ``n_jobs=1``, or a wrapper of one),
     so that several of its fits may run side by side (:func:`embedstore.parallel.in_order`)."""
     return bool(getattr(estimator, "single_core", lambda: False)())
+
+
+#: Rows predicted at a time (:func:`predict_rows`, LightGBM's design): bounds the copy of the rows' columns that a
+#: prediction of a 100,000-row held-out fold takes.
+PREDICT_ROWS = 32_768
+
+
+def predict_rows(model, X, rows) -> np.ndarray:
+    """``model.predict_proba`` of ``rows`` of ``X``, taken ``PREDICT_ROWS`` at a time: memory bounded whatever
+    the number of rows, and the same probabilities (each row is predicted alone)."""
+    rows = np.asarray(rows)
+    blocks = [model.predict_proba(take_rows(X, rows[lo:lo + PREDICT_ROWS])) for lo in range(0, len(rows), PREDICT_ROWS)]
+    return np.vstack(blocks) if blocks else model.predict_proba(take_rows(X, rows))
 
 
 def take_rows(X, rows):

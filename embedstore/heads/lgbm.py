@@ -17,11 +17,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted
 
+from embedstore.heads import base
 from embedstore.heads.base import ArgmaxPredictMixin, take_rows, training_rows
 from embedstore.parallel import in_order, one_blas_thread, usable_cores
-
-#: Rows predicted at a time: bounds the float32 copy of the embedding and the design frame of a prediction.
-PREDICT_ROWS = 32_768
 
 
 class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
@@ -114,9 +112,10 @@ class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, computed on ``PREDICT_ROWS`` rows at a time (the float32 embedding and the design
-        of a block, not of a 100,000-row held-out fold at once)."""
+        """Class probabilities, computed on :data:`embedstore.heads.base.PREDICT_ROWS` rows at a time (the float32
+        embedding and the design of a block, not of a 100,000-row held-out fold at once)."""
         check_is_fitted(self, "model_")
-        blocks = [self.model_.predict_proba(self._design(*self._split(take_rows(X, np.arange(lo, min(lo + PREDICT_ROWS, len(X)))))))
-                  for lo in range(0, len(X), PREDICT_ROWS)]
+        step = base.PREDICT_ROWS
+        blocks = [self.model_.predict_proba(self._design(*self._split(take_rows(X, np.arange(lo, min(lo + step, len(X)))))))
+                  for lo in range(0, len(X), step)]
         return np.vstack(blocks) if blocks else np.empty((0, self.classes_.size))

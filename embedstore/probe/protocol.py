@@ -30,6 +30,7 @@ import pandas as pd
 
 from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
+from embedstore.heads.base import PREDICT_ROWS, predict_rows, take_rows
 from embedstore.layout import study_storage
 from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
@@ -201,7 +202,7 @@ class Probe:
             t0 = time.perf_counter()
             tuned = self._tune_fold(spec, k, train) if cfg.trials else {}
             model = shared[k] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
-            oof[test], bases = _predict(model, d.X.iloc[test])
+            oof[test], bases = _predict(model, d.X, test)
             oof_pred[test] = decide(model, oof[test])
             for name, p in bases.items():
                 base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
@@ -211,7 +212,7 @@ class Probe:
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
         tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
         final = shared[-1] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
-        test_proba, base_test = _predict(final, d.X.iloc[self.test]) if len(self.test) else (None, {})
+        test_proba, base_test = _predict(final, d.X, self.test) if len(self.test) else (None, {})
         test_pred = decide(final, test_proba) if len(self.test) else None
         return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned, base_oof, base_test)
 
@@ -251,11 +252,12 @@ class Probe:
         return test if len(self.test) else oof[self.train]
 
 
-def _predict(model, X: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``model``'s class probabilities for ``X``, and a stack's bases' by name ({} for a single head); a stack's
-    bases predict once, for both."""
+def _predict(model, X: pd.DataFrame, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model``'s class probabilities for ``rows`` of ``X``, and a stack's bases' by name ({} for a single head),
+    taken :data:`~embedstore.heads.base.PREDICT_ROWS` rows at a time; a stack's bases predict once, for both."""
     stack = stack_of(model)
     if stack is None:
-        return model.predict_proba(X), {}
-    bases = stack.base_probas(X)
+        return predict_rows(model, X, rows), {}
+    blocks = [stack.base_probas(take_rows(X, rows[lo:lo + PREDICT_ROWS])) for lo in range(0, len(rows), PREDICT_ROWS)]
+    bases = {name: np.vstack([block[name] for block in blocks]) for name in blocks[0]}
     return stack.proba_of_bases(bases), bases

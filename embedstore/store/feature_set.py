@@ -23,6 +23,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from embedstore import faults
 from embedstore.atomic import clean_stale, rename_into_place, staging_path
 from embedstore.errors import StoreError, first_line
+from embedstore.parallel import in_order, usable_cores
 
 PENDING, DONE, FAILED = 0, 1, 2
 DTYPES = ("float16", "float32")
@@ -201,12 +202,14 @@ class FeatureSet:
         beside a written status chunk; None for a set without checksums. Reads the files, decompresses nothing."""
         if not self.has_checksums:
             return None
-        bad = []
-        for c in self.chunks_of() if chunks is None else chunks:
+        chunks = self.chunks_of() if chunks is None else chunks
+
+        def corrupt(c: int) -> bool:
             ok = {name: _crc_ok(self._chunk_file(name, c)) for name in ARRAYS}
-            if False in ok.values() or (ok["status"] and None in ok.values()):
-                bad.append(c)
-        return bad
+            return False in ok.values() or (ok["status"] is True and None in ok.values())
+
+        # crc32c releases the GIL: the cores check chunks side by side (3x faster on 2 cores, BENCHMARKS.md)
+        return [c for c, bad in zip(chunks, list(in_order(corrupt, chunks, usable_cores()))) if bad]
 
     def repair_chunks(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
         """Delete the files of every corrupt chunk of ``shard`` in all arrays (status first), so its rows become
