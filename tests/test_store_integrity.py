@@ -20,7 +20,9 @@ import zarr.storage._local as zarr_local
 
 from embedstore import FeatureStore, create_encoder, extract, open_source
 from embedstore.errors import ConfigError, StoreError
+from embedstore.columns import RESERVED_COLUMNS
 from embedstore.store import DONE
+from embedstore.store.manifest import read_manifest
 from processes import run_embedstore
 
 ENCODER = "mobilenet_v2"
@@ -175,6 +177,11 @@ def test_summary_and_failures_are_what_ls_prints_and_skip_corrupt_chunks(ham_sub
     assert summary.columns == [c for c in ham_subset.columns if c != "image_id"]
     (info,) = summary.feature_sets
     assert (info.n_done, info.n_failed, info.n_missing, info.n_corrupt_chunks) == (24, 2, 0, 0)
+    opened = FeatureStore.open(store)
+    full = opened.manifest  # a store that holds its whole manifest counts from it: the same summary
+    assert opened.summary() == summary
+    own = read_manifest(store, reserved_only=True)  # what a fresh summary reads: embedstore's columns only
+    assert list(own.columns) == list(RESERVED_COLUMNS) and own.equals(full[list(RESERVED_COLUMNS)])
     failed = FeatureStore.open(store).failures(ENCODER)
     assert failed["id"].tolist() == ["ISIC_ghost_1", "ISIC_ghost_2"] and set(failed["error"]) == {"missing file"}
     code, out, _ = cli("ls", store, "--failures")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from embedstore import faults
 from embedstore.atomic import clean_stale, write_file
@@ -32,10 +33,12 @@ class ManifestUpdate:
     removed: list[str]  # ids this source had before and no longer has (kept in the store)
 
 
-def read_manifest(store: Path) -> pd.DataFrame:
+def read_manifest(store: Path, reserved_only: bool = False) -> pd.DataFrame:
     """The manifest of the store at ``store`` (empty when no image was added yet); one line if it is damaged.
 
-    A manifest written before image sizes and mtimes were recorded gets them as -1 (unknown): its
+    ``reserved_only`` reads embedstore's own columns only (ids, hashes, paths, stats: what counting a store's
+    rows needs), not the source's labels and metadata: 0.07 s against 0.6 s for 401,059 rows with 44 metadata
+    columns. A manifest written before image sizes and mtimes were recorded gets them as -1 (unknown): its
     images are hashed again whenever they are checked, until the next extraction records them.
     """
     file = store / MANIFEST_FILE
@@ -44,7 +47,8 @@ def read_manifest(store: Path) -> pd.DataFrame:
     fix = ("the features cannot be matched to their images without it; restore it from a backup, or extract "
            "into a new store")
     try:
-        manifest = pd.read_parquet(file)
+        columns = [c for c in manifest_columns(store) if c in RESERVED_COLUMNS] if reserved_only else None
+        manifest = pd.read_parquet(file, columns=columns)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
         reason = first_line(exc)
         raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
@@ -57,6 +61,12 @@ def read_manifest(store: Path) -> pd.DataFrame:
         for i, col in enumerate(STAT_COLUMNS):
             manifest.insert(at + i, col, np.int64(UNKNOWN_STAT))
     return manifest
+
+
+def manifest_columns(store: Path) -> list[str]:
+    """The manifest's column names, from its parquet schema (no row is read); [] before any image was added."""
+    file = store / MANIFEST_FILE
+    return pq.read_schema(file).names if file.is_file() else list(empty_manifest().columns)
 
 
 def planned_rows(manifest: pd.DataFrame, ids: pd.Series) -> np.ndarray:

@@ -25,7 +25,7 @@ from embedstore.store.feature_set import DONE, DTYPES, FeatureSet, create_featur
 from embedstore.store.freshness import ImageCheck, stale_error
 from embedstore.store.identity import digest, fingerprint
 from embedstore.store.locks import metadata_lock, writer_lock
-from embedstore.store.manifest import (ManifestUpdate, merge_manifest, planned_rows, read_manifest,
+from embedstore.store.manifest import (ManifestUpdate, manifest_columns, merge_manifest, planned_rows, read_manifest,
                                        recorded_images, write_manifest)
 from embedstore.store.summary import FeatureSetInfo, StoreSummary, count_feature_set
 
@@ -185,10 +185,17 @@ class FeatureStore:
         return [self.info(key, verify) for key in sorted(self._groups())]
 
     def summary(self, verify: bool = True) -> StoreSummary:
-        """The store at a glance (what ``embedstore ls`` prints); ``verify`` checks every chunk file."""
-        manifest = self.manifest
+        """The store at a glance (what ``embedstore ls`` prints); ``verify`` checks every chunk file.
+
+        Reads only the manifest's own columns (not the sources' metadata) unless this FeatureStore holds it already."""
+        manifest = self.__dict__.get("manifest")
+        if manifest is None:
+            manifest = read_manifest(self.path, reserved_only=True)
+        sha = manifest["sha256"].to_numpy()
+        sets = [count_feature_set(self.feature_set(key), sha, lambda rows: self._images.changed(manifest, rows), verify)
+                for key in sorted(self._groups())]
         return StoreSummary(path=self.path, n_images=len(manifest), n_sources=len(self.root.attrs.get("sources", [])),
-                            columns=source_columns(manifest.columns), feature_sets=self.feature_sets(verify))
+                            columns=source_columns(manifest_columns(self.path)), feature_sets=sets)
 
     def failures(self, key_or_name: str) -> pd.DataFrame:
         """The images feature set ``key_or_name`` could not be computed from: ``id`` and ``error`` (the reason),
