@@ -38,9 +38,9 @@ from sklearn.base import clone
 from embedstore import faults
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, first_line
-from embedstore.heads.base import fit_paths, predict_rows, single_core
+from embedstore.heads.base import fit_paths, predict_rows, side_by_side
 from embedstore.heads.decision import decide
-from embedstore.parallel import in_order, usable_cores
+from embedstore.parallel import in_order
 from embedstore.store import digest, fingerprint
 
 SpaceFn = Callable[[optuna.Trial], dict]
@@ -104,7 +104,7 @@ def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = N
         return float(metric(y[test], proba, decide(fitted, proba)))
 
     scores = []
-    with closing(in_order(score, folds, usable_cores() if single_core(head) else 1)) as fold_scores:
+    with closing(in_order(score, folds, side_by_side(head))) as fold_scores:
         for k, value in enumerate(fold_scores):
             scores.append(value)
             if trial is not None:

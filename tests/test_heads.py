@@ -206,13 +206,13 @@ def _frame_with_metadata(ham) -> pd.DataFrame:
 def test_lgbm_row_sets_fitted_side_by_side_equal_fits_one_by_one(ham, monkeypatch):
     """A stack's or a trial's LightGBM folds run on the cores at once; each model is the one fitted alone, on
     a copy of its rows (also where the PCA would otherwise use more BLAS threads)."""
-    import embedstore.heads.lgbm as lgbm
+    from embedstore.heads import base
 
     frame, y, groups, train = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"]
     codes = np.unique(y[train], return_inverse=True)[1]
     row_sets = [train[tr] for tr, _ in group_kfold(codes, groups[train], n_splits=3, seed=0)]
     head = LGBMHead(n_estimators=30, pca=16, passthrough=("age", "sex"), undersample=4, class_weight="balanced")
-    monkeypatch.setattr(lgbm, "usable_cores", lambda: 2)
+    monkeypatch.setattr(base, "usable_cores", lambda: 2)
     together = [path[0] for path in head.fit_paths(frame, y, row_sets)]
     query = frame.iloc[ham["test"]]
     with threadpool_limits(limits=2, user_api="blas"):

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from embedstore.parallel import one_blas_thread
+from embedstore.parallel import one_blas_thread, usable_cores
 
 NORMS = ("l2", "standard", "none")
 
@@ -190,6 +190,12 @@ def single_core(estimator) -> bool:
     return bool(getattr(estimator, "single_core", lambda: False)())
 
 
+def side_by_side(estimator) -> int:
+    """How many fits or predictions of ``estimator`` run at once (``workers`` of
+    :func:`embedstore.parallel.in_order`): every usable core for a :func:`single_core` estimator, else one."""
+    return usable_cores() if single_core(estimator) else 1
+
+
 #: Rows predicted at a time (:func:`predict_rows`, LightGBM's design): bounds the copy of the rows' columns that a
 #: prediction of a 100,000-row held-out fold takes.
 PREDICT_ROWS = 32_768
@@ -198,9 +204,14 @@ PREDICT_ROWS = 32_768
 def predict_rows(model, X, rows) -> np.ndarray:
     """``model.predict_proba`` of ``rows`` of ``X``, taken ``PREDICT_ROWS`` at a time: memory bounded whatever
     the number of rows, and the same probabilities (each row is predicted alone)."""
-    rows = np.asarray(rows)
-    blocks = [model.predict_proba(take_rows(X, rows[lo:lo + PREDICT_ROWS])) for lo in range(0, len(rows), PREDICT_ROWS)]
+    blocks = [model.predict_proba(take_rows(X, block)) for block in row_blocks(rows)]
     return np.vstack(blocks) if blocks else model.predict_proba(take_rows(X, rows))
+
+
+def row_blocks(rows) -> list[np.ndarray]:
+    """``rows`` cut into consecutive blocks of at most ``PREDICT_ROWS``."""
+    rows = np.asarray(rows)
+    return [rows[lo:lo + PREDICT_ROWS] for lo in range(0, len(rows), PREDICT_ROWS)]
 
 
 def take_rows(X, rows):

@@ -17,9 +17,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads import base
-from embedstore.heads.base import ArgmaxPredictMixin, take_rows, training_rows
-from embedstore.parallel import in_order, one_blas_thread, usable_cores
+from embedstore.heads.base import ArgmaxPredictMixin, row_blocks, side_by_side, take_rows, training_rows
+from embedstore.parallel import in_order, one_blas_thread
 
 
 class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
@@ -79,8 +78,7 @@ class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         one core (:func:`embedstore.parallel.in_order`); each reads only the rows it keeps."""
         if values is not None:
             raise TypeError("LGBMHead has no path parameter to sweep")
-        workers = usable_cores() if self.single_core() else 1
-        return [[head] for head in in_order(lambda rows: clone(self)._fit_rows(X, y, rows), row_sets, workers)]
+        return [[head] for head in in_order(lambda rows: clone(self)._fit_rows(X, y, rows), row_sets, side_by_side(self))]
 
     def single_core(self) -> bool:
         """Whether a fit runs on one core (``n_jobs=1``), leaving the others to fits beside it."""
@@ -115,7 +113,6 @@ class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         """Class probabilities, computed on :data:`embedstore.heads.base.PREDICT_ROWS` rows at a time (the float32
         embedding and the design of a block, not of a 100,000-row held-out fold at once)."""
         check_is_fitted(self, "model_")
-        step = base.PREDICT_ROWS
-        blocks = [self.model_.predict_proba(self._design(*self._split(take_rows(X, np.arange(lo, min(lo + step, len(X)))))))
-                  for lo in range(0, len(X), step)]
+        blocks = [self.model_.predict_proba(self._design(*self._split(take_rows(X, block))))
+                  for block in row_blocks(np.arange(len(X)))]
         return np.vstack(blocks) if blocks else np.empty((0, self.classes_.size))

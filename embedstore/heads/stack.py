@@ -20,8 +20,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, predict_rows, single_core
-from embedstore.parallel import in_order, usable_cores
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, predict_rows, side_by_side
+from embedstore.parallel import in_order
 from embedstore.splits import group_kfold
 
 
@@ -89,9 +89,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             Xb = select_columns(X, columns)
             *inner, final = [path[0] for path in fit_paths(head, Xb, codes, [train for train, _ in folds] + [rows])]
             oof = np.zeros((len(y), self.classes_.size))
-            workers = usable_cores() if single_core(head) else 1  # one-core heads predict their folds side by side
-            probas = list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),
-                                   zip(inner, [test for _, test in folds]), workers))
+            probas = list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),  # one-core heads: side by side
+                                   zip(inner, [test for _, test in folds]), side_by_side(head)))
             for (_, test), proba in zip(folds, probas):
                 oof[test] = proba
             self.oof_[name] = oof[rows]

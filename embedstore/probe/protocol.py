@@ -30,7 +30,7 @@ import pandas as pd
 
 from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
-from embedstore.heads.base import PREDICT_ROWS, predict_rows, take_rows
+from embedstore.heads.base import predict_rows, row_blocks, take_rows
 from embedstore.layout import study_storage
 from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
 from embedstore.probe.config import ProbeConfig, tune_metric
@@ -258,6 +258,6 @@ def _predict(model, X: pd.DataFrame, rows: np.ndarray) -> tuple[np.ndarray, dict
     stack = stack_of(model)
     if stack is None:
         return predict_rows(model, X, rows), {}
-    blocks = [stack.base_probas(take_rows(X, rows[lo:lo + PREDICT_ROWS])) for lo in range(0, len(rows), PREDICT_ROWS)]
+    blocks = [stack.base_probas(take_rows(X, block)) for block in row_blocks(rows)]
     bases = {name: np.vstack([block[name] for block in blocks]) for name in blocks[0]}
     return stack.proba_of_bases(bases), bases

@@ -178,8 +178,12 @@ class FeatureStore:
     def info(self, key_or_name: str, verify: bool = False) -> FeatureSetInfo:
         """Counts of one feature set; ``verify`` also checks every chunk file, and then rows of corrupt chunks
         count as missing instead of failing the read."""
-        return count_feature_set(self.feature_set(key_or_name), self.manifest["sha256"].to_numpy(),
-                                 self.changed_images, verify)
+        return self._count(key_or_name, self.manifest, verify)
+
+    def _count(self, key_or_name: str, manifest: pd.DataFrame, verify: bool) -> FeatureSetInfo:
+        """:meth:`info` against ``manifest`` (the whole one, or its own columns only)."""
+        return count_feature_set(self.feature_set(key_or_name), manifest["sha256"].to_numpy(),
+                                 lambda rows: self._images.changed(manifest, rows), verify)
 
     def feature_sets(self, verify: bool = False) -> list[FeatureSetInfo]:
         return [self.info(key, verify) for key in sorted(self._groups())]
@@ -191,9 +195,7 @@ class FeatureStore:
         manifest = self.__dict__.get("manifest")
         if manifest is None:
             manifest = read_manifest(self.path, reserved_only=True)
-        sha = manifest["sha256"].to_numpy()
-        sets = [count_feature_set(self.feature_set(key), sha, lambda rows: self._images.changed(manifest, rows), verify)
-                for key in sorted(self._groups())]
+        sets = [self._count(key, manifest, verify) for key in sorted(self._groups())]
         return StoreSummary(path=self.path, n_images=len(manifest), n_sources=len(self.root.attrs.get("sources", [])),
                             columns=source_columns(manifest_columns(self.path)), feature_sets=sets)
 
