@@ -6,7 +6,9 @@ one glob (``stores/ham*``):
 
 - ``stores/ham.optuna.db``: the default Optuna storage of the probe's tuning studies;
 - ``stores/ham.zarr.index/<key>.faiss`` (+ ``<key>.json``, its sidecar): the FAISS index of a feature set;
-- ``stores/ham.zarr.index/<key>.head/``: the projection head that produced the derived feature set ``key``.
+- ``stores/ham.zarr.index/<key>.head/``: the projection head that produced the derived feature set ``key``;
+- ``stores/ham.zarr.audit/<features>/``: the leakage audit of a feature set (``embedstore audit``'s default
+  folder), which ``probe`` and ``match`` read to say whether their folds cut a suspected duplicate.
 
 :func:`remove_orphans` clears those of feature sets the store no longer holds.
 """
@@ -43,6 +45,12 @@ def index_sidecar(index: Path) -> Path:
 def projection_head_folder(store_path: str | Path, key: str) -> Path:
     """The projection head that produced the derived feature set ``key``."""
     return index_folder(store_path) / f"{key}.head"
+
+
+def audit_folder(store_path: str | Path) -> Path:
+    """The folder of a store's leakage audits, one run folder per audited feature set."""
+    store_path = Path(store_path)
+    return store_path.parent / f"{store_path.name}.audit"
 
 
 def remove_orphans(store) -> list[Path]:

@@ -28,6 +28,8 @@ class RunConfig:
     ``features`` are feature-set names, keys or encoders (a probe compares several, ``a+b`` joins
     sets); ``groups`` is the column no split may cut (None: every image its own group); ``out``
     is the run folder, replaced only with ``overwrite`` and only when embedstore wrote it.
+    ``merge_near_duplicates`` is a leakage audit's folder (``embedstore audit``): the groups of every pair
+    it flagged are joined before splitting, so a suspected duplicate never lands on two sides.
     """
 
     kind: ClassVar[str] = "run"
@@ -43,6 +45,7 @@ class RunConfig:
     out: str = ""
     overwrite: bool = False
     report: bool = True
+    merge_near_duplicates: str | None = None
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -69,7 +72,7 @@ class RunConfig:
         for key in cls.list_fields:
             if isinstance(raw.get(key), str):
                 raw[key] = [s.strip() for s in raw[key].split(",") if s.strip()]
-        for key in ("store", "out"):
+        for key in ("store", "out", "merge_near_duplicates"):
             if key in raw and raw[key] is not None:
                 raw[key] = str(raw[key])
         try:

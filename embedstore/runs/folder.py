@@ -20,7 +20,7 @@ import pandas as pd
 from embedstore.atomic import check_replaceable, replacing_folder
 from embedstore.errors import EmbedstoreError
 from embedstore.runs.config import RunConfig
-from embedstore.runs.record import MatchRecord, Metrics, ProbeRecord, RunRecord
+from embedstore.runs.record import AuditRecord, MatchRecord, Metrics, ProbeRecord, RunRecord
 
 RUN_FILE, METRICS_FILE, CONFIG_FILE = "run.json", "metrics.json", "config.yaml"
 
@@ -71,10 +71,12 @@ class Run:
 
     @property
     def model_label(self) -> str:
-        """The head of a probe; the method of a match run, with its projection if it has one."""
+        """The head of a probe; the method of a match run, with its projection if it has one; ``audit``."""
         r = self.record
         if isinstance(r, MatchRecord):
             return f"{r.method} + {r.projection} projection" if r.projection != "none" else r.method
+        if isinstance(r, AuditRecord):
+            return "audit"
         return r.head
 
     @property
@@ -99,7 +101,7 @@ def read_run(path: str | Path) -> Run:
     path = Path(path)
     if not is_run_folder(path):
         raise EmbedstoreError(f"{path} is not a run folder (no {RUN_FILE}): pass a folder written by "
-                              "`embedstore probe` or `embedstore match`")
+                              "`embedstore probe`, `embedstore match` or `embedstore audit`")
     record = RunRecord.from_dict(_json(path / RUN_FILE), where=str(path / RUN_FILE))
     metrics_file = path / METRICS_FILE
     if not metrics_file.is_file():

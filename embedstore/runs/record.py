@@ -131,12 +131,55 @@ class StudyRef:
     name: str
 
 
+@dataclass(frozen=True)
+class GroupMerge:
+    """Groups joined before splitting because an audit flagged a pair of their images as near-duplicates
+    (``--merge-near-duplicates AUDIT``): ``pairs`` flagged pairs joined ``groups_merged`` groups into
+    ``groups_formed``; ``groups_before`` and ``groups_after`` count the run's groups."""
+
+    audit: str
+    pairs: int
+    groups_before: int
+    groups_after: int
+    groups_merged: int
+    groups_formed: int
+
+    def summary(self) -> str:
+        """One line for the CLI summary and the report."""
+        return (f"merged near-duplicates ({self.audit}): {self.groups_merged} groups joined into {self.groups_formed} "
+                f"by {self.pairs} flagged pairs ({self.groups_before} groups before, {self.groups_after} after)")
+
+
+@dataclass(frozen=True)
+class Leakage:
+    """What the leakage audits of the run's feature sets (``embedstore audit``) say about its split:
+    ``straddling`` of the ``flagged`` pairs among the run's rows have their two images on two sides
+    (two folds, or fold and test)."""
+
+    audits: tuple[str, ...]
+    flagged: int
+    straddling: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "audits", tuple(self.audits))
+
+    def summary(self) -> str:
+        """One line for the CLI summary and the report."""
+        where = ", ".join(self.audits)
+        if not self.straddling:
+            return f"leakage audit ({where}): none of its {self.flagged} flagged pairs straddles this run's split"
+        return (f"leakage audit ({where}): {self.straddling} of its {self.flagged} flagged near-duplicate pairs "
+                f"straddle this run's split; rerun with --merge-near-duplicates {self.audits[0]}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunRecord:
     """``run.json``: what was run on what; the fields every kind of run has.
 
     ``features`` are the store keys (fingerprints) of the feature sets read, ``feature_names``
-    the names they were given as; ``store`` is the store's absolute path.
+    the names they were given as; ``store`` is the store's absolute path. ``merged_groups`` says how
+    ``--merge-near-duplicates`` joined groups before splitting (:class:`GroupMerge`), ``leakage`` how
+    many pairs a leakage audit flagged land on two sides of the run's split (:class:`Leakage`).
     """
 
     kind: ClassVar[str] = ""
@@ -146,6 +189,8 @@ class RunRecord:
     groups: str | None
     seed: int
     study: StudyRef | None = None
+    merged_groups: GroupMerge | None = None
+    leakage: Leakage | None = None
     seconds: float | None = None
     created: str = field(default_factory=utc_now)
     embedstore_version: str = __version__
@@ -153,6 +198,11 @@ class RunRecord:
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
+
+    def notes(self) -> list[str]:
+        """What a summary and a report say after the figures: groups merged by an audit, and what the audits
+        of the run's features say about its split."""
+        return [part.summary() for part in (self.merged_groups, self.leakage) if part is not None]
 
     def to_dict(self) -> dict:
         body = asdict(self)
@@ -177,6 +227,9 @@ class RunRecord:
             raise EmbedstoreError(f"{where} lacks {', '.join(missing)}: the run folder is damaged; rerun the run")
         if isinstance(values.get("study"), Mapping):
             values["study"] = StudyRef(str(values["study"]["storage"]), str(values["study"]["name"]))
+        for name, typed in (("merged_groups", GroupMerge), ("leakage", Leakage)):
+            if isinstance(values.get(name), Mapping):
+                values[name] = typed(**{f.name: values[name][f.name] for f in fields(typed) if f.name in values[name]})
         return cls(**values)
 
 
@@ -216,4 +269,21 @@ class MatchRecord(RunRecord):
     projected_features: str | None = None
 
 
-RECORDS: dict[str, type[RunRecord]] = {"probe": ProbeRecord, "match": MatchRecord}
+@dataclass(frozen=True, kw_only=True)
+class AuditRecord(RunRecord):
+    """A leakage audit (``embedstore audit``): the similarity threshold of a near-duplicate and where it came from
+    (``calibrated`` on the store's own groups at ``precision``, or ``given``), and the split it checked:
+    ``target``'s stratified folds (probe's; none: match's) inside ``split_column``'s training side."""
+
+    kind: ClassVar[str] = "audit"
+    threshold: float
+    threshold_from: str
+    precision: float | None
+    neighbors: int
+    folds: int
+    target: str | None = None
+    positive: str | None = None
+    split_column: str | None = None
+
+
+RECORDS: dict[str, type[RunRecord]] = {"probe": ProbeRecord, "match": MatchRecord, "audit": AuditRecord}
