@@ -138,13 +138,14 @@ class FeatureIndex:
             )
         return normalise(X, self.mean)
 
-    def search(self, X: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, X: np.ndarray, k: int, batch: int = 8192, advance=None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` cosine similarities and row numbers for each row of raw features ``X``.
 
         Queries go in batches so the [batch, k] result is all that is held at once; missing
         neighbours (k larger than the collection) come back as row -1 with similarity -inf.
+        ``advance(n)``, when given, is called with the number of queries of each batch done.
         """
-        return search_index(self.index, self.prepare(X), int(min(k, self.meta.n)), batch)
+        return search_index(self.index, self.prepare(X), int(min(k, self.meta.n)), batch, advance)
 
     # -- persistence --------------------------------------------------------------------
     def check(self, key: str, ids=None) -> None:
@@ -236,7 +237,7 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def search_index(index, Q: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index, Q: np.ndarray, k: int, batch: int = 8192, advance=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products and row numbers of the prepared (unit, float32) queries ``Q`` in a FAISS
     ``index``, in batches; missing neighbours come back as row -1 with similarity -inf.
 
@@ -247,6 +248,8 @@ def search_index(index, Q: np.ndarray, k: int, batch: int = 8192) -> tuple[np.nd
     for start in range(0, len(Q), batch):
         s, r = index.search(Q[start:start + batch], k)
         sims[start:start + batch], rows[start:start + batch] = s, r
+        if advance is not None:
+            advance(len(s))
     sims[rows < 0] = -np.inf
     return sims, rows
 

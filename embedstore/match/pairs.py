@@ -31,12 +31,12 @@ class Pairs:
         return Pairs(self.n, self.i[keep], self.j[keep], self.sim[keep])
 
 
-def knn_graph(index: FeatureIndex, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(index: FeatureIndex, X: np.ndarray, k: int, advance=None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` nearest other rows of the index (self-matches removed).
 
-    ``X`` must be the rows the index was built on, in the same order.
+    ``X`` must be the rows the index was built on, in the same order; ``advance(n)`` counts rows searched.
     """
-    sims, rows = index.search(X, k + 1)
+    sims, rows = index.search(X, k + 1, advance=advance)
     own = np.arange(len(X))[:, None]
     is_self = rows == own
     # Drop the self-match (or, for exact duplicates ranked after it, the last column).

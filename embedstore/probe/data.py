@@ -59,13 +59,13 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     for name, key in keys.items():
         info = store.info(key)
         infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
-    y, classes = _target_codes(cfg, table[cfg.target].astype(str).to_numpy())
-    groups = _group_labels(cfg, table)
+    y, classes = target_codes(cfg, table[cfg.target].astype(str).to_numpy())
+    groups = group_labels(cfg, table)
     _check_class_groups(cfg, y, classes, groups)
     return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
 
 
-def _target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Class codes and class names of the target (``not_<positive>``, ``<positive>`` for a positive-vs-rest probe)."""
     if cfg.positive is not None:
         if cfg.positive not in set(labels):
@@ -80,7 +80,7 @@ def _target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, lis
     return y, classes
 
 
-def _group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
+def group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
     """The group column as strings; ConfigError when some rows have none (each would silently be one group)."""
     if not cfg.groups:
         return None
