@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from embedstore.atomic import replacing_folder
+from embedstore.audit.use import leakage, merge_groups
 from embedstore.errors import ConfigError
 from embedstore.layout import projection_head_folder, remove_orphans
 from embedstore.match.cluster import Grouper, floor_similarity
@@ -136,19 +137,21 @@ class CVResult:
     heads: list[dict] = field(default_factory=list)
 
 
-def choose_on_training(X, groups, parts, config: MatchConfig, fold: int, progress=None) -> tuple[float, dict, pd.DataFrame]:
+def choose_on_training(X, groups, parts, config: MatchConfig, fold: int, progress=None,
+                       split_groups=None) -> tuple[float, dict, pd.DataFrame]:
     """Pick (parameter value, head candidate) using only the training rows given.
 
     Frozen features: the grid is swept over the training folds (``parts``), each grouped on its
-    own. Projection heads: a lesion-grouped validation split scores each candidate head (trained
-    on the rest) with the sweep over the validation projections.
+    own. Projection heads: a validation split that keeps ``split_groups`` (default ``groups``) whole scores
+    each candidate head (trained on the rest) with the sweep over the validation projections.
     """
     if config.projection == "none":
         mean = X.mean(axis=0) if config.centre else None
         table = sweep(normalise(X, mean), groups, config, parts).assign(candidate="")
         value, _ = best_value(table)
         return value, {}, table.assign(fold=fold, chosen=table["value"] == value)
-    inner_train, inner_val = group_holdout(np.zeros(len(groups)), groups, config.validation_size,
+    split_groups = groups if split_groups is None else split_groups
+    inner_train, inner_val = group_holdout(np.zeros(len(groups)), split_groups, config.validation_size,
                                            seed=config.seed + fold)
     tables, best = [], None
     for candidate in config.head_candidates:
@@ -173,9 +176,14 @@ def projection_head(config: MatchConfig, candidate: dict) -> ProjectionHead:
 
 
 def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: MatchConfig,
-                   progress=None) -> CVResult:
-    """Lesion-grouped CV of the configured method on features ``X`` (rows of ``groups``)."""
-    folds = group_kfold(np.zeros(len(groups)), groups, n_splits=config.folds, seed=config.seed)
+                   progress=None, split_groups: np.ndarray | None = None) -> CVResult:
+    """Lesion-grouped CV of the configured method on features ``X`` (rows of ``groups``, the groups to recover).
+
+    ``split_groups`` (default ``groups``) are what the folds keep whole: with ``--merge-near-duplicates``, the
+    lesions joined by an audit's flagged pairs, while ``groups`` stay the truth the metrics score.
+    """
+    split_groups = groups if split_groups is None else split_groups
+    folds = group_kfold(np.zeros(len(groups)), split_groups, n_splits=config.folds, seed=config.seed)
     fold_of = np.full(len(groups), -1)
     cv_clusters = np.full(len(groups), -1)
     ret = {k: np.full(len(groups), np.nan) for k in ("recall@1", "recall@5", "AP")}
@@ -184,7 +192,8 @@ def cross_validate(X: np.ndarray, groups: np.ndarray, ids: np.ndarray, config: M
     for k, (_, test) in enumerate(folds):
         fold_number[test] = k
     for k, (train, test) in enumerate(folds):
-        value, candidate, table = choose_on_training(X[train], groups[train], fold_number[train], config, k, progress)
+        value, candidate, table = choose_on_training(X[train], groups[train], fold_number[train], config, k, progress,
+                                                     split_groups[train])
         head = projection_head(config, candidate).fit(X[train], groups[train]) if config.projection != "none" else None
         mean = X[train].mean(axis=0) if config.centre else None
         Z = space(X[test], head, mean)
@@ -301,8 +310,13 @@ def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = N
     table = table_all.iloc[inputs.rows].reset_index(drop=True)
     groups = table[config.groups].astype(str).to_numpy()
     ids = table["id"].astype(str).to_numpy()
+    split_groups, merged = groups, None
+    if config.merge_near_duplicates:
+        split_groups, merged = merge_groups(config.merge_near_duplicates, ids, groups)
 
-    result = cross_validate(X, groups, ids, config, progress=progress)
+    result = cross_validate(X, groups, ids, config, progress=progress, split_groups=split_groups)
+    sides = np.where(result.fold_of >= 0, np.char.add("fold ", result.fold_of.astype(str)), "")
+    leaks = leakage(config.store, [key], ids, sides, config.merge_near_duplicates)
     metrics = summarise(result, groups, config)
     value, candidate = final_choice(result, config)
 
@@ -322,6 +336,7 @@ def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = N
         store=str(Path(config.store).resolve()), features=(key,), feature_names=(inputs.name,),
         groups=config.groups, seed=config.seed, method=config.method, projection=config.projection,
         parameter={config.param_name: value}, head=candidate or None, projected_features=projected_key,
+        merged_groups=merged, leakage=leaks,
     )
     return write_run(config, record, metrics, lambda folder: write_match_files(folder, result, clusters, head))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from embedstore.audit.use import leakage, merge_groups
 from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
 from embedstore.heads.base import predict_rows, row_blocks, take_rows
@@ -78,10 +79,24 @@ class Probe:
         self.progress = progress or (lambda event, message: None)
         self.store = FeatureStore.open(cfg.store)
         self.data = load_data(cfg, self.store)
+        self.merged = None  # GroupMerge: groups joined by an audit's flagged pairs (--merge-near-duplicates)
+        if cfg.merge_near_duplicates:
+            d = self.data
+            d.groups, self.merged = merge_groups(cfg.merge_near_duplicates, d.ids, d.groups)
         self.metric_name, self.metric = tune_metric(cfg, len(self.data.classes))
         self.storage = cfg.storage or study_storage(cfg.store)
         self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
         self._split()
+        self.leakage = leakage(cfg.store, self.data.feature_keys.values(), self.data.ids, self.sides(),
+                               cfg.merge_near_duplicates)
+
+    def sides(self) -> np.ndarray:
+        """Each row's side of the run: ``fold k`` (held out in outer fold k), ``test``, ``valid``, or empty."""
+        side = np.full(len(self.data.y), "", dtype=object)
+        for k, (_, held_out) in enumerate(self.folds):
+            side[held_out] = f"fold {k}"
+        side[self.test], side[self.valid] = "test", "valid"
+        return side
 
     def _split(self) -> None:
         """Train, test and validation rows, the outer folds over the training rows, and what the final

@@ -69,6 +69,7 @@ def _record(probe: Probe, results: list[ModelResult], best: ModelResult, seconds
         head=spec.head, target=cfg.target, groups=cfg.groups, classes=d.classes,
         positive_class=d.classes[1] if len(d.classes) == 2 else None, seed=cfg.seed,
         models=[r.spec.name for r in results], split=probe.split, study=study, seconds=round(seconds, 1),
+        merged_groups=probe.merged, leakage=probe.leakage,
     )
 
 
