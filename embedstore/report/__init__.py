@@ -21,7 +21,7 @@ __all__ = ["write_report", "write_comparison"]
 def write_report(path: str | Path, out: Optional[str | Path] = None, study: Optional[str] = None) -> Path:
     """Write ``report.html``, ``report.md`` and ``figures/`` for a run folder or an Optuna storage.
 
-    ``path`` is a probe or match run folder (dispatched on its record's kind), a sqlite file written
+    ``path`` is a probe, match or audit run folder (dispatched on its record's kind), a sqlite file written
     by Optuna, or any Optuna storage URL. ``out`` defaults to the run folder itself, or to
     ``<name>-report/`` beside a sqlite file. ``study`` names the studies of a storage to report,
     comma-separated (default: all of them, one section each). Returns the path of the HTML file.
@@ -33,6 +33,8 @@ def write_report(path: str | Path, out: Optional[str | Path] = None, study: Opti
         run = read_run(text)
         if run.kind == "probe":
             from embedstore.report.probe_report import build_probe_report as build
+        elif run.kind == "audit":
+            from embedstore.report.audit_report import build_audit_report as build
         else:
             from embedstore.report.match_report import build_match_report as build
         return build(run).write(Path(out) if out is not None else run.path)

@@ -154,7 +154,7 @@ def headline_section(run: Run, caption: str) -> list[Block]:
     ``caption`` says how the intervals were made; the image and group counts are appended to it.
     """
     metrics = run.metrics
-    blocks: list[Block] = [Heading("Headline metrics")]
+    blocks: list[Block] = [Heading("Headline metrics"), *(Note(line) for line in run.record.notes())]
     if not metrics.metrics:
         return blocks + [Note("metrics.json holds no metric.")]
     caption += f"; {metrics.n} images" + (f" in {metrics.n_groups} groups" if metrics.n_groups is not None else "")
