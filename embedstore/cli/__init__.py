@@ -21,6 +21,7 @@ from embedstore.cli import demo as _demo  # noqa: F401,E402
 from embedstore.cli import report as _report  # noqa: F401,E402
 from embedstore.cli import probe as _probe  # noqa: F401,E402
 from embedstore.cli import match as _match  # noqa: F401,E402
+from embedstore.cli import audit as _audit  # noqa: F401,E402
 
 INTERRUPTED = 130
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from embedstore.cli.app import app
-from embedstore.cli.options import (ConfigOpt, DeviceOpt, FoldsOpt, NBootOpt, OverwriteOpt, QuietOpt, ReportOpt,
-                                    SeedOpt, StoreArg, out_option, run_overrides)
+from embedstore.cli.options import (ConfigOpt, DeviceOpt, FoldsOpt, MergeOpt, NBootOpt, OverwriteOpt, QuietOpt,
+                                    ReportOpt, SeedOpt, StoreArg, out_option, run_overrides)
 from embedstore.errors import ConfigError
 from embedstore.progress import progress_bar
 
@@ -39,6 +39,7 @@ def match(
     n_boot: NBootOpt = None,
     seed: SeedOpt = None,
     write_features: Optional[bool] = typer.Option(None, "--write-features/--no-write-features", help="Store the final projected features as a new feature set (default: store them)."),
+    merge_near_duplicates: MergeOpt = None,
     report: ReportOpt = None,
     out: MatchOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -53,7 +54,8 @@ def match(
     cfg = MatchConfig.from_yaml(config, **run_overrides(
         store=store, features=features, groups=groups, method=method, projection=projection, folds=folds,
         min_group_size=min_group_size, neighbors=neighbors, grid=_parse_grid(grid), index=index, n_boot=n_boot,
-        seed=seed, write_features=write_features, report=report, out=out, overwrite=overwrite or None,
+        seed=seed, write_features=write_features, merge_near_duplicates=merge_near_duplicates, report=report,
+        out=out, overwrite=overwrite or None,
     ))
     head = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     if head:  # on top of the recipe's head options, not instead of them
@@ -69,6 +71,8 @@ def match(
     stored = f"; projected features stored as {record.projected_features}" if record.projected_features else ""
     typer.echo(f"{record.method} ({param}): {figures}; {metrics['n_clusters'].format()} clusters for "
                f"{metrics['n_groups_true'].format()} lesions{stored} -> {run.path}")
+    for line in run.record.notes():
+        typer.echo(line)
 
 
 @app.command()

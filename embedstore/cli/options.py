@@ -28,6 +28,8 @@ ReportOpt = Annotated[Optional[bool], typer.Option("--report/--no-report", help=
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the folder at --out if embedstore wrote "
                                             "it (never anything else).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (no bar on a terminal, no progress lines in a log).")]
+MergeOpt = Annotated[Optional[Path], typer.Option("--merge-near-duplicates", help="An audit folder (embedstore "
+                                                  "audit): join the groups of every pair it flagged before splitting.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, or cuda[:N].")]
 
 
@@ -40,3 +42,4 @@ def run_overrides(**options) -> dict:
     """Command-line values for ``RunConfig.from_yaml``: paths as strings; ``None`` (not given) is left to the
     recipe or the config's default."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+

@@ -14,6 +14,7 @@ from embedstore.cli.options import (
     DeviceOpt,
     FoldsOpt,
     GroupsOpt,
+    MergeOpt,
     NBootOpt,
     OverwriteOpt,
     QuietOpt,
@@ -83,6 +84,7 @@ def probe(
     seed: SeedOpt = None,
     n_boot: NBootOpt = None,
     device: DeviceOpt = None,
+    merge_near_duplicates: MergeOpt = None,
     report: ReportOpt = None,
     out: ProbeOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -96,7 +98,7 @@ def probe(
         stack_joint=stack_joint, trials=trials, metadata=metadata, positive=positive, folds=folds,
         inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=_parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, seed=seed, n_boot=n_boot,
-        device=device, report=report, out=out, overwrite=overwrite or None,
+        device=device, merge_near_duplicates=merge_near_duplicates, report=report, out=out, overwrite=overwrite or None,
     ))
     if param:  # on top of the recipe's parameters of each head, not instead of them
         params = dict(cfg.params)
@@ -109,6 +111,8 @@ def probe(
     figures = ", ".join(f"{name} {metrics.metrics[name].format()}" for name in metrics.headline[:3])
     extra = f"; {len(metrics.models)} models compared in comparison.csv/.tex" if len(metrics.models) > 1 else ""
     typer.echo(f"{metrics.model}: {figures}{extra} -> {run.path}")
+    for line in run.record.notes():
+        typer.echo(line)
 
 
 @contextmanager
