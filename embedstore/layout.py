@@ -48,7 +48,8 @@ def projection_head_folder(store_path: str | Path, key: str) -> Path:
 
 
 def audit_folder(store_path: str | Path) -> Path:
-    """The folder of a store's leakage audits, one run folder per audited feature set."""
+    """The folder of a store's leakage audits: one run folder each, named as the feature set was given to
+    ``embedstore audit`` (the run's ``run.json`` holds the set's key)."""
     store_path = Path(store_path)
     return store_path.parent / f"{store_path.name}.audit"
 

@@ -108,6 +108,10 @@ def test_calibrated_threshold_is_the_lowest_at_the_stated_precision():
     # Missed duplicates at the top (identical bytes, or more alike than any pair of one group) leave it as it was.
     copies = np.r_[sim, 1.0, 1.0, 0.9999], np.r_[same, False, False, False], np.r_[exact, True, True, False]
     assert calibrate(*copies, 0.95) == t
+    # A cut inside a run of equal similarities would flag the whole run: the threshold ends one.
+    tied = np.r_[np.ones(40), np.full(4, 0.99)], np.r_[np.ones(41, bool), np.zeros(3, bool)], np.zeros(44, bool)
+    t = calibrate(*tied, 0.95)  # 41 of the first 41 pairs are of one group, but 41 of the 44 at or above 0.99
+    assert t.value == 1.0 and t.above == 40 and tied[1][tied[0] >= t.value].mean() >= 0.95
     with pytest.raises(ConfigError, match="too few"):
         calibrate(sim[:30], np.r_[np.ones(MIN_SAME_GROUP_PAIRS - 1, bool), np.zeros(11, bool)], exact[:30], 0.99)
 
@@ -128,7 +132,8 @@ def test_audit_folds_are_the_folds_the_probe_makes(planted, audited, cli, tmp_pa
     assert straddling == int(pairs["cross_fold"].sum()) > 0
     record = json.loads((tmp_path / "probe" / "run.json").read_text())
     assert record["leakage"]["straddling"] == straddling and record["leakage"]["flagged"] == len(pairs)
-    assert f"{straddling} of its {len(pairs)} flagged near-duplicate pairs straddle" in out
+    assert f"of its {len(pairs)} flagged near-duplicate pairs in this run, {straddling} straddle its folds" in out
+    assert f"--merge-near-duplicates {folder}" in out
 
 
 def test_merge_keeps_every_flagged_pair_in_one_fold(planted, audited, cli, tmp_path):
@@ -164,18 +169,36 @@ def test_match_merges_only_for_its_folds(planted, audited, cli, tmp_path):
 
 
 def test_merge_groups_joins_groups_through_chains_of_pairs(planted, audited):
+    store, _ = planted
     folder, _ = audited
     pairs = _pairs(folder)
     ids = np.array(sorted(set(pairs["id_a"]) | set(pairs["id_b"]) | {"lonely"}))
     groups = np.array([f"g{i}" for i in range(len(ids))])
-    merged, summary = merge_groups(folder, ids, groups)
+    merged, summary = merge_groups(folder, store, ids, groups)
     assert merged[list(ids).index("lonely")] == groups[list(ids).index("lonely")]
     position = {i: k for k, i in enumerate(ids)}
     for a, b in zip(pairs["id_a"], pairs["id_b"]):
         assert merged[position[a]] == merged[position[b]]
     assert summary.groups_after == len(set(merged)) and summary.groups_before == len(ids)
-    with pytest.raises(ConfigError, match="are images of this run"):
-        merge_groups(folder, np.array(["other", "images"]), None)
+    # Pairs across a fixed split (a split column's train and test rows) are left as they are, and counted.
+    fixed = (ids == pairs["id_a"].iloc[0]).astype(int)
+    _, split_summary = merge_groups(folder, store, ids, groups, fixed)
+    assert split_summary.pairs_across_split >= 1 and split_summary.pairs == summary.pairs - split_summary.pairs_across_split
+    with pytest.raises(ConfigError, match="audits the store"):
+        merge_groups(folder, store.with_name("elsewhere.zarr"), ids, groups)
+
+
+def test_ids_that_look_like_numbers_stay_text(planted, audited, tmp_path):
+    store, _ = planted
+    folder, _ = audited
+    copy = tmp_path / "audit"
+    shutil.copytree(folder, copy)
+    pairs = _pairs(copy)
+    renamed = {i: f"{k:04d}" for k, i in enumerate(sorted(set(pairs["id_a"]) | set(pairs["id_b"])))}
+    pairs.assign(id_a=pairs["id_a"].map(renamed), id_b=pairs["id_b"].map(renamed)).to_csv(copy / "pairs.csv", index=False)
+    ids = np.array(sorted(renamed.values()))
+    merged, summary = merge_groups(copy, store, ids, None)
+    assert summary.pairs == len(pairs) and len(set(merged)) < len(ids)
 
 
 def test_report_shows_the_counts_the_histogram_and_the_pair_sheets(audited):

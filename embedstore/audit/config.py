@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 from embedstore.errors import ConfigError
@@ -19,9 +18,12 @@ class AuditConfig(RunConfig):
     ``threshold`` is the cosine similarity from which two images count as near-duplicates; without one it is
     calibrated on the store's own ``groups``: the lowest similarity above which the pairs of the kNN graph are
     pairs of one group at ``precision``. ``target`` (and ``positive``) make the folds checked those a probe of
-    that target makes (stratified by it); without one, group folds of every row. ``split_column`` (and
-    ``split_map``) is the official split checked, whose training side the folds divide, as in ``probe``.
-    ``out`` defaults to ``<store>.audit/<features>``, where ``probe`` and ``match`` look for it.
+    that target on this one feature set makes (stratified by it; a probe with ``--holdout`` or of several feature
+    sets with fewer rows folds otherwise); without one, unstratified group folds of every row (match's folds
+    differ: they hold only lesions of ``min_group_size`` images). ``split_column`` (and ``split_map``) is the
+    official split checked, whose training side the folds divide, as in ``probe``. Every probe and match run
+    checks its own folds against the audit, whatever the audit's folds were. ``out`` defaults to
+    ``<store>.audit/<features>``, where ``probe`` and ``match`` look for it.
     """
 
     kind: ClassVar[str] = "audit"
@@ -69,7 +71,3 @@ class AuditConfig(RunConfig):
     @property
     def feature_set(self) -> str:
         return self.features[0]
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.out)

@@ -52,7 +52,8 @@ def calibrate(sim: np.ndarray, same_group: np.ndarray, exact: np.ndarray, precis
     order = np.argsort(-sim[keep], kind="stable")
     ranked, same = sim[keep][order], same[keep][order]
     share = np.cumsum(same) / np.arange(1, len(same) + 1)
-    reached = np.flatnonzero(share >= precision)
+    end_of_ties = np.r_[ranked[1:] != ranked[:-1], True]  # a cut flags every pair of its similarity
+    reached = np.flatnonzero((share >= precision) & end_of_ties)
     if not len(reached):
         raise ConfigError(f"no similarity has {precision:.0%} of the pairs above it in one group; give --threshold "
                           "or a lower --precision")
@@ -61,8 +62,14 @@ def calibrate(sim: np.ndarray, same_group: np.ndarray, exact: np.ndarray, precis
 
 
 def exact_pairs(sha256_code: np.ndarray, max_pairs: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair of rows (i < j) whose image bytes are identical (the same code of the manifest's sha256)."""
-    return co_cluster_pairs(sha256_code, max_pairs)
+    """Every pair of rows (i < j) whose image bytes are identical (the same code of the manifest's sha256);
+    ConfigError (one line) above ``max_pairs``, which means the store holds many copies of a few images."""
+    try:
+        return co_cluster_pairs(sha256_code, max_pairs)
+    except ValueError:
+        copies = np.bincount(sha256_code).max()
+        raise ConfigError(f"more than {max_pairs:,} pairs of identical images (one image has {copies:,} copies): "
+                          "remove the copies from the source table before auditing") from None
 
 
 def with_exact(candidates: Pairs, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> Pairs:
@@ -95,12 +102,14 @@ CROSSINGS = ("cross_group", "cross_split", "cross_fold")
 def crossings(pairs: Pairs, codes: dict[str, np.ndarray], fold: np.ndarray) -> dict[str, np.ndarray]:
     """For every pair, whether its two images have identical bytes (``exact``), lie in two groups, on two sides
     of the official split, or in two folds of its training side. ``codes`` holds an integer code per row for
-    ``sha256``, ``group`` and ``split``; ``fold`` is each row's fold (-1 outside the folds)."""
+    ``sha256``, ``group`` and ``split`` (a negative split code: a row dropped from the split, on no side);
+    ``fold`` is each row's fold (-1 outside the folds)."""
     i, j = pairs.i, pairs.j
+    split = codes["split"]
     return {
         "exact": codes["sha256"][i] == codes["sha256"][j],
         "cross_group": codes["group"][i] != codes["group"][j],
-        "cross_split": codes["split"][i] != codes["split"][j],
+        "cross_split": (split[i] >= 0) & (split[j] >= 0) & (split[i] != split[j]),
         "cross_fold": (fold[i] >= 0) & (fold[j] >= 0) & (fold[i] != fold[j]),
     }
 

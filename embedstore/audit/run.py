@@ -26,7 +26,7 @@ from embedstore.audit.find import (CROSSINGS, Threshold, calibrate, clusters, cr
 from embedstore.errors import ConfigError
 from embedstore.match.index import FeatureIndex
 from embedstore.match.pairs import candidate_pairs, knn_graph
-from embedstore.probe.data import group_labels, target_codes
+from embedstore.probe.data import target_codes
 from embedstore.runs import AuditRecord, Estimate, Metrics, Run, check_out, write_run
 from embedstore.splits import column_split, group_kfold
 
@@ -46,12 +46,16 @@ class AuditRows:
 def audit_rows(cfg: AuditConfig, table: pd.DataFrame) -> AuditRows:
     """Each row's group, official split side and fold, the folds made as ``probe`` makes them: the training side
     of the split column (every row without one), rows with a ``target`` value, stratified by it (by nothing
-    without a target), ``cfg.folds`` group folds seeded by ``cfg.seed``."""
+    without a target), ``cfg.folds`` group folds seeded by ``cfg.seed``. A row without a group value is its own
+    group here (a probe refuses such rows, so no probe's folds hold them)."""
     for what, column in (("group", cfg.groups), ("target", cfg.target), ("split", cfg.split_column)):
         if column and column not in table.columns:
             raise ConfigError(f"{what} column {column!r} is not in the store's table")
     ids = table["id"].astype(str).to_numpy()
-    groups = group_labels(cfg, table)
+    groups = None
+    if cfg.groups:
+        named = table[cfg.groups].notna().to_numpy()
+        groups = np.where(named, table[cfg.groups].astype(str).to_numpy(), ids)
     side = np.full(len(table), "train", dtype=object)
     if cfg.split_column:
         split = column_split(table[cfg.split_column], cfg.split_map)
@@ -75,8 +79,9 @@ def audit_rows(cfg: AuditConfig, table: pd.DataFrame) -> AuditRows:
     frame = pd.DataFrame({"id": ids, "group": group, "split": side, "fold": fold})
     if label is not None:
         frame["label"] = label.astype(str).to_numpy()
+    split_code = pd.factorize(pd.Series(side))[0]
     codes = {"sha256": pd.factorize(table["sha256"])[0], "group": pd.factorize(pd.Series(group))[0],
-             "split": pd.factorize(pd.Series(side))[0]}
+             "split": np.where(side == "dropped", -1, split_code)}
     return AuditRows(frame, codes, fold)
 
 

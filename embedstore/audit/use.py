@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.layout import audit_folder
 from embedstore.match.cluster import components
 from embedstore.runs import GroupMerge, Leakage, is_run_folder, read_run
@@ -24,16 +24,19 @@ from embedstore.runs import GroupMerge, Leakage, is_run_folder, read_run
 PAIRS_FILE = "pairs.csv"
 
 
-def flagged_pairs(audit: str | Path) -> pd.DataFrame:
+def flagged_pairs(audit: str | Path, store: str | Path | None = None) -> pd.DataFrame:
     """The ids (``id_a``, ``id_b``) of every pair the audit at ``audit`` flagged; ConfigError (one line) when it
-    is not an audit or is damaged."""
+    is not an audit, is damaged, or (given ``store``) audits another store."""
     run = read_run(audit)
     if run.kind != "audit":
         raise ConfigError(f"{audit} is a {run.kind} run, not an audit: pass a folder written by `embedstore audit`")
+    if store is not None and Path(run.record.store).resolve() != Path(store).resolve():
+        raise ConfigError(f"{audit} audits the store {run.record.store}, not {Path(store).resolve()}: audit this "
+                          "store first (embedstore audit)")
     pairs = run.table(PAIRS_FILE)
     if pairs is None or not {"id_a", "id_b"} <= set(pairs.columns):
         raise ConfigError(f"{audit} has no readable {PAIRS_FILE} (the audit folder is damaged): rerun the audit")
-    return pairs[["id_a", "id_b"]].astype(str)
+    return pairs[["id_a", "id_b"]]
 
 
 def _positions(ids: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -44,16 +47,18 @@ def _positions(ids: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, np.nda
     return a[both].to_numpy(dtype=np.int64), b[both].to_numpy(dtype=np.int64)
 
 
-def merge_groups(audit: str | Path, ids: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, GroupMerge]:
+def merge_groups(audit: str | Path, store: str | Path, ids: np.ndarray, groups: np.ndarray | None,
+                 fixed: np.ndarray | None = None) -> tuple[np.ndarray, GroupMerge]:
     """``groups`` (None: every image its own group, named by its id) with the groups of every pair the audit
-    flagged joined; a joined group is named after the first of its groups in sorted order. The audit may be of
-    any feature set of the store (its pairs are images), but its pairs must be images of this run. Returns the
-    groups and what was merged, for the run record."""
-    pairs = flagged_pairs(audit)
-    a, b = _positions(ids, pairs)
-    if len(pairs) and not len(a):
-        raise ConfigError(f"none of the {len(pairs)} pairs flagged by {audit} are images of this run: it audits "
-                          "another store (or other rows); audit this store first (embedstore audit)")
+    flagged joined; a joined group is named after the first of its groups in sorted order.
+
+    The audit may be of any feature set of ``store`` (its pairs are images); pairs with an image outside the
+    run's rows (``ids``) are left out, and so are pairs across the run's fixed split (``fixed``: each row's
+    side, e.g. train / test of a split column), which regrouping cannot join. Returns the groups and what was
+    merged, for the run record."""
+    a, b = _positions(ids, flagged_pairs(audit, store))
+    across = np.zeros(len(a), dtype=bool) if fixed is None else np.asarray(fixed)[a] != np.asarray(fixed)[b]
+    a, b = a[~across], b[~across]
     base = np.asarray(ids if groups is None else groups).astype(str)
     codes, names = pd.factorize(pd.Series(base), sort=True)
     label = components(len(names), codes[a], codes[b])
@@ -61,10 +66,9 @@ def merge_groups(audit: str | Path, ids: np.ndarray, groups: np.ndarray | None) 
     first = np.full(len(sizes), len(names))
     np.minimum.at(first, label, np.arange(len(names)))  # names are sorted: the smallest code is the first name
     merged = np.asarray(names)[first[label]][codes]
-    joined = sizes[label] > 1
     return merged, GroupMerge(
-        audit=str(audit), pairs=int(len(a)), groups_before=int(len(names)), groups_after=int(len(sizes)),
-        groups_merged=int(joined.sum()), groups_formed=int((sizes > 1).sum()),
+        audit=str(audit), pairs=int(len(a)), pairs_across_split=int(across.sum()), groups_before=int(len(names)),
+        groups_after=int(len(sizes)), groups_merged=int((sizes[label] > 1).sum()), groups_formed=int((sizes > 1).sum()),
     )
 
 
@@ -79,7 +83,7 @@ def audits_of(store: str | Path, keys: Iterable[str]) -> list[Path]:
             continue
         try:
             run = read_run(entry)
-        except Exception:  # noqa: BLE001 - a damaged audit is skipped here; reading it explicitly says why
+        except EmbedstoreError:  # a damaged audit is skipped here; reading it explicitly says why
             continue
         if run.kind == "audit" and keys & set(run.record.features):
             found.append(entry)
@@ -89,19 +93,32 @@ def audits_of(store: str | Path, keys: Iterable[str]) -> list[Path]:
 def leakage(store: str | Path, keys: Iterable[str], ids: np.ndarray, side: np.ndarray,
             merged_from: str | Path | None = None) -> Leakage | None:
     """How many pairs flagged by the audits of ``keys`` (beside ``store``, and ``merged_from``) have their two
-    images on two sides of the run: ``side`` names each row's side (``fold 0``, ``test``, ...; empty for a row
-    the run does not use). None when no audit exists."""
-    keys = list(keys)
+    images on two sides of the run: ``side`` names each row's side (``fold 0``, ``fold 1``, ..., ``test``,
+    ``valid``; empty for a row the run does not use). Two folds are a straddle; a fold and ``test`` (or
+    ``valid``) lie across the fixed split. An audit beside the store that cannot be read is passed over (the
+    run goes on); None when no audit exists."""
     audits = audits_of(store, keys)
     if merged_from is not None and Path(merged_from).resolve() not in {p.resolve() for p in audits}:
         audits.append(Path(merged_from))
-    if not audits:
+    read, parts = [], []
+    for audit in audits:
+        try:
+            parts.append(flagged_pairs(audit))
+        except EmbedstoreError:
+            if merged_from is not None and Path(audit).resolve() == Path(merged_from).resolve():
+                raise
+            continue
+        read.append(audit)
+    if not read:
         return None
-    pairs = pd.concat([flagged_pairs(a) for a in audits], ignore_index=True)
+    pairs = pd.concat(parts, ignore_index=True)
     ordered = np.sort(pairs.to_numpy(dtype=str), axis=1)
     pairs = pd.DataFrame(ordered, columns=["id_a", "id_b"]).drop_duplicates()
     a, b = _positions(ids, pairs)
     side = np.asarray(side).astype(str)
     used = (side[a] != "") & (side[b] != "")
-    return Leakage(audits=tuple(str(p) for p in audits), flagged=int(used.sum()),
-                   straddling=int((used & (side[a] != side[b])).sum()))
+    apart = used & (side[a] != side[b])
+    folds = np.char.startswith(side[a], "fold") & np.char.startswith(side[b], "fold")
+    merged = next((str(p) for p in read if merged_from is not None and p.resolve() == Path(merged_from).resolve()), None)
+    return Leakage(audits=tuple(str(p) for p in read), flagged=int(used.sum()), straddling=int((apart & folds).sum()),
+                   across_split=int((apart & ~folds).sum()), merged=merged)

@@ -42,4 +42,3 @@ def run_overrides(**options) -> dict:
     """Command-line values for ``RunConfig.from_yaml``: paths as strings; ``None`` (not given) is left to the
     recipe or the config's default."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-

@@ -312,7 +312,7 @@ def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = N
     ids = table["id"].astype(str).to_numpy()
     split_groups, merged = groups, None
     if config.merge_near_duplicates:
-        split_groups, merged = merge_groups(config.merge_near_duplicates, ids, groups)
+        split_groups, merged = merge_groups(config.merge_near_duplicates, config.store, ids, groups)
 
     result = cross_validate(X, groups, ids, config, progress=progress, split_groups=split_groups)
     sides = np.where(result.fold_of >= 0, np.char.add("fold ", result.fold_of.astype(str)), "")

@@ -60,7 +60,7 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
         info = store.info(key)
         infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
     y, classes = target_codes(cfg, table[cfg.target].astype(str).to_numpy())
-    groups = group_labels(cfg, table)
+    groups = _group_labels(cfg, table)
     _check_class_groups(cfg, y, classes, groups)
     return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
 
@@ -80,7 +80,7 @@ def target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list
     return y, classes
 
 
-def group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
+def _group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
     """The group column as strings; ConfigError when some rows have none (each would silently be one group)."""
     if not cfg.groups:
         return None

@@ -82,7 +82,8 @@ class Probe:
         self.merged = None  # GroupMerge: groups joined by an audit's flagged pairs (--merge-near-duplicates)
         if cfg.merge_near_duplicates:
             d = self.data
-            d.groups, self.merged = merge_groups(cfg.merge_near_duplicates, d.ids, d.groups)
+            d.groups, self.merged = merge_groups(cfg.merge_near_duplicates, cfg.store, d.ids, d.groups,
+                                                 self._split_sides())
         self.metric_name, self.metric = tune_metric(cfg, len(self.data.classes))
         self.storage = cfg.storage or study_storage(cfg.store)
         self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
@@ -97,6 +98,17 @@ class Probe:
             side[held_out] = f"fold {k}"
         side[self.test], side[self.valid] = "test", "valid"
         return side
+
+    def _split_sides(self) -> np.ndarray | None:
+        """Each row's side of the split column (0 train, 1 test, 2 validation, 3 dropped), or None without one:
+        what a merge of groups may not join across."""
+        if not self.cfg.split_column:
+            return None
+        split = column_split(self.data.table[self.cfg.split_column], self.cfg.split_map)
+        sides = np.zeros(len(self.data.y), dtype=int)
+        for code, rows in enumerate((split.test, split.valid, split.dropped), start=1):
+            sides[rows] = code
+        return sides
 
     def _split(self) -> None:
         """Train, test and validation rows, the outer folds over the training rows, and what the final

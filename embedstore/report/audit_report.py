@@ -31,11 +31,12 @@ KIND_TITLES = {
 
 def build_audit_report(run: Run) -> Report:
     record, groups = run.record, run.record.groups or "group"
+    grouped = f"groups `{record.groups}`" if record.groups else "every image its own group"
     split = f", split column `{record.split_column}`" if record.split_column else ""
     folds = f"{record.folds} folds" + (f" stratified by `{record.target}`" if record.target else "")
     report = Report(
         title=f"Leakage audit: {run.features_label}",
-        subtitle=(f"groups `{record.groups}`{split}, {folds}, seed {record.seed}, "
+        subtitle=(f"{grouped}{split}, {folds}, seed {record.seed}, "
                   f"store `{shown_path(record.store, run.path)}`, created {record.created}"),
     )
     report.add(*headline_section(run, "Pairs flagged by the audit: identical bytes under two ids, or near-duplicates "

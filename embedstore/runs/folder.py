@@ -23,6 +23,8 @@ from embedstore.runs.config import RunConfig
 from embedstore.runs.record import AuditRecord, MatchRecord, Metrics, ProbeRecord, RunRecord
 
 RUN_FILE, METRICS_FILE, CONFIG_FILE = "run.json", "metrics.json", "config.yaml"
+#: Columns of a run's CSV files that hold image ids or group names: text, whatever they look like.
+TEXT_COLUMNS = ("id", "id_a", "id_b", "group", "group_a", "group_b")
 
 
 def check_out(config: RunConfig) -> Path:
@@ -54,7 +56,7 @@ class Run:
     """A run folder as read back: its typed record, its metrics, and its other files on request."""
 
     path: Path
-    record: ProbeRecord | MatchRecord
+    record: ProbeRecord | MatchRecord | AuditRecord
     metrics: Metrics
 
     @property
@@ -85,11 +87,14 @@ class Run:
         return f"{self.features_label} × {self.model_label}"
 
     def table(self, name: str) -> pd.DataFrame | None:
-        """A CSV or parquet file of the run as a DataFrame, or None when the run has none."""
+        """A CSV or parquet file of the run as a DataFrame, or None when the run has none. Image ids and group
+        names in a CSV (:data:`TEXT_COLUMNS`) are read as text: an id ``0007`` stays ``0007``."""
         path = self.path / name
         if not path.is_file():
             return None
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
 
 
 def is_run_folder(path: str | Path) -> bool:

@@ -1,14 +1,14 @@
 """The typed run record: what a run folder's ``run.json`` and ``metrics.json`` hold.
 
 Frozen dataclasses in the spirit of zarr's ``GroupMetadata``: each knows its own JSON form
-(``to_dict``) and reads it back (``from_dict``), so the writer (probe, match) and every reader
+(``to_dict``) and reads it back (``from_dict``), so the writer (probe, match, audit) and every reader
 (the report, ``--compare``, the CLI summaries) share one definition of a run folder. The files
 carry ``format`` (:data:`RUN_FORMAT`); a reader refuses a format it does not know in one line.
 
 - :class:`Estimate`: one metric's value and its 95% interval (bounds ``None`` when not bootstrapped).
 - :class:`Metrics`: ``metrics.json``: the run's model's metrics, every compared model's, the headline.
-- :class:`ProbeRecord` / :class:`MatchRecord`: ``run.json`` of the two kinds of run (:class:`RunRecord`
-  holds the fields they share).
+- :class:`ProbeRecord` / :class:`MatchRecord` / :class:`AuditRecord`: ``run.json`` of the three kinds of run
+  (:class:`RunRecord` holds the fields they share, :class:`GroupMerge` and :class:`Leakage` among them).
 """
 
 from __future__ import annotations
@@ -134,11 +134,13 @@ class StudyRef:
 @dataclass(frozen=True)
 class GroupMerge:
     """Groups joined before splitting because an audit flagged a pair of their images as near-duplicates
-    (``--merge-near-duplicates AUDIT``): ``pairs`` flagged pairs joined ``groups_merged`` groups into
-    ``groups_formed``; ``groups_before`` and ``groups_after`` count the run's groups."""
+    (``--merge-near-duplicates AUDIT``): ``pairs`` flagged pairs among the run's rows joined ``groups_merged``
+    groups into ``groups_formed``; ``groups_before`` and ``groups_after`` count the run's groups;
+    ``pairs_across_split`` pairs lie across the fixed split and were not merged."""
 
     audit: str
     pairs: int
+    pairs_across_split: int
     groups_before: int
     groups_after: int
     groups_merged: int
@@ -146,19 +148,24 @@ class GroupMerge:
 
     def summary(self) -> str:
         """One line for the CLI summary and the report."""
+        across = (f"; {self.pairs_across_split} pairs across the train/test split left as they are"
+                  if self.pairs_across_split else "")
         return (f"merged near-duplicates ({self.audit}): {self.groups_merged} groups joined into {self.groups_formed} "
-                f"by {self.pairs} flagged pairs ({self.groups_before} groups before, {self.groups_after} after)")
+                f"by {self.pairs} flagged pairs ({self.groups_before} groups before, {self.groups_after} after){across}")
 
 
 @dataclass(frozen=True)
 class Leakage:
-    """What the leakage audits of the run's feature sets (``embedstore audit``) say about its split:
-    ``straddling`` of the ``flagged`` pairs among the run's rows have their two images on two sides
-    (two folds, or fold and test)."""
+    """What the leakage audits of the run's feature sets (``embedstore audit``) say about its split: of the
+    ``flagged`` pairs among the run's rows, ``straddling`` have their two images in two folds, and
+    ``across_split`` on two sides of its fixed split (training and test or validation rows), which no merge of
+    groups can join. ``merged`` is the audit the run merged (``--merge-near-duplicates``), if any."""
 
     audits: tuple[str, ...]
     flagged: int
     straddling: int
+    across_split: int = 0
+    merged: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "audits", tuple(self.audits))
@@ -166,10 +173,20 @@ class Leakage:
     def summary(self) -> str:
         """One line for the CLI summary and the report."""
         where = ", ".join(self.audits)
-        if not self.straddling:
+        if not self.straddling and not self.across_split:
             return f"leakage audit ({where}): none of its {self.flagged} flagged pairs straddles this run's split"
-        return (f"leakage audit ({where}): {self.straddling} of its {self.flagged} flagged near-duplicate pairs "
-                f"straddle this run's split; rerun with --merge-near-duplicates {self.audits[0]}")
+        parts = []
+        if self.straddling:
+            parts.append(f"{self.straddling} straddle its folds")
+        if self.across_split:
+            parts.append(f"{self.across_split} lie across its train/test split (fix the split column: no merge of "
+                         "groups can join them)")
+        advice = ""
+        unmerged = [a for a in self.audits if a != self.merged]
+        if self.straddling and unmerged:
+            advice = f"; rerun with --merge-near-duplicates {unmerged[0]}"
+        return (f"leakage audit ({where}): of its {self.flagged} flagged near-duplicate pairs in this run, "
+                f"{' and '.join(parts)}{advice}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +229,7 @@ class RunRecord:
         return {"format": RUN_FORMAT, "kind": self.kind, **body}
 
     @staticmethod
-    def from_dict(raw: Mapping, where: str = "run.json") -> "ProbeRecord | MatchRecord":
+    def from_dict(raw: Mapping, where: str = "run.json") -> "ProbeRecord | MatchRecord | AuditRecord":
         """The record of ``raw``'s kind; EmbedstoreError (one line) for another format or kind, or missing fields."""
         if raw.get("format") != RUN_FORMAT:
             raise EmbedstoreError(f"{where} is of run format {raw.get('format')!r}; this embedstore reads format "
@@ -228,9 +245,17 @@ class RunRecord:
         if isinstance(values.get("study"), Mapping):
             values["study"] = StudyRef(str(values["study"]["storage"]), str(values["study"]["name"]))
         for name, typed in (("merged_groups", GroupMerge), ("leakage", Leakage)):
-            if isinstance(values.get(name), Mapping):
-                values[name] = typed(**{f.name: values[name][f.name] for f in fields(typed) if f.name in values[name]})
+            if values.get(name) is not None:
+                values[name] = _nested(typed, values[name], f"{where} field {name}")
         return cls(**values)
+
+
+def _nested(typed: type, raw: Any, where: str):
+    """A nested record (``typed``) from its JSON form; EmbedstoreError (one line) when it is damaged."""
+    names = {f.name for f in fields(typed)}
+    if not isinstance(raw, Mapping) or set(raw) != names:
+        raise EmbedstoreError(f"{where} is damaged (expected the fields {', '.join(sorted(names))}): rerun the run")
+    return typed(**raw)
 
 
 def _required(f) -> bool:
