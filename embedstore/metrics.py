@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 from scipy.stats import rankdata
 from sklearn import metrics as skm
@@ -101,6 +102,20 @@ def sensitivity_at_specificity(y_true, score, specificity: float = 0.9) -> float
     fpr, tpr, _ = skm.roc_curve(y, score)
     ok = fpr <= 1.0 - specificity + 1e-12
     return float(tpr[ok].max())
+
+
+def top_k_sensitivity_by_patient(y_true, score, patients, k: int = 15) -> np.ndarray:
+    """Per patient with at least one positive image: the share of their positive images among their ``k``
+    highest-scored images (the ISIC 2024 organisers' secondary metric, top-15 sensitivity, is the mean of these).
+    A clinic reviews each patient's most suspicious lesions first; this says how many of the malignant ones are
+    among those ``k``. One value per such patient, in the order of the sorted patient ids."""
+    frame = pd.DataFrame({"patient": np.asarray(patients), "y": np.asarray(y_true).astype(bool),
+                          "score": np.asarray(score, dtype=float)})
+    frame["rank"] = frame.groupby("patient")["score"].rank(method="first", ascending=False)
+    frame["found"] = frame["y"] & (frame["rank"] <= k)
+    per = frame.groupby("patient")[["y", "found"]].sum()
+    per = per[per["y"] > 0]
+    return (per["found"] / per["y"]).to_numpy()
 
 
 def roc_points(y_true, score) -> tuple[np.ndarray, np.ndarray]:

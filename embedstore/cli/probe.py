@@ -70,6 +70,7 @@ def probe(
     stack_joint: Optional[str] = typer.Option(None, "--stack-joint", help="Base heads of a stack fitted on all its feature sets at once (e.g. lgbm)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Optuna trials per study (default 0: no tuning)."),
     metadata: Optional[str] = typer.Option(None, "--metadata", help="Tabular columns for lgbm (e.g. age,sex,localization)."),
+    patient_features: Optional[str] = typer.Option(None, "--patient-features", help="Patient id column: lgbm also reads each image's standing among its patient's other images (distance to their mean, rank, per-patient z-scores), and binary runs report top-15 sensitivity."),
     positive: Optional[str] = typer.Option(None, "--positive", help="Make a binary positive-vs-rest problem (e.g. mel)."),
     folds: FoldsOpt = None,
     inner_folds: Optional[int] = typer.Option(None, "--inner-folds", help="Inner folds for tuning and stacking (default 3)."),
@@ -95,7 +96,7 @@ def probe(
 
     cfg = ProbeConfig.from_yaml(config, **run_overrides(
         store=store, features=features, target=target, groups=groups, heads=head, stack_heads=stack_heads,
-        stack_joint=stack_joint, trials=trials, metadata=metadata, positive=positive, folds=folds,
+        stack_joint=stack_joint, trials=trials, metadata=metadata, patient_features=patient_features, positive=positive, folds=folds,
         inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=_parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, seed=seed, n_boot=n_boot,
         device=device, merge_near_duplicates=merge_near_duplicates, report=report, out=out, overwrite=overwrite or None,

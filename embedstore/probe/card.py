@@ -30,6 +30,7 @@ def model_card(probe: Probe, result: ModelResult, metrics: Mapping[str, Estimate
         "head": spec.head,
         "features": [{**d.infos[n], "given_as": n} for n in spec.sets],
         "metadata": cfg.metadata,
+        "patient_features": cfg.patient_features,
         "target": cfg.target,
         "positive_class": cfg.positive,
         "classes": d.classes,
@@ -63,6 +64,8 @@ def card_markdown(card: dict) -> str:
         f"Predicts `{card['target']}` ({', '.join(card['classes'])}) from frozen-encoder features.\n\n"
         f"## Features\n{feats}\n"
         + (f"- metadata columns: {', '.join(card['metadata'])}\n" if card["metadata"] else "")
+        + (f"- patient context from column `{card['patient_features']}` (the image among its patient's other images)\n"
+           if card.get("patient_features") else "")
         + f"\nApply with `embedstore predict HEAD_DIR STORE --out FILE`; it refuses features of another fingerprint.\n\n"
         f"## Training\n- rows: {card['trained_on']['n_rows']}, groups: {card['trained_on']['n_groups']}\n"
         + _decision_line(card) +

@@ -33,6 +33,7 @@ class ProbeConfig(RunConfig):
     stack_heads: list[str] = field(default_factory=lambda: ["logreg"])  # stack bases, one per feature set each
     stack_joint: list[str] = field(default_factory=list)  # stack bases on all feature sets of the entry at once
     metadata: list[str] = field(default_factory=list)
+    patient_features: str | None = None  # patient id column: patient-context columns for lgbm, top-15 sensitivity
     positive: str | None = None  # makes a binary "positive vs rest" problem of the target
     inner_folds: int = 3
     split_column: str | None = None
@@ -67,6 +68,9 @@ class ProbeConfig(RunConfig):
         self._validate_metric()
         if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
             raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
+        if self.patient_features and not ({"lgbm", "stack"} & set(self.heads)):
+            raise ConfigError("--patient-features are read by the lgbm head (alone or in a stack): add --head lgbm "
+                              "or stack")
         if not isinstance(self.params, dict):
             raise ConfigError(f"params must map head names to their parameters (e.g. {{logreg: {{C: 0.5}}}}), "
                               f"not {self.params!r}")

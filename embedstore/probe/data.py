@@ -13,6 +13,7 @@ import pandas as pd
 
 from embedstore.errors import ConfigError
 from embedstore.probe.config import ProbeConfig
+from embedstore.probe.patient import patient_context
 from embedstore.store import FeatureStore
 
 
@@ -29,6 +30,8 @@ class ProbeData:
     feature_keys: dict[str, str]  # feature-set name as given -> store key
     columns: dict[str, list[str]]  # feature-set name -> its column names in X
     infos: dict[str, dict]
+    context: list[str]  # patient-context columns in X (--patient-features), read by lgbm beside the metadata
+    patients: np.ndarray | None  # each row's patient id (--patient-features), for top-15 sensitivity
 
 
 def set_names(cfg: ProbeConfig) -> list[str]:
@@ -46,7 +49,7 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     keys = {name: store.resolve(name) for name in set_names(cfg)}
     manifest = store.manifest
     for what, col in (("target", cfg.target), ("group", cfg.groups), ("split", cfg.split_column),
-                      *(("metadata", c) for c in cfg.metadata)):
+                      ("patient", cfg.patient_features), *(("metadata", c) for c in cfg.metadata)):
         if col and col not in manifest.columns:
             usable = ", ".join(c for c in manifest.columns if not c.startswith("_") and c not in ("sha256",))
             raise ConfigError(f"{what} column {col!r} is not in the store's table; it has: {usable}")
@@ -54,7 +57,7 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     ids = [i for i in common_ids(store, keys.values()) if labelled[i]]
     if not ids:
         raise ConfigError(f"no row has both features and a {cfg.target!r} value")
-    X, table, columns = feature_frame(store, keys, cfg.metadata, ids)
+    X, table, columns, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features)
     infos = {}
     for name, key in keys.items():
         info = store.info(key)
@@ -62,7 +65,8 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     y, classes = target_codes(cfg, table[cfg.target].astype(str).to_numpy())
     groups = _group_labels(cfg, table)
     _check_class_groups(cfg, y, classes, groups)
-    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos)
+    patients = table[cfg.patient_features].astype(str).to_numpy() if cfg.patient_features else None
+    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos, context, patients)
 
 
 def target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -110,10 +114,11 @@ def common_ids(store: FeatureStore, keys) -> list[str]:
     return list(ids)
 
 
-def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids):
-    """The heads' input: ``<name>/<j>`` columns of each feature set, then the metadata columns.
+def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids, patient: str | None = None):
+    """The heads' input: ``<name>/<j>`` columns of each feature set, then the metadata columns, then, with a
+    ``patient`` id column, the patient-context columns (:mod:`embedstore.probe.patient`).
 
-    Returns the frame, the manifest rows it came from and each set's column names.
+    Returns the frame, the manifest rows it came from, each set's column names and the context columns' names.
     Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept).
     """
     blocks, columns, table = [], {}, None
@@ -126,4 +131,9 @@ def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str]
     for col in metadata:
         values = store.manifest.set_index("id").loc[table["id"], col].reset_index(drop=True)
         frame[col] = values.astype(float) if pd.api.types.is_numeric_dtype(values) else values.astype("category")
-    return frame, table, columns
+    if not patient:
+        return frame, table, columns, []
+    context = patient_context(frame, columns, table[patient].to_numpy(), metadata)
+    for column in context.columns:  # added in place: a concatenation would copy every feature column
+        frame[column] = context[column].to_numpy()
+    return frame, table, columns, list(context.columns)

@@ -128,7 +128,8 @@ def _stack_bases(cfg: ProbeConfig, sets: list[str]) -> list[tuple[str, list[str]
 def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned: dict) -> ColumnsHead:
     columns = [c for name in sets for c in data.columns[name]]
     params = {**base_params(cfg, head), **tuned}
-    if head in METADATA_HEADS and cfg.metadata:
-        columns = [*columns, *cfg.metadata]
-        params["passthrough"] = tuple(cfg.metadata)
+    passthrough = [*cfg.metadata, *data.context]
+    if head in METADATA_HEADS and passthrough:
+        columns = [*columns, *passthrough]
+        params["passthrough"] = tuple(passthrough)
     return ColumnsHead(make_head(head, **params), columns)

@@ -33,7 +33,8 @@ from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
 from embedstore.heads.base import predict_rows, row_blocks, take_rows
 from embedstore.layout import study_storage
-from embedstore.metrics import bootstrap_metrics, evaluate, metric_functions
+from embedstore.metrics import (bootstrap_ci, bootstrap_metrics, evaluate, metric_functions,
+                                top_k_sensitivity_by_patient)
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
 from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_together,
@@ -44,6 +45,7 @@ from embedstore.store import FeatureStore, digest, fingerprint
 from embedstore.tune import SEARCH_SPACES, study_problem, tune
 
 MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
+TOP15 = "top15_sensitivity"  # with --patient-features, beside pAUC (the ISIC 2024 organisers' second metric)
 BINARY_HEADLINE = ["roc_auc", "pauc_80", "balanced_accuracy", "sensitivity_at_90_specificity", "average_precision"]
 
 
@@ -246,7 +248,11 @@ class Probe:
     # ------------------------------------------------------------------ metrics
 
     def headline_names(self) -> list[str]:
-        return BINARY_HEADLINE if len(self.data.classes) == 2 else MULTICLASS_HEADLINE
+        if len(self.data.classes) > 2:
+            return MULTICLASS_HEADLINE
+        if self.data.patients is None:
+            return BINARY_HEADLINE
+        return [*BINARY_HEADLINE[:2], TOP15, *BINARY_HEADLINE[2:]]
 
     def scored_rows(self) -> np.ndarray:
         """The rows metrics are computed on: the test rows when there are some, else the training rows (OOF)."""
@@ -259,10 +265,23 @@ class Probe:
         y = d.y[rows]
         pred = proba.argmax(1) if pred is None else pred
         groups = None if d.groups is None else d.groups[rows]
-        cis = bootstrap_metrics(self.headline_names(), y, proba, pred, groups=groups, n_boot=self.cfg.n_boot,
-                                seed=self.cfg.seed)
-        return {name: Estimate.of(cis[name]) if name in cis else Estimate(fn(y, proba, pred))
-                for name, fn in metric_functions(len(d.classes)).items()}
+        names = [n for n in self.headline_names() if n != TOP15]
+        cis = bootstrap_metrics(names, y, proba, pred, groups=groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+        out = {name: Estimate.of(cis[name]) if name in cis else Estimate(fn(y, proba, pred))
+               for name, fn in metric_functions(len(d.classes)).items()}
+        if TOP15 in self.headline_names():
+            out[TOP15] = self._top15(y, proba[:, 1], d.patients[rows])
+        return out
+
+    def _top15(self, y: np.ndarray, score: np.ndarray, patients: np.ndarray) -> Estimate:
+        """Top-15 sensitivity: the mean over patients with a positive image of the share of their positives among
+        their 15 highest-scored images; its CI resamples those patients."""
+        per_patient = top_k_sensitivity_by_patient(y, score, patients, k=15)
+        if not len(per_patient):
+            return Estimate(float("nan"))
+        if not self.cfg.n_boot:
+            return Estimate(float(per_patient.mean()))
+        return Estimate.of(bootstrap_ci(np.mean, per_patient, n_boot=self.cfg.n_boot, seed=self.cfg.seed))
 
     def model_metrics(self, results: list[ModelResult]) -> dict[str, dict[str, Estimate]]:
         """The metrics of every model of ``results``, by name, and of each stack's bases (``base (in stack)``)."""

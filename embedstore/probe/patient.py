@@ -1,0 +1,84 @@
+"""Patient context: how each image stands among the other lesions of its patient (the "ugly duckling" signals
+the ISIC 2024 solutions fed their gradient-boosted trees), as columns of the probe's frame.
+
+For every row, from the rows of the same patient only:
+
+- ``patient_images``: how many images the patient has;
+- ``patient_distance.<set>`` (each feature set): the cosine distance of the image to the mean of the patient's
+  *other* images (unit vectors), the outlier signal; NaN for a patient of one image;
+- ``patient_rank.<set>``: its rank among the patient's images by that distance, as a fraction (1 = the most
+  outlying), NaN for a patient of one image;
+- ``patient_z.<column>`` (each numeric metadata column): the per-patient z-score of the column, NaN where the
+  patient's values do not vary.
+
+No label enters them and no row of another patient, so they are the same whichever fold a row is in, and at
+prediction time they are computed the same way from the new store's rows: computing them once for the whole frame
+leaks nothing. Rows without a patient id are patients of one image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+BLOCK_ROWS = 32_768  # rows of a feature set converted at a time: memory stays bounded at 401,059 rows
+
+
+def context_columns(sets: list[str], numeric_metadata: list[str]) -> list[str]:
+    """The names of the context columns, in the order :func:`patient_context` makes them."""
+    return (["patient_images"] + [f"patient_{kind}.{name}" for name in sets for kind in ("distance", "rank")]
+            + [f"patient_z.{column}" for column in numeric_metadata])
+
+
+def patient_context(frame: pd.DataFrame, columns: dict[str, list[str]], patients, metadata: list[str]) -> pd.DataFrame:
+    """The context columns (:func:`context_columns`) of every row of ``frame``: ``columns`` names each feature
+    set's columns in it, ``patients`` each row's patient id (missing: a patient of its own), ``metadata`` the
+    metadata columns (the numeric ones get z-scores)."""
+    n = len(frame)
+    ids = pd.Series(patients).astype("string")
+    ids = ids.fillna(pd.Series([f"\0row{i}" for i in range(n)], dtype="string"))
+    code, _ = pd.factorize(ids)
+    members = sp.csr_array((np.ones(n), (code, np.arange(n))), shape=(code.max() + 1, n))
+    count = np.bincount(code).astype(float)
+    out = {"patient_images": count[code]}
+    for name, cols in columns.items():
+        distance = _distance_to_the_others(frame, cols, code, members, count)
+        out[f"patient_distance.{name}"] = distance
+        out[f"patient_rank.{name}"] = _rank_within(distance, code, count)
+    numeric = [c for c in metadata if pd.api.types.is_numeric_dtype(frame[c])]
+    for column in numeric:
+        values = frame[column].astype(float)
+        by = values.groupby(code)
+        mean, std = by.transform("mean").to_numpy(), by.transform("std", ddof=0).to_numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"patient_z.{column}"] = np.where(std > 0, (values.to_numpy() - mean) / std, np.nan)
+    return pd.DataFrame(out, index=frame.index)[context_columns(list(columns), numeric)]
+
+
+def _unit_rows(frame: pd.DataFrame, cols: list[str], start: int) -> np.ndarray:
+    block = frame.iloc[start:start + BLOCK_ROWS][cols].to_numpy(np.float64)
+    return block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+
+
+def _distance_to_the_others(frame, cols, code, members, count) -> np.ndarray:
+    """Cosine distance of each row's unit vector to the mean of its patient's other rows' unit vectors."""
+    sums = np.zeros((members.shape[0], len(cols)))
+    for start in range(0, len(frame), BLOCK_ROWS):
+        sums += members[:, start:start + BLOCK_ROWS] @ _unit_rows(frame, cols, start)
+    distance = np.full(len(frame), np.nan)
+    for start in range(0, len(frame), BLOCK_ROWS):
+        unit = _unit_rows(frame, cols, start)
+        rows = np.arange(start, start + len(unit))
+        others = sums[code[rows]] - unit
+        norm = np.linalg.norm(others, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosine = np.einsum("ij,ij->i", unit, others) / norm
+        distance[rows] = np.where(count[code[rows]] > 1, 1.0 - cosine, np.nan)
+    return distance
+
+
+def _rank_within(distance: np.ndarray, code: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Each row's rank by ``distance`` among its patient's rows, divided by their number (1: the most distant)."""
+    rank = pd.Series(distance).groupby(code).rank(method="average").to_numpy()
+    return np.where(count[code] > 1, rank / count[code], np.nan)
