@@ -111,8 +111,11 @@ def top_k_sensitivity_by_patient(y_true, score, patients, k: int = 15) -> np.nda
     among those ``k``. One value per such patient, in the order of the sorted patient ids."""
     frame = pd.DataFrame({"patient": np.asarray(patients), "y": np.asarray(y_true).astype(bool),
                           "score": np.asarray(score, dtype=float)})
-    frame["rank"] = frame.groupby("patient")["score"].rank(method="first", ascending=False)
-    frame["found"] = frame["y"] & (frame["rank"] <= k)
+    # Ties at the 15th place are shared: each of t tied images counts as (places left) / t of a place, so the
+    # value does not depend on the rows' order.
+    higher = frame.groupby("patient")["score"].rank(method="min", ascending=False) - 1
+    tied = frame.groupby(["patient", "score"])["score"].transform("size")
+    frame["found"] = frame["y"] * np.clip((k - higher) / tied, 0.0, 1.0)
     per = frame.groupby("patient")[["y", "found"]].sum()
     per = per[per["y"] > 0]
     return (per["found"] / per["y"]).to_numpy()

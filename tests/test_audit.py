@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from embedstore.audit.find import MIN_SAME_GROUP_PAIRS, calibrate
-from embedstore.audit.use import merge_groups
+from embedstore.audit.use import flagged_pairs, merge_groups
 from embedstore.errors import ConfigError
 from embedstore.layout import audit_folder
 
@@ -154,6 +154,21 @@ def test_merge_keeps_every_flagged_pair_in_one_fold(planted, audited, cli, tmp_p
     assert "merged near-duplicates" in report and "none of its" in report
 
 
+def test_a_threshold_merges_the_runs_own_near_duplicates(planted, cli, tmp_path):
+    store, originals = planted
+    code, out, err = cli("probe", store, "-f", "mobilenet_v2", "-t", "dx", "-g", "lesion_id", "--folds", "3",
+                         "--n-boot", "0", "--no-report", "--merge-near-duplicates", "0.97", "-o", tmp_path / "t")
+    assert code == 0, err
+    record = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert record["merged_groups"]["audit"] == "cosine >= 0.97" and "cosine >= 0.97" in out
+    fold = pd.read_parquet(tmp_path / "t" / "predictions.parquet").set_index("id")["fold"]
+    for new_id, original in originals.items():  # the copies and re-encodings are far above 0.97
+        assert fold[new_id] == fold[original]
+    code, _, err = cli("probe", store, "-f", "mobilenet_v2", "-t", "dx", "--merge-near-duplicates", "1.5",
+                       "-o", tmp_path / "u")
+    assert code == 2 and "(-1, 1]" in err
+
+
 def test_match_merges_only_for_its_folds(planted, audited, cli, tmp_path):
     store, _ = planted
     folder, _ = audited
@@ -174,7 +189,7 @@ def test_merge_groups_joins_groups_through_chains_of_pairs(planted, audited):
     pairs = _pairs(folder)
     ids = np.array(sorted(set(pairs["id_a"]) | set(pairs["id_b"]) | {"lonely"}))
     groups = np.array([f"g{i}" for i in range(len(ids))])
-    merged, summary = merge_groups(folder, store, ids, groups)
+    merged, summary = merge_groups(flagged_pairs(folder, store), str(folder), ids, groups)
     assert merged[list(ids).index("lonely")] == groups[list(ids).index("lonely")]
     position = {i: k for k, i in enumerate(ids)}
     for a, b in zip(pairs["id_a"], pairs["id_b"]):
@@ -182,10 +197,10 @@ def test_merge_groups_joins_groups_through_chains_of_pairs(planted, audited):
     assert summary.groups_after == len(set(merged)) and summary.groups_before == len(ids)
     # Pairs across a fixed split (a split column's train and test rows) are left as they are, and counted.
     fixed = (ids == pairs["id_a"].iloc[0]).astype(int)
-    _, split_summary = merge_groups(folder, store, ids, groups, fixed)
+    _, split_summary = merge_groups(flagged_pairs(folder, store), str(folder), ids, groups, fixed)
     assert split_summary.pairs_across_split >= 1 and split_summary.pairs == summary.pairs - split_summary.pairs_across_split
     with pytest.raises(ConfigError, match="audits the store"):
-        merge_groups(folder, store.with_name("elsewhere.zarr"), ids, groups)
+        flagged_pairs(folder, store.with_name("elsewhere.zarr"))
 
 
 def test_ids_that_look_like_numbers_stay_text(planted, audited, tmp_path):
@@ -197,7 +212,7 @@ def test_ids_that_look_like_numbers_stay_text(planted, audited, tmp_path):
     renamed = {i: f"{k:04d}" for k, i in enumerate(sorted(set(pairs["id_a"]) | set(pairs["id_b"])))}
     pairs.assign(id_a=pairs["id_a"].map(renamed), id_b=pairs["id_b"].map(renamed)).to_csv(copy / "pairs.csv", index=False)
     ids = np.array(sorted(renamed.values()))
-    merged, summary = merge_groups(copy, store, ids, None)
+    merged, summary = merge_groups(flagged_pairs(copy, store), str(copy), ids, None)
     assert summary.pairs == len(pairs) and len(set(merged)) < len(ids)
 
 

@@ -1,6 +1,7 @@
 """What probe and match runs take from a leakage audit (``embedstore audit``'s run folder).
 
-- :func:`merge_groups`: ``--merge-near-duplicates AUDIT``: the groups of every pair the audit flagged are
+- :func:`merge_groups`: ``--merge-near-duplicates AUDIT`` (or a cosine similarity): the groups of every pair
+  the audit flagged (:func:`pairs_to_merge`; with a number, the run's own near-duplicates at that similarity) are
   joined (connected components) before the run splits, so a suspected duplicate never straddles its folds. The
   audit may be of any feature set of the store: its pairs are pairs of images.
 - :func:`leakage`: how many flagged pairs of the audits of the run's feature sets (those in
@@ -16,9 +17,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from embedstore.audit.find import exact_pairs, with_exact
 from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.layout import audit_folder
 from embedstore.match.cluster import components
+from embedstore.match.index import FeatureIndex
+from embedstore.match.pairs import candidate_pairs, knn_graph
 from embedstore.runs import GroupMerge, Leakage, is_run_folder, read_run
 
 PAIRS_FILE = "pairs.csv"
@@ -47,16 +51,48 @@ def _positions(ids: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, np.nda
     return a[both].to_numpy(dtype=np.int64), b[both].to_numpy(dtype=np.int64)
 
 
-def merge_groups(audit: str | Path, store: str | Path, ids: np.ndarray, groups: np.ndarray | None,
-                 fixed: np.ndarray | None = None) -> tuple[np.ndarray, GroupMerge]:
-    """``groups`` (None: every image its own group, named by its id) with the groups of every pair the audit
-    flagged joined; a joined group is named after the first of its groups in sorted order.
+def as_threshold(spec: str | Path) -> float | None:
+    """The cosine similarity ``--merge-near-duplicates`` names when given a number rather than an audit folder
+    (a folder of that name wins); None for a folder."""
+    try:
+        value = float(str(spec))
+    except ValueError:
+        return None
+    return None if Path(spec).exists() else value
 
-    The audit may be of any feature set of ``store`` (its pairs are images); pairs with an image outside the
-    run's rows (``ids``) are left out, and so are pairs across the run's fixed split (``fixed``: each row's
-    side, e.g. train / test of a split column), which regrouping cannot join. Returns the groups and what was
-    merged, for the run record."""
-    a, b = _positions(ids, flagged_pairs(audit, store))
+
+def near_duplicate_pairs(X: np.ndarray, ids: np.ndarray, sha256: np.ndarray, threshold: float,
+                         neighbors: int = 10, seed: int = 0) -> pd.DataFrame:
+    """The ids (``id_a``, ``id_b``) of the pairs of rows of ``X`` whose cosine similarity is at or above
+    ``threshold`` among each row's ``neighbors`` nearest (the audit's kNN graph), and of identical bytes."""
+    index = FeatureIndex.build(X, ids, key="transient", seed=seed)
+    sims, rows = knn_graph(index, X, min(neighbors, len(X) - 1))
+    near = candidate_pairs(sims, rows, min_sim=threshold)
+    i, j = exact_pairs(pd.factorize(pd.Series(sha256))[0])
+    pairs = with_exact(near, i, j, np.ones(len(i)))
+    ids = np.asarray(ids).astype(str)
+    return pd.DataFrame({"id_a": ids[pairs.i], "id_b": ids[pairs.j]})
+
+
+def pairs_to_merge(spec: str | Path, store: str | Path, ids: np.ndarray, X: np.ndarray,
+                   sha256: np.ndarray, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """The pairs ``--merge-near-duplicates SPEC`` joins and how to name their source: an audit folder's flagged
+    pairs, or, for a number, the near-duplicates of the run's own features ``X`` at that similarity."""
+    threshold = as_threshold(spec)
+    if threshold is None:
+        return flagged_pairs(spec, store), str(spec)
+    return near_duplicate_pairs(X, ids, sha256, threshold, seed=seed), f"cosine >= {threshold:g}"
+
+
+def merge_groups(pairs: pd.DataFrame, source: str, ids: np.ndarray, groups: np.ndarray | None,
+                 fixed: np.ndarray | None = None) -> tuple[np.ndarray, GroupMerge]:
+    """``groups`` (None: every image its own group, named by its id) with the groups of every pair (``id_a``,
+    ``id_b``) joined; a joined group is named after the first of its groups in sorted order.
+
+    Pairs with an image outside the run's rows (``ids``) are left out, and so are pairs across the run's fixed
+    split (``fixed``: each row's side, e.g. train / test of a split column), which regrouping cannot join.
+    Returns the groups and what was merged (``source`` names where the pairs came from), for the run record."""
+    a, b = _positions(ids, pairs)
     across = np.zeros(len(a), dtype=bool) if fixed is None else np.asarray(fixed)[a] != np.asarray(fixed)[b]
     a, b = a[~across], b[~across]
     base = np.asarray(ids if groups is None else groups).astype(str)
@@ -67,9 +103,14 @@ def merge_groups(audit: str | Path, store: str | Path, ids: np.ndarray, groups: 
     np.minimum.at(first, label, np.arange(len(names)))  # names are sorted: the smallest code is the first name
     merged = np.asarray(names)[first[label]][codes]
     return merged, GroupMerge(
-        audit=str(audit), pairs=int(len(a)), pairs_across_split=int(across.sum()), groups_before=int(len(names)),
+        audit=source, pairs=int(len(a)), pairs_across_split=int(across.sum()), groups_before=int(len(names)),
         groups_after=int(len(sizes)), groups_merged=int((sizes[label] > 1).sum()), groups_formed=int((sizes > 1).sum()),
     )
+
+
+def merged_audit(spec: str | Path | None) -> str | Path | None:
+    """The audit folder ``--merge-near-duplicates`` names (None for a threshold or none)."""
+    return None if spec is None or as_threshold(spec) is not None else spec
 
 
 def audits_of(store: str | Path, keys: Iterable[str]) -> list[Path]:

@@ -29,7 +29,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the fol
                                             "it (never anything else).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (no bar on a terminal, no progress lines in a log).")]
 MergeOpt = Annotated[Optional[Path], typer.Option("--merge-near-duplicates", help="An audit folder (embedstore "
-                                                  "audit): join the groups of every pair it flagged before splitting.")]
+                                                  "audit), or a cosine similarity (e.g. 0.98) applied to the first "
+                                                  "feature set: join the groups of every flagged pair before splitting.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, or cuda[:N].")]
 
 

@@ -23,12 +23,12 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         self.columns = columns
 
     def fit(self, X, y):
-        return self._wrap(clone(self.head).fit(select_columns(X, self.columns), y))
+        return self._wrap(clone(self.head).fit(select_columns(X, self.columns, self.head), y))
 
     def fit_paths(self, X, y, row_sets, values=None) -> list[list[ColumnsHead]]:
         """Fitted copies per row set and per value of the head's path (:func:`embedstore.heads.base.fit_paths`),
         all reading one selection of the columns."""
-        fits = fit_paths(self.head, select_columns(X, self.columns), y, row_sets, values)
+        fits = fit_paths(self.head, select_columns(X, self.columns, self.head), y, row_sets, values)
         return [[clone(self)._wrap(head) for head in path] for path in fits]
 
     def single_core(self) -> bool:
@@ -42,4 +42,4 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         check_is_fitted(self, "head_")
-        return self.head_.predict_proba(select_columns(X, self.columns))
+        return self.head_.predict_proba(select_columns(X, self.columns, self.head_))

@@ -25,16 +25,16 @@ from embedstore.parallel import in_order
 from embedstore.splits import group_kfold
 
 
-def select_columns(X, columns):
-    """The columns a base head reads: all of ``X`` (``columns=None``), or the named DataFrame columns.
+def select_columns(X, columns, head=None):
+    """The columns ``head`` reads: all of ``X`` (``columns=None``), or the named DataFrame columns.
 
-    Purely numeric selections become a float32 matrix so the embedding heads get
-    the array they expect; selections with metadata stay a DataFrame.
+    A head that names metadata columns to pass through (LightGBM's ``passthrough``) gets a DataFrame, whatever
+    their types; other purely numeric selections become a float32 matrix, the array embedding heads expect.
     """
     if columns is None:
         return X
     part = X[list(columns)]
-    if all(pd.api.types.is_float_dtype(t) for t in part.dtypes):
+    if not getattr(head, "passthrough", ()) and all(pd.api.types.is_float_dtype(t) for t in part.dtypes):
         return part.to_numpy(np.float32)
     return part
 
@@ -86,7 +86,7 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
                              seed=self.seed)]
         self.oof_, self.bases_ = {}, []
         for name, head, columns in self.bases:
-            Xb = select_columns(X, columns)
+            Xb = select_columns(X, columns, head)
             *inner, final = [path[0] for path in fit_paths(head, Xb, codes, [train for train, _ in folds] + [rows])]
             oof = np.zeros((len(y), self.classes_.size))
             probas = list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),  # one-core heads: side by side
@@ -104,7 +104,7 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def base_probas(self, X) -> dict[str, np.ndarray]:
         """Each refitted base head's class probabilities for ``X``, by name (for base-vs-stack tables)."""
         check_is_fitted(self, "bases_")
-        return {name: head.predict_proba(select_columns(X, cols)) for name, head, cols in self.bases_}
+        return {name: head.predict_proba(select_columns(X, cols, head)) for name, head, cols in self.bases_}
 
     def predict_proba(self, X) -> np.ndarray:
         return self.proba_of_bases(self.base_probas(X))

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from embedstore.atomic import replacing_folder
-from embedstore.audit.use import leakage, merge_groups
+from embedstore.audit.use import leakage, merge_groups, merged_audit, pairs_to_merge
 from embedstore.errors import ConfigError
 from embedstore.layout import projection_head_folder, remove_orphans
 from embedstore.match.cluster import Grouper, floor_similarity
@@ -312,11 +312,13 @@ def run_match(config: MatchConfig, progress=None, inputs: MatchInputs | None = N
     ids = table["id"].astype(str).to_numpy()
     split_groups, merged = groups, None
     if config.merge_near_duplicates:
-        split_groups, merged = merge_groups(config.merge_near_duplicates, config.store, ids, groups)
+        pairs, source = pairs_to_merge(config.merge_near_duplicates, config.store, ids, X, table["sha256"].to_numpy(),
+                                       config.seed)
+        split_groups, merged = merge_groups(pairs, source, ids, groups)
 
     result = cross_validate(X, groups, ids, config, progress=progress, split_groups=split_groups)
     sides = np.where(result.fold_of >= 0, np.char.add("fold ", result.fold_of.astype(str)), "")
-    leaks = leakage(config.store, [key], ids, sides, config.merge_near_duplicates)
+    leaks = leakage(config.store, [key], ids, sides, merged_audit(config.merge_near_duplicates))
     metrics = summarise(result, groups, config)
     value, candidate = final_choice(result, config)
 

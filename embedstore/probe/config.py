@@ -66,11 +66,15 @@ class ProbeConfig(RunConfig):
         device_name(self.device)  # one line now for a device that is not there, not after the first folds
         self._validate_split()
         self._validate_metric()
-        if self.metadata and not ({"lgbm", "stack"} & set(self.heads)):
-            raise ConfigError("--metadata is read by the lgbm head (alone or in a stack): add --head lgbm or stack")
-        if self.patient_features and not ({"lgbm", "stack"} & set(self.heads)):
-            raise ConfigError("--patient-features are read by the lgbm head (alone or in a stack): add --head lgbm "
-                              "or stack")
+        if isinstance(self.patient_features, str) and self.patient_features.strip().lower() in ("", "none"):
+            self.patient_features = None  # `--patient-features none` switches a recipe's off
+        if self.patient_features is not None and not isinstance(self.patient_features, str):
+            raise ConfigError(f"patient_features names one column (e.g. patient_id), not {self.patient_features!r}")
+        reads = "lgbm" in self.heads or ("stack" in self.heads and "lgbm" in {*self.stack_heads, *self.stack_joint})
+        for option, given in (("--metadata", self.metadata), ("--patient-features", self.patient_features)):
+            if given and not reads:
+                raise ConfigError(f"{option} is read by the lgbm head, alone or as a stack's base: add --head lgbm, "
+                                  "or --head stack with --stack-joint lgbm")
         if not isinstance(self.params, dict):
             raise ConfigError(f"params must map head names to their parameters (e.g. {{logreg: {{C: 0.5}}}}), "
                               f"not {self.params!r}")

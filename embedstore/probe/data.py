@@ -13,7 +13,7 @@ import pandas as pd
 
 from embedstore.errors import ConfigError
 from embedstore.probe.config import ProbeConfig
-from embedstore.probe.patient import patient_context
+from embedstore.probe.patient import patient_context, patient_ids
 from embedstore.store import FeatureStore
 
 
@@ -65,7 +65,7 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     y, classes = target_codes(cfg, table[cfg.target].astype(str).to_numpy())
     groups = _group_labels(cfg, table)
     _check_class_groups(cfg, y, classes, groups)
-    patients = table[cfg.patient_features].astype(str).to_numpy() if cfg.patient_features else None
+    patients = patient_ids(table[cfg.patient_features]) if cfg.patient_features else None
     return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos, context, patients)
 
 

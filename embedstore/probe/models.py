@@ -15,6 +15,7 @@ from embedstore.heads import HEADS, BalancedDecision, ColumnsHead, StackHead, ma
 from embedstore.heads.base import fit_paths
 from embedstore.probe.config import ProbeConfig
 from embedstore.probe.data import ProbeData
+from embedstore.probe.patient import columns_for
 
 #: Heads that read the metadata columns beside the features.
 METADATA_HEADS = {"lgbm"}
@@ -108,6 +109,13 @@ def fit_together(model, X: pd.DataFrame, y, row_sets) -> list:
     return [path[0] for path in fit_paths(model, X, y, row_sets)]
 
 
+def reads_metadata(cfg: ProbeConfig, head: str) -> bool:
+    """Whether a model of ``head`` (a stack: through one of its bases) reads the metadata and patient context."""
+    if head == "stack":
+        return bool(METADATA_HEADS & {*cfg.stack_heads, *cfg.stack_joint})
+    return head in METADATA_HEADS
+
+
 def _head_of(model):
     """The head inside a single model (under its decision rule and column selection); None for a stack."""
     if isinstance(model, BalancedDecision):
@@ -128,7 +136,7 @@ def _stack_bases(cfg: ProbeConfig, sets: list[str]) -> list[tuple[str, list[str]
 def _single(cfg: ProbeConfig, data: ProbeData, sets: list[str], head: str, tuned: dict) -> ColumnsHead:
     columns = [c for name in sets for c in data.columns[name]]
     params = {**base_params(cfg, head), **tuned}
-    passthrough = [*cfg.metadata, *data.context]
+    passthrough = [*cfg.metadata, *columns_for(data.context, sets)]
     if head in METADATA_HEADS and passthrough:
         columns = [*columns, *passthrough]
         params["passthrough"] = tuple(passthrough)

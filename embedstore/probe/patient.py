@@ -13,7 +13,7 @@ For every row, from the rows of the same patient only:
 
 No label enters them and no row of another patient, so they are the same whichever fold a row is in, and at
 prediction time they are computed the same way from the new store's rows: computing them once for the whole frame
-leaks nothing. Rows without a patient id are patients of one image.
+leaks nothing. Rows without a patient id are patients of one image (:func:`patient_ids`).
 """
 
 from __future__ import annotations
@@ -23,27 +23,40 @@ import pandas as pd
 import scipy.sparse as sp
 
 BLOCK_ROWS = 32_768  # rows of a feature set converted at a time: memory stays bounded at 401,059 rows
+SHARED = "patient_images"
+
+
+def patient_ids(values) -> np.ndarray:
+    """Patient ids as text; a missing id becomes an id of its own (``\\0row<i>``): a patient of one image."""
+    ids = pd.Series(values, dtype=object)
+    missing = ids.isna().to_numpy()
+    text = ids.astype(str).to_numpy(dtype=object)
+    text[missing] = [f"\0row{i}" for i in np.flatnonzero(missing)]
+    return text
 
 
 def context_columns(sets: list[str], numeric_metadata: list[str]) -> list[str]:
     """The names of the context columns, in the order :func:`patient_context` makes them."""
-    return (["patient_images"] + [f"patient_{kind}.{name}" for name in sets for kind in ("distance", "rank")]
+    return ([SHARED] + [f"patient_{kind}.{name}" for name in sets for kind in ("distance", "rank")]
             + [f"patient_z.{column}" for column in numeric_metadata])
+
+
+def columns_for(context: list[str], sets: list[str]) -> list[str]:
+    """The context columns a head on feature sets ``sets`` reads: the shared ones and its own sets' distances
+    and ranks, not those of the run's other feature sets."""
+    own = {f"patient_{kind}.{name}" for name in sets for kind in ("distance", "rank")}
+    return [c for c in context if c in own or not c.startswith(("patient_distance.", "patient_rank."))]
 
 
 def patient_context(frame: pd.DataFrame, columns: dict[str, list[str]], patients, metadata: list[str]) -> pd.DataFrame:
     """The context columns (:func:`context_columns`) of every row of ``frame``: ``columns`` names each feature
-    set's columns in it, ``patients`` each row's patient id (missing: a patient of its own), ``metadata`` the
-    metadata columns (the numeric ones get z-scores)."""
-    n = len(frame)
-    ids = pd.Series(patients).astype("string")
-    ids = ids.fillna(pd.Series([f"\0row{i}" for i in range(n)], dtype="string"))
-    code, _ = pd.factorize(ids)
-    members = sp.csr_array((np.ones(n), (code, np.arange(n))), shape=(code.max() + 1, n))
-    count = np.bincount(code).astype(float)
-    out = {"patient_images": count[code]}
+    set's columns in it, ``patients`` each row's patient id (:func:`patient_ids`), ``metadata`` the metadata
+    columns (the numeric ones get z-scores)."""
+    code, _ = pd.factorize(pd.Series(patient_ids(patients)))
+    count = np.bincount(code)[code].astype(float)
+    out = {SHARED: count}
     for name, cols in columns.items():
-        distance = _distance_to_the_others(frame, cols, code, members, count)
+        distance = _distance_to_the_others(frame, cols, code, count)
         out[f"patient_distance.{name}"] = distance
         out[f"patient_rank.{name}"] = _rank_within(distance, code, count)
     numeric = [c for c in metadata if pd.api.types.is_numeric_dtype(frame[c])]
@@ -61,24 +74,38 @@ def _unit_rows(frame: pd.DataFrame, cols: list[str], start: int) -> np.ndarray:
     return block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
 
 
-def _distance_to_the_others(frame, cols, code, members, count) -> np.ndarray:
-    """Cosine distance of each row's unit vector to the mean of its patient's other rows' unit vectors."""
-    sums = np.zeros((members.shape[0], len(cols)))
+def _distance_to_the_others(frame, cols, code, count) -> np.ndarray:
+    """Cosine distance of each row's unit vector to the mean of its patient's other rows' unit vectors.
+
+    Sums are kept only for patients of two or more images, and each block adds into the patients it holds, so
+    memory is (such patients + one block) x dims, whatever the number of patients."""
+    shared = count > 1
+    slot = np.full(len(frame), -1)
+    slot_of_patient, slot[shared] = np.unique(code[shared], return_inverse=True)[:2]
+    sums = np.zeros((len(slot_of_patient), len(cols)))
     for start in range(0, len(frame), BLOCK_ROWS):
-        sums += members[:, start:start + BLOCK_ROWS] @ _unit_rows(frame, cols, start)
+        rows = np.arange(start, min(start + BLOCK_ROWS, len(frame)))
+        keep = slot[rows] >= 0
+        if keep.any():
+            present, local = np.unique(slot[rows][keep], return_inverse=True)
+            members = sp.csr_array((np.ones(int(keep.sum())), (local, np.arange(int(keep.sum())))),
+                                   shape=(len(present), int(keep.sum())))
+            sums[present] += members @ _unit_rows(frame, cols, start)[keep]
     distance = np.full(len(frame), np.nan)
     for start in range(0, len(frame), BLOCK_ROWS):
-        unit = _unit_rows(frame, cols, start)
-        rows = np.arange(start, start + len(unit))
-        others = sums[code[rows]] - unit
-        norm = np.linalg.norm(others, axis=1)
+        rows = np.arange(start, min(start + BLOCK_ROWS, len(frame)))
+        keep = slot[rows] >= 0
+        if not keep.any():
+            continue
+        unit = _unit_rows(frame, cols, start)[keep]
+        others = sums[slot[rows][keep]] - unit
         with np.errstate(invalid="ignore", divide="ignore"):
-            cosine = np.einsum("ij,ij->i", unit, others) / norm
-        distance[rows] = np.where(count[code[rows]] > 1, 1.0 - cosine, np.nan)
+            cosine = np.einsum("ij,ij->i", unit, others) / np.linalg.norm(others, axis=1)
+        distance[rows[keep]] = 1.0 - cosine
     return distance
 
 
 def _rank_within(distance: np.ndarray, code: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Each row's rank by ``distance`` among its patient's rows, divided by their number (1: the most distant)."""
     rank = pd.Series(distance).groupby(code).rank(method="average").to_numpy()
-    return np.where(count[code] > 1, rank / count[code], np.nan)
+    return np.where(count > 1, rank / count, np.nan)

@@ -29,14 +29,21 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     store = FeatureStore.open(store_path)
     keys = _feature_keys(store, store_path, card)
     patient = card.get("patient_features")  # cards written before patient context have none
-    missing = [c for c in [*card["metadata"], *([patient] if patient else [])] if c not in store.manifest.columns]
+    missing = [c for c in card["metadata"] if c not in store.manifest.columns]
     if missing:
         raise ConfigError(f"the head reads metadata column(s) {missing}, which {store_path} does not have")
+    if patient and patient not in store.manifest.columns:
+        raise ConfigError(f"the head reads each image's patient context from column {patient!r}, which {store_path} "
+                          "does not have")
     ids = common_ids(store, keys.values())
     if not ids:
         raise StoreError(f"{store_path} has no finished rows of {', '.join(keys)} to predict: run `embedstore extract` "
                          "first (`embedstore ls` shows what is pending or failed)")
-    X, table, _, _ = feature_frame(store, keys, card["metadata"], ids, patient)
+    X, table, _, context = feature_frame(store, keys, card["metadata"], ids, patient)
+    lacking = sorted(set(card.get("patient_context", [])) - set(context))
+    if lacking:
+        raise ConfigError(f"the head reads patient context {lacking}, which cannot be made from {store_path} (a "
+                          "metadata column that is not numeric there?)")
     proba = model.predict_proba(X)
     classes = np.asarray(card["classes"], dtype=object)
     frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[decide(model, proba)]})

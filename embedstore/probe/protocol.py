@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedstore.audit.use import leakage, merge_groups
+from embedstore.audit.use import leakage, merge_groups, merged_audit, pairs_to_merge
 from embedstore.errors import ConfigError
 from embedstore.heads import BalancedDecision, decide
 from embedstore.heads.base import predict_rows, row_blocks, take_rows
@@ -37,6 +37,7 @@ from embedstore.metrics import (bootstrap_ci, bootstrap_metrics, evaluate, metri
                                 top_k_sensitivity_by_patient)
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import load_data
+from embedstore.probe.patient import columns_for
 from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_together,
                                      fits_together, stack_of, tunable_parts)
 from embedstore.runs.record import Estimate
@@ -84,14 +85,16 @@ class Probe:
         self.merged = None  # GroupMerge: groups joined by an audit's flagged pairs (--merge-near-duplicates)
         if cfg.merge_near_duplicates:
             d = self.data
-            d.groups, self.merged = merge_groups(cfg.merge_near_duplicates, cfg.store, d.ids, d.groups,
-                                                 self._split_sides())
+            first = d.X[d.columns[next(iter(d.columns))]]  # a threshold is applied to the first feature set
+            pairs, source = pairs_to_merge(cfg.merge_near_duplicates, cfg.store, d.ids, first.to_numpy(np.float32),
+                                           d.table["sha256"].to_numpy(), cfg.seed)
+            d.groups, self.merged = merge_groups(pairs, source, d.ids, d.groups, self._split_sides())
         self.metric_name, self.metric = tune_metric(cfg, len(self.data.classes))
         self.storage = cfg.storage or study_storage(cfg.store)
         self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
         self._split()
         self.leakage = leakage(cfg.store, self.data.feature_keys.values(), self.data.ids, self.sides(),
-                               cfg.merge_near_duplicates)
+                               merged_audit(cfg.merge_near_duplicates))
 
     def sides(self) -> np.ndarray:
         """Each row's side of the run: ``fold k`` (held out in outer fold k), ``test``, ``valid``, or empty."""
@@ -175,7 +178,8 @@ class Probe:
             "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
             "head": head, "params": effective_params(cfg, head),
             "metric": self.metric_name, "decision": cfg.decision,
-        }
+        } | ({"patient_features": cfg.patient_features, "patients": digest(d.patients[rows]),
+              "patient_context": columns_for(d.context, sets)} if cfg.patient_features and head in METADATA_HEADS else {})
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
         """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.

@@ -83,7 +83,9 @@ def build_probe_report(run: Run) -> Report:
             f"seed {record.seed}, created {record.created}"
         ),
     )
-    report.add(*headline_section(run, "95% CIs from a bootstrap resampled by group"))
+    resampled = "95% CIs from a bootstrap resampled by group" + (
+        " (top-15 sensitivity: by patient with a malignant lesion)" if "top15_sensitivity" in run.metrics.metrics else "")
+    report.add(*headline_section(run, resampled))
     _models(report, run)
     folds = _reported_folds(run)
     if folds is not None:

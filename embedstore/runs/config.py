@@ -28,8 +28,9 @@ class RunConfig:
     ``features`` are feature-set names, keys or encoders (a probe compares several, ``a+b`` joins
     sets); ``groups`` is the column no split may cut (None: every image its own group); ``out``
     is the run folder, replaced only with ``overwrite`` and only when embedstore wrote it.
-    ``merge_near_duplicates`` is a leakage audit's folder (``embedstore audit``): the groups of every pair
-    it flagged are joined before splitting, so a suspected duplicate never lands on two sides.
+    ``merge_near_duplicates`` is a leakage audit's folder (``embedstore audit``) or a cosine similarity: the
+    groups of every pair it flagged (of every pair of the run's first feature set at least that similar, and of
+    identical images) are joined before splitting, so a suspected duplicate never lands on two sides.
     """
 
     kind: ClassVar[str] = "run"
@@ -91,6 +92,20 @@ class RunConfig:
             raise ConfigError(f"n_boot must be 0 (no intervals) or more, got {self.n_boot}")
         if not isinstance(self.features, list) or not all(isinstance(f, str) and f for f in self.features):
             raise ConfigError(f"features must be feature-set names, got {self.features!r}")
+        self._validate_merge()
+
+    def _validate_merge(self) -> None:
+        """``merge_near_duplicates``: an audit folder, or a cosine similarity in (-1, 1]."""
+        spec = self.merge_near_duplicates
+        if spec is None or Path(spec).exists():
+            return
+        try:
+            value = float(spec)
+        except ValueError:
+            raise ConfigError(f"--merge-near-duplicates {spec}: no such audit folder (embedstore audit writes one), "
+                              "and not a cosine similarity") from None
+        if not -1.0 < value <= 1.0:
+            raise ConfigError(f"--merge-near-duplicates {spec}: a cosine similarity is in (-1, 1]")
 
     def check_whole_numbers(self, *names: str) -> None:
         """ConfigError (one line) naming the first option of ``names`` whose value is not a whole number."""
