@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-BLOCK_ROWS = 32_768  # rows of a feature set converted at a time: memory stays bounded at 401,059 rows
+# Rows of a feature set converted at a time. Each block holds a few float64 copies of its rows (selection,
+# conversion, unit vectors): 4,096 x 1,280 keeps them near 170 MB, where 32,768 rows raised the ISIC 2024 recipe's
+# peak at 401,059 rows by 1.3 GB (BENCHMARKS.md).
+BLOCK_ROWS = 4_096
 SHARED = "patient_images"
 
 
