@@ -1,7 +1,8 @@
-"""Finding what leaks, on arrays: exact duplicates, the near-duplicate threshold, flagged pairs, their clusters.
+"""Finding what leaks: the candidate pairs (:func:`candidate_graph`), exact duplicates, the near-duplicate
+threshold, flagged pairs, their clusters.
 
-Pure functions of the store's rows (hashes, groups, the split side and fold of each row) and the candidate
-pairs of the FAISS kNN graph (:func:`embedstore.match.pairs.knn_graph`), so memory grows as N x k, never N x N.
+Functions of the store's rows (hashes, groups, the split side and fold of each row) and the candidate pairs of
+the FAISS kNN graph (:func:`embedstore.match.pairs.knn_graph`), so memory grows as N x k, never N x N.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pandas as pd
 
 from embedstore.errors import ConfigError
 from embedstore.match.cluster import components
-from embedstore.match.pairs import Pairs, co_cluster_pairs
+from embedstore.match.index import FeatureIndex
+from embedstore.match.pairs import Pairs, candidate_pairs, co_cluster_pairs, knn_graph
 
 MIN_SAME_GROUP_PAIRS = 20  # below this, a calibrated threshold would rest on a handful of pairs
 HISTOGRAM_BIN = 0.005
@@ -80,6 +82,18 @@ def with_exact(candidates: Pairs, i: np.ndarray, j: np.ndarray, sim: np.ndarray)
     sims = np.concatenate([candidates.sim, sim.astype(np.float32)])
     code, first = np.unique(code, return_index=True)
     return Pairs(n, code // n, code % n, sims[first])
+
+
+def candidate_graph(X: np.ndarray, ids, sha256_code: np.ndarray, neighbors: int, kind: str = "auto",
+                    centre: bool = False, seed: int = 0, advance=None) -> Pairs:
+    """The pairs an audit looks at: each row's ``neighbors`` nearest rows of ``X`` by cosine (FAISS, as ``match``
+    searches), and every pair of identical bytes (``sha256_code``), each pair once with its similarity.
+    ``advance(n)`` counts the rows searched."""
+    index = FeatureIndex.build(X, ids, key="transient", kind=kind, centre=centre, seed=seed)
+    sims, rows = knn_graph(index, X, min(neighbors, len(X) - 1), advance=advance)
+    i, j = exact_pairs(sha256_code)
+    exact_sim = np.einsum("ij,ij->i", index.prepare(X[i]), index.prepare(X[j])) if len(i) else np.empty(0)
+    return with_exact(candidate_pairs(sims, rows), i, j, exact_sim)
 
 
 def histogram(sim: np.ndarray, same_group: np.ndarray | None) -> pd.DataFrame:

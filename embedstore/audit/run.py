@@ -21,11 +21,9 @@ import numpy as np
 import pandas as pd
 
 from embedstore.audit.config import AuditConfig
-from embedstore.audit.find import (CROSSINGS, Threshold, calibrate, clusters, crossings, exact_pairs, flagged,
-                                   histogram, most_similar, pair_table, with_exact)
+from embedstore.audit.find import (CROSSINGS, Threshold, calibrate, candidate_graph, clusters, crossings, flagged,
+                                   histogram, most_similar, pair_table)
 from embedstore.errors import ConfigError
-from embedstore.match.index import FeatureIndex
-from embedstore.match.pairs import candidate_pairs, knn_graph
 from embedstore.probe.data import target_codes
 from embedstore.runs import AuditRecord, Estimate, Metrics, Run, check_out, write_run
 from embedstore.splits import column_split, group_kfold
@@ -101,13 +99,9 @@ def run_audit(cfg: AuditConfig, progress=None) -> Run:
     if len(X) < 2:
         raise ConfigError(f"feature set {key} has {len(X)} row(s) with features: nothing to compare")
     rows = audit_rows(cfg, table)
-    index = FeatureIndex.build(X, rows.frame["id"].to_numpy(), key=key, kind=cfg.index, centre=cfg.centre,
-                               seed=cfg.seed)
-    sims, neighbours = knn_graph(index, X, min(cfg.neighbors, len(X) - 1), advance=advance)
-    i, j = exact_pairs(rows.codes["sha256"])
-    exact_sim = np.einsum("ij,ij->i", index.prepare(X[i]), index.prepare(X[j])) if len(i) else np.empty(0)
-    pairs = with_exact(candidate_pairs(sims, neighbours), i, j, exact_sim)
-    del X, sims, neighbours
+    pairs = candidate_graph(X, rows.frame["id"].to_numpy(), rows.codes["sha256"], cfg.neighbors, kind=cfg.index,
+                            centre=cfg.centre, seed=cfg.seed, advance=advance)
+    del X
     advance(0, "flagging pairs")
     crossed = crossings(pairs, rows.codes, rows.fold)
     same = ~crossed["cross_group"] if cfg.groups else None

@@ -17,12 +17,10 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from embedstore.audit.find import exact_pairs, with_exact
+from embedstore.audit.find import candidate_graph
 from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.layout import audit_folder
 from embedstore.match.cluster import components
-from embedstore.match.index import FeatureIndex
-from embedstore.match.pairs import candidate_pairs, knn_graph
 from embedstore.runs import GroupMerge, Leakage, is_run_folder, read_run
 
 PAIRS_FILE = "pairs.csv"
@@ -65,13 +63,11 @@ def near_duplicate_pairs(X: np.ndarray, ids: np.ndarray, sha256: np.ndarray, thr
                          neighbors: int = 10, seed: int = 0) -> pd.DataFrame:
     """The ids (``id_a``, ``id_b``) of the pairs of rows of ``X`` whose cosine similarity is at or above
     ``threshold`` among each row's ``neighbors`` nearest (the audit's kNN graph), and of identical bytes."""
-    index = FeatureIndex.build(X, ids, key="transient", seed=seed)
-    sims, rows = knn_graph(index, X, min(neighbors, len(X) - 1))
-    near = candidate_pairs(sims, rows, min_sim=threshold)
-    i, j = exact_pairs(pd.factorize(pd.Series(sha256))[0])
-    pairs = with_exact(near, i, j, np.ones(len(i)))
+    code = pd.factorize(pd.Series(sha256))[0]
+    pairs = candidate_graph(X, ids, code, neighbors, seed=seed)
+    keep = (pairs.sim >= threshold) | (code[pairs.i] == code[pairs.j])
     ids = np.asarray(ids).astype(str)
-    return pd.DataFrame({"id_a": ids[pairs.i], "id_b": ids[pairs.j]})
+    return pd.DataFrame({"id_a": ids[pairs.i[keep]], "id_b": ids[pairs.j[keep]]})
 
 
 def pairs_to_merge(spec: str | Path, store: str | Path, ids: np.ndarray, X: np.ndarray,

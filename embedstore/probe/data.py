@@ -119,15 +119,27 @@ def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str]
     ``patient`` id column, the patient-context columns (:mod:`embedstore.probe.patient`).
 
     Returns the frame, the manifest rows it came from, each set's column names and the context columns' names.
-    Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept).
+    Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept). The feature sets fill one
+    float32 matrix that the frame wraps without a copy (one set: the loaded array itself), so building it holds
+    the features once plus one set's rows, not a frame per set and their concatenation.
     """
-    blocks, columns, table = [], {}, None
+    sets, columns, table = [], {}, None
     for name, key in keys.items():
         X, t = store.load(key, ids=ids)
         table = t if table is None else table
         columns[name] = [f"{name}/{j}" for j in range(X.shape[1])]
-        blocks.append(pd.DataFrame(X, columns=columns[name]))
-    frame = pd.concat(blocks, axis=1)
+        sets.append(X)
+    if len(sets) == 1:
+        matrix = sets.pop()
+    else:
+        matrix = np.empty((len(table), sum(x.shape[1] for x in sets)), dtype=np.float32)
+        start = 0
+        while sets:
+            X = sets.pop(0)
+            matrix[:, start:start + X.shape[1]] = X
+            start += X.shape[1]
+            del X
+    frame = pd.DataFrame(matrix, columns=[c for name in keys for c in columns[name]], copy=False)
     for col in metadata:
         values = store.manifest.set_index("id").loc[table["id"], col].reset_index(drop=True)
         frame[col] = values.astype(float) if pd.api.types.is_numeric_dtype(values) else values.astype("category")
