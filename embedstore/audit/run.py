@@ -25,6 +25,7 @@ from embedstore.audit.find import (CROSSINGS, Threshold, calibrate, candidate_gr
                                    histogram, most_similar, pair_table)
 from embedstore.errors import ConfigError
 from embedstore.probe.data import target_codes
+from embedstore.progress import progress_bar
 from embedstore.runs import AuditRecord, Estimate, Metrics, Run, check_out, write_run
 from embedstore.splits import column_split, group_kfold
 
@@ -83,15 +84,14 @@ def audit_rows(cfg: AuditConfig, table: pd.DataFrame) -> AuditRows:
     return AuditRows(frame, codes, fold)
 
 
-def run_audit(cfg: AuditConfig, progress=None) -> Run:
+def run_audit(cfg: AuditConfig, progress: bool = False) -> Run:
     """Audit ``cfg.feature_set`` of ``cfg.store`` for leakage and write the folder ``cfg.out``; returns it.
 
-    ``progress(n, message)`` counts the rows searched for neighbours (the long step), then the steps after it.
+    With ``progress``, a bar (or log lines) counts the rows searched for neighbours, the long step.
     """
     from embedstore.store import FeatureStore  # the store module pulls in zarr; import when used
 
     started = time.perf_counter()
-    advance = progress or (lambda n=1, message=None: None)
     check_out(cfg)
     store = FeatureStore.open(cfg.store)
     key = store.resolve(cfg.feature_set)
@@ -99,10 +99,10 @@ def run_audit(cfg: AuditConfig, progress=None) -> Run:
     if len(X) < 2:
         raise ConfigError(f"feature set {key} has {len(X)} row(s) with features: nothing to compare")
     rows = audit_rows(cfg, table)
-    pairs = candidate_graph(X, rows.frame["id"].to_numpy(), rows.codes["sha256"], cfg.neighbors, kind=cfg.index,
-                            centre=cfg.centre, seed=cfg.seed, advance=advance)
+    with progress_bar(f"audit {cfg.feature_set}: nearest neighbours", len(X), enabled=progress) as advance:
+        pairs = candidate_graph(X, rows.frame["id"].to_numpy(), rows.codes["sha256"], cfg.neighbors, kind=cfg.index,
+                                centre=cfg.centre, seed=cfg.seed, advance=advance)
     del X
-    advance(0, "flagging pairs")
     crossed = crossings(pairs, rows.codes, rows.fold)
     same = ~crossed["cross_group"] if cfg.groups else None
     threshold = (Threshold(float(cfg.threshold), "given") if cfg.threshold is not None
@@ -151,7 +151,6 @@ def run_audit(cfg: AuditConfig, progress=None) -> Run:
         cluster_table.to_csv(folder / "clusters.csv", index=False)
         hist.to_csv(folder / "histogram.csv", index=False)
 
-    advance(0, "writing the audit" + (" and its report" if cfg.report else ""))
     return write_run(cfg, record, metrics, write_files)
 
 

@@ -22,6 +22,7 @@ from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.layout import audit_folder
 from embedstore.match.cluster import components
 from embedstore.runs import GroupMerge, Leakage, is_run_folder, read_run
+from embedstore.runs.config import merge_threshold
 
 PAIRS_FILE = "pairs.csv"
 
@@ -49,16 +50,6 @@ def _positions(ids: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, np.nda
     return a[both].to_numpy(dtype=np.int64), b[both].to_numpy(dtype=np.int64)
 
 
-def as_threshold(spec: str | Path) -> float | None:
-    """The cosine similarity ``--merge-near-duplicates`` names when given a number rather than an audit folder
-    (a folder of that name wins); None for a folder."""
-    try:
-        value = float(str(spec))
-    except ValueError:
-        return None
-    return None if Path(spec).exists() else value
-
-
 def near_duplicate_pairs(X: np.ndarray, ids: np.ndarray, sha256: np.ndarray, threshold: float,
                          neighbors: int = 10, seed: int = 0) -> pd.DataFrame:
     """The ids (``id_a``, ``id_b``) of the pairs of rows of ``X`` whose cosine similarity is at or above
@@ -74,7 +65,7 @@ def pairs_to_merge(spec: str | Path, store: str | Path, ids: np.ndarray, X: np.n
                    sha256: np.ndarray, seed: int = 0) -> tuple[pd.DataFrame, str]:
     """The pairs ``--merge-near-duplicates SPEC`` joins and how to name their source: an audit folder's flagged
     pairs, or, for a number, the near-duplicates of the run's own features ``X`` at that similarity."""
-    threshold = as_threshold(spec)
+    threshold = merge_threshold(spec)
     if threshold is None:
         return flagged_pairs(spec, store), str(spec)
     return near_duplicate_pairs(X, ids, sha256, threshold, seed=seed), f"cosine >= {threshold:g}"
@@ -106,7 +97,7 @@ def merge_groups(pairs: pd.DataFrame, source: str, ids: np.ndarray, groups: np.n
 
 def merged_audit(spec: str | Path | None) -> str | Path | None:
     """The audit folder ``--merge-near-duplicates`` names (None for a threshold or none)."""
-    return None if spec is None or as_threshold(spec) is not None else spec
+    return None if spec is None or merge_threshold(spec) is not None else spec
 
 
 def audits_of(store: str | Path, keys: Iterable[str]) -> list[Path]:
@@ -135,17 +126,20 @@ def leakage(store: str | Path, keys: Iterable[str], ids: np.ndarray, side: np.nd
     ``valid``) lie across the fixed split. An audit beside the store that cannot be read is passed over (the
     run goes on); None when no audit exists."""
     audits = audits_of(store, keys)
-    if merged_from is not None and Path(merged_from).resolve() not in {p.resolve() for p in audits}:
+    merged_path = None if merged_from is None else Path(merged_from).resolve()
+    if merged_path is not None and merged_path not in {p.resolve() for p in audits}:
         audits.append(Path(merged_from))
-    read, parts = [], []
+    read, parts, merged = [], [], None
     for audit in audits:
         try:
             parts.append(flagged_pairs(audit))
         except EmbedstoreError:
-            if merged_from is not None and Path(audit).resolve() == Path(merged_from).resolve():
+            if audit.resolve() == merged_path:
                 raise
             continue
         read.append(audit)
+        if audit.resolve() == merged_path:
+            merged = str(audit)
     if not read:
         return None
     pairs = pd.concat(parts, ignore_index=True)
@@ -156,6 +150,5 @@ def leakage(store: str | Path, keys: Iterable[str], ids: np.ndarray, side: np.nd
     used = (side[a] != "") & (side[b] != "")
     apart = used & (side[a] != side[b])
     folds = np.char.startswith(side[a], "fold") & np.char.startswith(side[b], "fold")
-    merged = next((str(p) for p in read if merged_from is not None and p.resolve() == Path(merged_from).resolve()), None)
     return Leakage(audits=tuple(str(p) for p in read), flagged=int(used.sum()), straddling=int((apart & folds).sum()),
                    across_split=int((apart & ~folds).sum()), merged=merged)

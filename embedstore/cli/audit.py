@@ -8,9 +8,8 @@ import typer
 
 from embedstore.cli.app import app
 from embedstore.cli.options import (ConfigOpt, FoldsOpt, GroupsOpt, OverwriteOpt, QuietOpt, ReportOpt, SeedOpt,
-                                    StoreArg, out_option, run_overrides)
-from embedstore.cli.probe import FeaturesOpt, TargetOpt, _parse_split_map
-from embedstore.progress import progress_bar
+                                    StoreArg, out_option, parse_split_map, run_overrides)
+from embedstore.cli.probe import FeaturesOpt, TargetOpt
 
 AuditOutOpt = out_option("<store>.audit/<features>, where probe and match find it")
 
@@ -38,16 +37,13 @@ def audit(
     """Find leakage before it inflates a result: identical images under two ids, and near-duplicates (FAISS
     kNN graph) across groups, the official split, or the folds a probe of --target makes."""
     from embedstore.audit import AuditConfig, run_audit
-    from embedstore.store import FeatureStore
 
     cfg = AuditConfig.from_yaml(config, **run_overrides(
         store=store, features=features, groups=groups, threshold=threshold, precision=precision, neighbors=neighbors,
         target=target, positive=positive, folds=folds, split_column=split_column,
-        split_map=_parse_split_map(split_map) or None, seed=seed, report=report, out=out, overwrite=overwrite or None,
+        split_map=parse_split_map(split_map) or None, seed=seed, report=report, out=out, overwrite=overwrite or None,
     ))
-    n = FeatureStore.open(cfg.store).info(cfg.feature_set).n_done
-    with progress_bar(f"audit {cfg.feature_set}: nearest neighbours", n, enabled=not quiet) as advance:
-        run = run_audit(cfg, progress=advance)
+    run = run_audit(cfg, progress=not quiet)
     m = {k: int(v.value) for k, v in run.metrics.metrics.items()}
     splits = f", {m['n_cross_split_pairs']} across the split" if cfg.split_column else ""
     typer.echo(f"threshold {run.record.threshold:.4f}: {m['n_exact_duplicate_pairs']} exact duplicate pairs, "

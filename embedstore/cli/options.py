@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from embedstore.errors import ConfigError
+
 StoreArg = Annotated[Optional[Path], typer.Argument(help="Feature store to read (or `store:` in --config).",
                                                     show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (configs/*.yaml); options "
@@ -43,3 +45,14 @@ def run_overrides(**options) -> dict:
     """Command-line values for ``RunConfig.from_yaml``: paths as strings; ``None`` (not given) is left to the
     recipe or the config's default."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+
+
+def parse_split_map(items: list[str]) -> dict:
+    """``["excluded=drop", "valid=train"]`` (or one comma-separated item) -> ``{"excluded": "drop", "valid": "train"}``."""
+    mapping = {}
+    for item in (part for entry in items for part in entry.split(",") if part.strip()):
+        value, sep, action = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--split-map takes VALUE=ACTION (e.g. excluded=drop), got {item!r}")
+        mapping[value.strip()] = action.strip()
+    return mapping

@@ -22,6 +22,7 @@ from embedstore.cli.options import (
     SeedOpt,
     StoreArg,
     out_option,
+    parse_split_map,
     run_overrides,
 )
 from embedstore.errors import ConfigError
@@ -45,17 +46,6 @@ def _parse_params(items: list[str]) -> dict:
             raise ConfigError(f"--param takes HEAD.NAME=VALUE (e.g. logreg.C=0.5), got {item!r}")
         params.setdefault(head, {})[name] = value
     return params
-
-
-def _parse_split_map(items: list[str]) -> dict:
-    """``["excluded=drop", "valid=train"]`` (or one comma-separated item) -> ``{"excluded": "drop", "valid": "train"}``."""
-    mapping = {}
-    for item in (part for entry in items for part in entry.split(",") if part.strip()):
-        value, sep, action = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--split-map takes VALUE=ACTION (e.g. excluded=drop), got {item!r}")
-        mapping[value.strip()] = action.strip()
-    return mapping
 
 
 @app.command()
@@ -97,7 +87,7 @@ def probe(
     cfg = ProbeConfig.from_yaml(config, **run_overrides(
         store=store, features=features, target=target, groups=groups, heads=head, stack_heads=stack_heads,
         stack_joint=stack_joint, trials=trials, metadata=metadata, patient_features=patient_features, positive=positive, folds=folds,
-        inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=_parse_split_map(split_map) or None,
+        inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, seed=seed, n_boot=n_boot,
         device=device, merge_near_duplicates=merge_near_duplicates, report=report, out=out, overwrite=overwrite or None,
     ))

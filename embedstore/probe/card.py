@@ -11,7 +11,6 @@ from embedstore import __version__
 from embedstore.clock import utc_now
 from embedstore.errors import EmbedstoreError
 from embedstore.heads.saved import MODEL_FILE
-from embedstore.probe.models import reads_metadata
 from embedstore.probe.patient import columns_for
 from embedstore.probe.protocol import ModelResult, Probe
 from embedstore.runs.record import Estimate
@@ -32,8 +31,8 @@ def model_card(probe: Probe, result: ModelResult, metrics: Mapping[str, Estimate
         "head": spec.head,
         "features": [{**d.infos[n], "given_as": n} for n in spec.sets],
         "metadata": cfg.metadata,
-        "patient_features": cfg.patient_features if reads_metadata(cfg, spec.head) else None,
-        "patient_context": columns_for(d.context, spec.sets) if reads_metadata(cfg, spec.head) else [],
+        "patient_features": cfg.patient_features if cfg.reads_metadata(spec.head) else None,
+        "patient_context": columns_for(d.context, spec.sets) if cfg.reads_metadata(spec.head) else [],
         "target": cfg.target,
         "positive_class": cfg.positive,
         "classes": d.classes,

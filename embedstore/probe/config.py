@@ -11,6 +11,8 @@ from embedstore.heads import DECISIONS, HEADS, coerce_params
 from embedstore.metrics import metric_functions
 from embedstore.runs.config import RunConfig
 
+#: Heads that read the metadata columns (and the patient context) beside the features.
+METADATA_HEADS = {"lgbm"}
 #: Metric names of every binary problem (all of a multiclass one, plus the positive-class ones).
 BINARY_METRIC_NAMES = tuple(metric_functions(2))
 MULTICLASS_METRIC_NAMES = tuple(metric_functions(3))
@@ -70,9 +72,8 @@ class ProbeConfig(RunConfig):
             self.patient_features = None  # `--patient-features none` switches a recipe's off
         if self.patient_features is not None and not isinstance(self.patient_features, str):
             raise ConfigError(f"patient_features names one column (e.g. patient_id), not {self.patient_features!r}")
-        reads = "lgbm" in self.heads or ("stack" in self.heads and "lgbm" in {*self.stack_heads, *self.stack_joint})
         for option, given in (("--metadata", self.metadata), ("--patient-features", self.patient_features)):
-            if given and not reads:
+            if given and not any(self.reads_metadata(head) for head in self.heads):
                 raise ConfigError(f"{option} is read by the lgbm head, alone or as a stack's base: add --head lgbm, "
                                   "or --head stack with --stack-joint lgbm")
         if not isinstance(self.params, dict):
@@ -82,6 +83,12 @@ class ProbeConfig(RunConfig):
         if unknown:
             raise ConfigError(f"params are keyed by head name; {unknown} is not a head")
         self.params = {head: coerce_params(head, values) for head, values in self.params.items()}
+
+    def reads_metadata(self, head: str) -> bool:
+        """Whether a model of ``head`` (a stack: through one of its bases) reads the metadata and patient context."""
+        if head == "stack":
+            return bool(METADATA_HEADS & {*self.stack_heads, *self.stack_joint})
+        return head in METADATA_HEADS
 
     def _validate_heads(self) -> None:
         for head in [*self.heads, *self.stack_heads, *self.stack_joint]:

@@ -13,12 +13,9 @@ import pandas as pd
 
 from embedstore.heads import HEADS, BalancedDecision, ColumnsHead, StackHead, make_head
 from embedstore.heads.base import fit_paths
-from embedstore.probe.config import ProbeConfig
+from embedstore.probe.config import METADATA_HEADS, ProbeConfig
 from embedstore.probe.data import ProbeData
 from embedstore.probe.patient import columns_for
-
-#: Heads that read the metadata columns beside the features.
-METADATA_HEADS = {"lgbm"}
 
 
 @dataclass
@@ -107,13 +104,6 @@ def fits_together(model) -> bool:
 def fit_together(model, X: pd.DataFrame, y, row_sets) -> list:
     """A fitted clone of ``model`` (:func:`fits_together`) per row set of ``row_sets``, fitted at once."""
     return [path[0] for path in fit_paths(model, X, y, row_sets)]
-
-
-def reads_metadata(cfg: ProbeConfig, head: str) -> bool:
-    """Whether a model of ``head`` (a stack: through one of its bases) reads the metadata and patient context."""
-    if head == "stack":
-        return bool(METADATA_HEADS & {*cfg.stack_heads, *cfg.stack_joint})
-    return head in METADATA_HEADS
 
 
 def _head_of(model):

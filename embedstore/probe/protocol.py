@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +108,19 @@ class Probe:
     def _split_sides(self) -> np.ndarray | None:
         """Each row's side of the split column (0 train, 1 test, 2 validation, 3 dropped), or None without one:
         what a merge of groups may not join across."""
-        if not self.cfg.split_column:
+        split = self._official_split
+        if split is None:
             return None
-        split = column_split(self.data.table[self.cfg.split_column], self.cfg.split_map)
         sides = np.zeros(len(self.data.y), dtype=int)
         for code, rows in enumerate((split.test, split.valid, split.dropped), start=1):
             sides[rows] = code
         return sides
+
+    @cached_property
+    def _official_split(self) -> ColumnSplit | None:
+        """The split column's sides (None without one), read once for the merge and the split."""
+        cfg = self.cfg
+        return column_split(self.data.table[cfg.split_column], cfg.split_map) if cfg.split_column else None
 
     def _split(self) -> None:
         """Train, test and validation rows, the outer folds over the training rows, and what the final
@@ -121,7 +128,7 @@ class Probe:
         cfg, d = self.cfg, self.data
         empty = np.array([], dtype=int)
         if cfg.split_column:
-            split = column_split(d.table[cfg.split_column], cfg.split_map)
+            split = self._official_split
         elif cfg.holdout:
             split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed, d.classes), empty, empty)
         else:

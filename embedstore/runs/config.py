@@ -99,11 +99,10 @@ class RunConfig:
         spec = self.merge_near_duplicates
         if spec is None or Path(spec).exists():
             return
-        try:
-            value = float(spec)
-        except ValueError:
+        value = merge_threshold(spec)
+        if value is None:
             raise ConfigError(f"--merge-near-duplicates {spec}: no such audit folder (embedstore audit writes one), "
-                              "and not a cosine similarity") from None
+                              "and not a cosine similarity")
         if not -1.0 < value <= 1.0:
             raise ConfigError(f"--merge-near-duplicates {spec}: a cosine similarity is in (-1, 1]")
 
@@ -119,6 +118,16 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def merge_threshold(spec: str | Path) -> float | None:
+    """The cosine similarity ``--merge-near-duplicates`` names when given a number rather than an audit folder
+    (a folder of that name wins); None for a folder."""
+    try:
+        value = float(str(spec))
+    except ValueError:
+        return None
+    return None if Path(spec).exists() else value
 
 
 def read_yaml(path: str | Path) -> dict:
