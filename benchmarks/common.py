@@ -27,11 +27,16 @@ def ham_store(path: Path = HAM_STORE, encoders=ENCODERS) -> Path:
 
 
 def encoder_options(name: str) -> dict:
-    """``create_encoder`` arguments from a default feature-set name: encoder, then pooling / ``<N>px`` / ``crop<P>``."""
+    """``create_encoder`` arguments from a default feature-set name: encoder, then pooling / ``<N>px`` / ``crop<P>``
+    / crop mode."""
+    from embedstore.encoders import CROP_MODES
+
     encoder, *parts = name.split("-")
     options = {"name": encoder}
     for part in parts:
-        if part.endswith("px"):
+        if part in CROP_MODES:
+            options["crop_mode"] = part
+        elif part.endswith("px"):
             options["image_size"] = int(part[:-2])
         elif part.startswith("crop"):
             options["crop_pct"] = float(part[4:]) / 100  # crop100, crop87.5

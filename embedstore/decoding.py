@@ -29,7 +29,7 @@ _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolati
 
 
 def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
-    """Encoded bytes -> uint8 ``[3, crop, crop]``: shorter side resized, centre-cropped.
+    """Encoded bytes -> uint8 ``[3, crop, crop]``, resized and cropped by ``prep.crop_mode`` (:func:`frame`).
 
     JPEGs are decoded at the smallest DCT scale that still covers the resize
     target (PIL's draft mode), which makes large images cheap; images over
@@ -43,10 +43,35 @@ def decode(data: bytes, prep: Preprocessing) -> torch.Tensor:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
     img.draft("RGB", (prep.resize, prep.resize))
-    img = _to_8_bits(img).convert("RGB")
-    img = TF.resize(img, prep.resize, interpolation=_INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR))
-    img = TF.center_crop(img, prep.crop)
-    return TF.pil_to_tensor(img)
+    return TF.pil_to_tensor(frame(_to_8_bits(img).convert("RGB"), prep))
+
+
+def frame(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """An RGB image resized and cropped to ``prep.crop`` square, as timm's evaluation transform does per crop mode:
+
+    - ``center``: the shorter side resized to ``prep.resize``, the centre ``crop`` square cut out;
+    - ``squash``: both sides resized to ``prep.resize`` (the aspect ratio is not kept), the centre cut out;
+    - ``border``: the longer side resized to ``prep.resize`` (ratio kept, each side rounded), then cropped or padded
+      about the centre to ``crop`` with the normalisation's mean colour (which the encoder sees as zero).
+    """
+    mode = _INTERPOLATION.get(prep.interpolation, InterpolationMode.BILINEAR)
+    if prep.crop_mode == "squash":
+        img = TF.resize(img, [prep.resize, prep.resize], interpolation=mode)
+    elif prep.crop_mode == "border":
+        scale = prep.resize / max(img.size)
+        img = TF.resize(img, [round(img.height * scale), round(img.width * scale)], interpolation=mode)
+        fill = [round(255 * m) for m in prep.mean]
+        return TF.center_crop(TF.pad(img, _padding(img.size, prep.crop), fill=fill), prep.crop)
+    else:
+        img = TF.resize(img, prep.resize, interpolation=mode)
+    return TF.center_crop(img, prep.crop)
+
+
+def _padding(size: tuple[int, int], crop: int) -> list[int]:
+    """Left, top, right, bottom padding that centres an image of ``size`` (width, height) in a ``crop`` square
+    (none on a side already as long), the odd pixel on the right or bottom."""
+    pad_w, pad_h = max(crop - size[0], 0), max(crop - size[1], 0)
+    return [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:

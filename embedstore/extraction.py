@@ -134,6 +134,8 @@ def default_name(encoder: Encoder, tta: bool, dtype: str) -> str:
         parts.append(f"{encoder.preprocessing.crop}px")
     if "crop_pct" in encoder.input_options:
         parts.append(f"crop{encoder.input_options['crop_pct'] * 100:g}")
+    if "crop_mode" in encoder.input_options:
+        parts.append(encoder.input_options["crop_mode"])
     if tta:
         parts.append("tta")
     if dtype != "float16":
@@ -322,7 +324,8 @@ def encoder_for(store: FeatureStore, features: str) -> tuple[Encoder, dict]:
         raise EncoderError(f"feature set {attrs.get('name')} is derived from {attrs['derived_from']} by a trained "
                            f"head; embed new images with the parent feature set and apply the head")
     encoder = create_encoder(attrs["encoder"], weights=attrs.get("weights_arg"), pooling=attrs.get("pooling"),
-                             image_size=attrs.get("image_size"), crop_pct=attrs.get("crop_pct"))
+                             image_size=attrs.get("image_size"), crop_pct=attrs.get("crop_pct"),
+                             crop_mode=attrs.get("crop_mode"))
     if encoder.weights_sha256 != attrs.get("weights_sha256"):
         raise EncoderError(f"the weights of {attrs['encoder']} available now differ from those feature set "
                            f"{attrs.get('name')} was extracted with; pass the same weights file")

@@ -29,6 +29,7 @@ def extract(
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling where the encoder offers a choice: DINOv2 cls, mean or cls+mean; CNNs `stages` (every stage's pooled output, concatenated: finer texture than the last layer alone); timm:<model> timm's global_pool (avg, max, avgmax, catavgmax; token for ViTs). open_clip towers take none."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size in pixels instead of the encoder's (CNNs take any size; another scale is another view to stack)."),
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre crop's share of the resized image (timm's crop_pct): 0.875 is ImageNet's 256->224, 1.0 keeps the whole shorter side."),
+    crop_mode: Optional[str] = typer.Option(None, "--crop-mode", help="How a non-square image becomes the square input (timm's crop_mode): center (default; shorter side resized, the centre kept), squash (whole image, stretched to square), border (whole image, ratio kept, padded with the mean colour)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
@@ -57,7 +58,7 @@ def extract(
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
     enc = create_encoder(encoder, weights=weights, pooling=pooling,
-                         image_size=image_size, crop_pct=crop_pct)
+                         image_size=image_size, crop_pct=crop_pct, crop_mode=crop_mode)
     result = run_extract(src, enc, store, name=name, batch_size=batch_size,
                          num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
                          shard=shard, retry_failed=retry_failed, progress=not quiet)

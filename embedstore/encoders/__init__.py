@@ -6,6 +6,7 @@ every family; adding an encoder is one decorated builder function.
 """
 
 from embedstore.encoders.registry import (
+    CROP_MODES,
     Encoder,
     Preprocessing,
     create_encoder,
@@ -15,4 +16,4 @@ from embedstore.encoders.registry import (
 )
 from embedstore.encoders import efficientnet_lite, open_clip_models, timm_models, torchvision_models  # noqa: F401
 
-__all__ = ["Encoder", "Preprocessing", "create_encoder", "list_encoders", "register_encoder", "state_dict_sha256"]
+__all__ = ["CROP_MODES", "Encoder", "Preprocessing", "create_encoder", "list_encoders", "register_encoder", "state_dict_sha256"]

@@ -28,32 +28,49 @@ from torch import nn
 from embedstore.errors import EncoderError, first_line
 
 
+#: How a non-square image becomes a square input (timm's ``crop_mode`` names and meaning):
+#: ``center`` resizes the shorter side and crops the centre (the longer side's ends are lost),
+#: ``squash`` resizes both sides to the square (nothing lost, the aspect ratio is not kept),
+#: ``border`` resizes the longer side and pads the shorter one with the mean colour (nothing lost, ratio kept).
+CROP_MODES = ("center", "squash", "border")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's input: resize the shorter side, centre-crop, normalise."""
+    """How an image becomes the model's input: resize (by ``crop_mode``), crop or pad to ``crop``, normalise."""
 
     resize: int
     crop: int
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON values; ``crop_mode`` only when it is not ``center``, so the fingerprints of feature
+        sets extracted before crop modes existed (all centre-cropped) stay what they were."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.crop_mode == "center":
+            del fields["crop_mode"]
+        return fields
 
-    def scaled(self, image_size: int | None = None, crop_pct: float | None = None) -> "Preprocessing":
-        """The same transform with a ``image_size`` square input and/or ``crop_pct`` = crop / resize.
+    def scaled(self, image_size: int | None = None, crop_pct: float | None = None,
+               crop_mode: str | None = None) -> "Preprocessing":
+        """The same transform with a ``image_size`` square input, ``crop_pct`` = crop / resize and/or ``crop_mode``.
 
         timm's names: ``crop_pct`` 0.875 is the ImageNet evaluation crop (256 -> 224), 1.0
-        keeps the whole shorter side. Unset arguments keep this transform's value.
+        keeps the whole resized image. Unset arguments keep this transform's value.
         """
         crop = self.crop if image_size is None else int(image_size)
         pct = self.crop / self.resize if crop_pct is None else float(crop_pct)
+        mode = self.crop_mode if crop_mode is None else crop_mode
         if crop < 32:
             raise EncoderError(f"image size {crop} is too small; use 32 pixels or more")
         if not 0.1 <= pct <= 1.0:
             raise EncoderError(f"crop_pct must be in [0.1, 1.0] (the centre crop's share of the resized image), not {pct}")
-        return replace(self, crop=crop, resize=round(crop / pct))
+        if mode not in CROP_MODES:
+            raise EncoderError(f"unknown crop mode {mode!r}: choose from {', '.join(CROP_MODES)}")
+        return replace(self, crop=crop, resize=round(crop / pct), crop_mode=mode)
 
 
 @dataclass
@@ -67,7 +84,7 @@ class Encoder:
     pooling: str | None = None
     weights: str | None = None  # where the weights came from: a local path, a package, a hub tag
     channels_last: bool = True  # CNNs run faster in NHWC on CPU and GPU
-    input_options: dict = field(default_factory=dict)  # image_size / crop_pct given to create_encoder, if any
+    input_options: dict = field(default_factory=dict)  # image_size / crop_pct / crop_mode given to create_encoder
     weights_file: str | None = None  # the local weights file given to create_encoder (None: the default source)
     _weights_sha256: str | None = field(default=None, repr=False)
 
@@ -153,7 +170,8 @@ def list_encoders() -> list[dict]:
 
 
 def create_encoder(name: str, weights: str | Path | None = None, pooling: str | None = None,
-                   image_size: int | None = None, crop_pct: float | None = None, **kwargs) -> Encoder:
+                   image_size: int | None = None, crop_pct: float | None = None, crop_mode: str | None = None,
+                   **kwargs) -> Encoder:
     """Build the encoder registered as ``name``.
 
     ``weights`` is a local file (safetensors, or a torch checkpoint loadable
@@ -161,7 +179,7 @@ def create_encoder(name: str, weights: str | Path | None = None, pooling: str | 
     the encoder as ``weights_file`` (see :meth:`Encoder.spec`); ``pooling``
     picks how token/feature maps become one vector where the encoder offers a
     choice (DINOv2: ``cls``, ``mean``, ``cls+mean``; CNNs: ``stages``).
-    ``image_size`` and ``crop_pct`` change the input from the encoder's default
+    ``image_size``, ``crop_pct`` and ``crop_mode`` change the input from the encoder's default
     (see :func:`with_input_size`).
     """
     weights = None if weights is None else str(weights)
@@ -170,11 +188,12 @@ def create_encoder(name: str, weights: str | Path | None = None, pooling: str | 
     else:
         encoder = _family_member(name, weights, pooling, kwargs)
     encoder.weights_file = weights
-    return with_input_size(encoder, image_size, crop_pct)
+    return with_input_size(encoder, image_size, crop_pct, crop_mode)
 
 
-def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: float | None = None) -> Encoder:
-    """``encoder`` fed ``image_size`` square inputs cropped at ``crop_pct`` (None keeps the default).
+def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: float | None = None,
+                    crop_mode: str | None = None) -> Encoder:
+    """``encoder`` fed ``image_size`` square inputs cropped at ``crop_pct`` by ``crop_mode`` (None keeps the default).
 
     A CNN with global pooling takes any size, and another size is another view
     of the image (dermoscopic structures are a few pixels across), which a
@@ -182,9 +201,9 @@ def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: f
     tied to one input size (a ViT with fixed position embeddings) are refused
     by a forward pass of a blank image, before anything is extracted.
     """
-    if image_size is None and crop_pct is None:
+    if image_size is None and crop_pct is None and crop_mode in (None, encoder.preprocessing.crop_mode):
         return encoder
-    prep = encoder.preprocessing.scaled(image_size, crop_pct)
+    prep = encoder.preprocessing.scaled(image_size, crop_pct, crop_mode)
     try:
         with torch.inference_mode():
             out = encoder.model(torch.zeros(1, 3, prep.crop, prep.crop))
@@ -194,7 +213,8 @@ def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: f
     if out.shape[-1] != encoder.dim:
         raise EncoderError(f"encoder {encoder.name} gives {out.shape[-1]}-d features at {prep.crop}x{prep.crop}, "
                            f"not its {encoder.dim}; it needs its default input size")
-    options = {"image_size": image_size, "crop_pct": crop_pct}
+    options = {"image_size": image_size, "crop_pct": crop_pct,
+               "crop_mode": None if prep.crop_mode == "center" else prep.crop_mode}
     return replace(encoder, preprocessing=prep, input_options={k: v for k, v in options.items() if v is not None})
 
 

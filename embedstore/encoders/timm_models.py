@@ -99,7 +99,7 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     return Preprocessing(
         resize=int(round(crop / cfg.get("crop_pct", 0.875))), crop=crop,
         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bilinear")),
+        interpolation=str(cfg.get("interpolation", "bilinear")), crop_mode=str(cfg.get("crop_mode") or "center"),
     )
 
 
