@@ -76,6 +76,15 @@ def probe(
     n_boot: NBootOpt = None,
     device: DeviceOpt = None,
     merge_near_duplicates: MergeOpt = None,
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="train (default): features standardised by the training rows; per-store: each store first re-centred and re-scaled on all of its own rows (no label read), which helps a head travel between clinics; predict applies it."),
+    test_store: Optional[Path] = typer.Option(None, "--test-store", help="Another store (another clinic): fit on this one, score that one's rows, with CIs; it needs the same feature sets (same fingerprints)."),
+    test_target: Optional[str] = typer.Option(None, "--test-target", help="Label column of the test store (default: --target)."),
+    test_positive: Optional[str] = typer.Option(None, "--test-positive", help="Positive class in the test store (default: --positive)."),
+    test_groups: Optional[str] = typer.Option(None, "--test-groups", help="Group column of the test store for its CIs (default: --groups; none: each image)."),
+    test_split_column: Optional[str] = typer.Option(None, "--test-split-column", help="Split column of the test store: only its --test-split rows are scored."),
+    test_split: Optional[str] = typer.Option(None, "--test-split", help="Value of --test-split-column whose rows are scored (default test)."),
+    select_on_store: Optional[Path] = typer.Option(None, "--select-on-store", help="Choose the final head's tuned hyperparameters on this store's --select-split rows (of --test-split-column), never on scored rows; needs --trials."),
+    select_split: Optional[str] = typer.Option(None, "--select-split", help="Value of --test-split-column in --select-on-store whose rows choose the hyperparameters (default valid)."),
     report: ReportOpt = None,
     out: ProbeOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -90,6 +99,9 @@ def probe(
         inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, seed=seed, n_boot=n_boot,
         device=device, merge_near_duplicates=merge_near_duplicates, report=report, out=out, overwrite=overwrite or None,
+        normalize=normalize, test_store=test_store, test_target=test_target, test_positive=test_positive,
+        test_groups=test_groups, test_split_column=test_split_column, test_split=test_split,
+        select_on_store=select_on_store, select_split=select_split,
     ))
     if param:  # on top of the recipe's parameters of each head, not instead of them
         params = dict(cfg.params)
@@ -130,13 +142,17 @@ def _progress(folds: int, quiet: bool) -> Iterator[Callable[[str, str], None]]:
 def predict(
     head_dir: Path = typer.Argument(..., help="A saved head: the head/ folder of a probe run."),
     store: Path = typer.Argument(..., help="Feature store holding the same feature sets (same fingerprint)."),
+    split: Optional[str] = typer.Option(None, "--split", help="COLUMN=VALUE: predict only the rows whose COLUMN is VALUE (e.g. split=test)."),
     out: PredictOutOpt = None,
 ) -> None:
-    """Apply a saved head to every image of a store (predictions as .csv or .parquet); refuses features of
-    another fingerprint."""
+    """Apply a saved head to every image of a store (predictions as .csv or .parquet, with the label column where
+    the store has it); refuses features of another fingerprint."""
     from embedstore.probe import predict as run_predict
 
     out = out or Path(PREDICTIONS)
-    frame = run_predict(head_dir, store, out)
+    column, sep, value = (split or "").partition("=")
+    if split is not None and not (sep and column and value):
+        raise ConfigError(f"--split takes COLUMN=VALUE (e.g. split=test), got {split!r}")
+    frame = run_predict(head_dir, store, out, (column, value) if split is not None else None)
     counts = frame["y_pred"].value_counts()
     typer.echo(f"{len(frame)} images predicted ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {out}")

@@ -41,7 +41,9 @@ def model_card(probe: Probe, result: ModelResult, metrics: Mapping[str, Estimate
         "fixed_params": {h: cfg.params[h] for h in cfg.params},
         "trained_on": {"store": str(Path(cfg.store).resolve()), "n_rows": int(len(probe.fit_rows)),
                        "n_groups": None if d.groups is None else int(len(set(d.groups[probe.fit_rows])))},
-        "evaluation": "held-out test rows" if len(probe.test) else f"{cfg.folds}-fold group cross-validation (OOF)",
+        "normalize": cfg.normalize,
+        "evaluation": probe.transfer.summary() if probe.transfer else
+        "held-out test rows" if len(probe.test) else f"{cfg.folds}-fold group cross-validation (OOF)",
         "metrics": {name: est.to_dict() for name, est in metrics.items()},
         "created": utc_now(),
         "embedstore_version": __version__,
@@ -68,6 +70,8 @@ def card_markdown(card: dict) -> str:
         + (f"- metadata columns: {', '.join(card['metadata'])}\n" if card["metadata"] else "")
         + (f"- patient context from column `{card['patient_features']}` (the image among its patient's other images)\n"
            if card.get("patient_features") else "")
+        + ("- normalisation: per-store (each store's features re-centred and re-scaled on all of its own rows before "
+           "the head; `predict` uses the target store's)\n" if card.get("normalize") == "per-store" else "")
         + f"\nApply with `embedstore predict HEAD_DIR STORE --out FILE`; it refuses features of another fingerprint.\n\n"
         f"## Training\n- rows: {card['trained_on']['n_rows']}, groups: {card['trained_on']['n_groups']}\n"
         + _decision_line(card) +

@@ -13,6 +13,10 @@ from embedstore.runs.config import RunConfig
 
 #: Heads that read the metadata columns (and the patient context) beside the features.
 METADATA_HEADS = {"lgbm"}
+#: How the features of a store are standardised before a head sees them: ``train`` by the head's own scaler, fitted
+#: on its training rows (the training store's statistics); ``per-store``: first each store's features are re-centred
+#: and re-scaled on the mean and standard deviation of all of that store's rows (no label used), then as ``train``.
+NORMALIZATIONS = ("train", "per-store")
 #: Metric names of every binary problem (all of a multiclass one, plus the positive-class ones).
 BINARY_METRIC_NAMES = tuple(metric_functions(2))
 MULTICLASS_METRIC_NAMES = tuple(metric_functions(3))
@@ -50,6 +54,29 @@ class ProbeConfig(RunConfig):
     tsne_max: int = 3000
     blas_threads: int | None = None  # threads for BLAS and the 2-D map; default: the BLAS's own (one per core)
     device: str = "auto"  # where the heads that can use a GPU fit (logreg): auto (CUDA when present), cpu, cuda[:N]
+    normalize: str = "train"  # NORMALIZATIONS: per-store re-centres and re-scales each store on its own statistics
+    # Transfer: fit on this store, score another's rows (all labelled rows, or those whose split column is test_split)
+    test_store: str | None = None
+    test_target: str | None = None  # default: target
+    test_positive: str | None = None  # default: positive
+    test_groups: str | None = None  # default: groups (a test store without that column needs --test-groups)
+    test_split_column: str | None = None
+    test_split: str = "test"
+    select_on_store: str | None = None  # choose the final head's hyperparameters on this store's select_split rows
+    select_split: str = "valid"
+
+    def test_group_column(self) -> str | None:
+        """The test store's group column: ``--test-groups`` (``none``: each image its own group), else ``groups``."""
+        if self.test_groups is None:
+            return self.groups
+        return None if self.test_groups.strip().lower() == "none" else self.test_groups
+
+    def test_options(self) -> dict:
+        """The test-store options given (not their defaults), by their command-line names."""
+        given = {"--test-target": self.test_target, "--test-positive": self.test_positive,
+                 "--test-groups": self.test_groups, "--test-split-column": self.test_split_column,
+                 "--select-on-store": self.select_on_store}
+        return {k: v for k, v in given.items() if v is not None}
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +94,7 @@ class ProbeConfig(RunConfig):
             raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
         device_name(self.device)  # one line now for a device that is not there, not after the first folds
         self._validate_split()
+        self._validate_transfer()
         self._validate_metric()
         if isinstance(self.patient_features, str) and self.patient_features.strip().lower() in ("", "none"):
             self.patient_features = None  # `--patient-features none` switches a recipe's off
@@ -106,6 +134,26 @@ class ProbeConfig(RunConfig):
             raise ConfigError(f"split_map maps split-column values to train, valid, test or drop, not {self.split_map!r}")
         if self.split_map and not self.split_column:
             raise ConfigError("--split-map maps the values of a split column: give --split-column too")
+
+    def _validate_transfer(self) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalize {self.normalize!r}: choose from {', '.join(NORMALIZATIONS)}")
+        if not self.test_store:
+            if self.test_options():
+                raise ConfigError(f"{', '.join(self.test_options())} describe(s) the rows of a test store: give --test-store")
+            return
+        if self.holdout:
+            raise ConfigError("--test-store scores another store's rows; a --holdout of this store would be a second "
+                              "test set: drop one")
+        if self.select_on_store:
+            if not self.trials:
+                raise ConfigError("--select-on-store chooses tuned hyperparameters: give --trials (e.g. 20)")
+            if not self.test_split_column:
+                raise ConfigError("--select-on-store takes the --select-split rows of the --test-split-column: give "
+                                  "--test-split-column (e.g. split)")
+            if self.select_split == self.test_split:
+                raise ConfigError(f"--select-split and --test-split are both {self.test_split!r}: hyperparameters "
+                                  "are never chosen on the rows that are scored")
 
     def _validate_metric(self) -> None:
         """The tuning metric's name, as far as it is known without the data: a ``positive`` probe is binary; any

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, StoreError
 from embedstore.probe.config import ProbeConfig
+from embedstore.probe.normalize import StoreStatistics, statistics_of
 from embedstore.probe.patient import patient_context, patient_ids
 from embedstore.store import FeatureStore
 
@@ -32,6 +33,7 @@ class ProbeData:
     infos: dict[str, dict]
     context: list[str]  # patient-context columns in X (--patient-features), read by lgbm beside the metadata
     patients: np.ndarray | None  # each row's patient id (--patient-features), for top-15 sensitivity
+    normalization: list[str] = field(default_factory=list)  # digests of each store's statistics (--normalize per-store)
 
 
 def set_names(cfg: ProbeConfig) -> list[str]:
@@ -47,17 +49,14 @@ def set_names(cfg: ProbeConfig) -> list[str]:
 def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     """Features of every named set (rows all of them have), the target as codes, groups, metadata."""
     keys = {name: store.resolve(name) for name in set_names(cfg)}
-    manifest = store.manifest
-    for what, col in (("target", cfg.target), ("group", cfg.groups), ("split", cfg.split_column),
-                      ("patient", cfg.patient_features), *(("metadata", c) for c in cfg.metadata)):
-        if col and col not in manifest.columns:
-            usable = ", ".join(c for c in manifest.columns if not c.startswith("_") and c not in ("sha256",))
-            raise ConfigError(f"{what} column {col!r} is not in the store's table; it has: {usable}")
-    labelled = manifest.set_index("id")[cfg.target].notna()
+    _check_columns(store, "the store's table", target=cfg.target, group=cfg.groups, split=cfg.split_column,
+                   patient=cfg.patient_features, metadata=cfg.metadata)
+    labelled = store.manifest.set_index("id")[cfg.target].notna()
     ids = [i for i in common_ids(store, keys.values()) if labelled[i]]
     if not ids:
         raise ConfigError(f"no row has both features and a {cfg.target!r} value")
-    X, table, columns, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features)
+    statistics = statistics_of(store, keys, cfg.normalize)
+    X, table, columns, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features, statistics)
     infos = {}
     for name, key in keys.items():
         info = store.info(key)
@@ -66,7 +65,107 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
     groups = _group_labels(cfg, table)
     _check_class_groups(cfg, y, classes, groups)
     patients = patient_ids(table[cfg.patient_features]) if cfg.patient_features else None
-    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos, context, patients)
+    return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos, context, patients,
+                     [s.digest() for s in statistics.values()] if statistics else [])
+
+
+def load_other_store(cfg: ProbeConfig, path: str, home: ProbeData, split: str | None) -> ProbeData:
+    """The rows of another store that a transfer probe scores (``split`` = ``cfg.test_split``) or chooses its
+    hyperparameters on (``cfg.select_split``): rows with every feature set of ``home`` under the same fingerprint,
+    a target value and, with ``--test-split-column``, that ``split``; their target as ``home``'s class codes.
+
+    Their groups are ``--test-groups`` (default ``--groups``; ``none``: each image its own), prefixed with the
+    store's path so no group of two stores is taken for one. Features are normalised as ``home``'s, by this store's
+    own statistics under ``--normalize per-store``.
+    """
+    store = FeatureStore.open(path)
+    keys = matching_keys(store, path, [{**home.infos[name], "given_as": name} for name in home.feature_keys])
+    target = cfg.test_target or cfg.target
+    groups = cfg.test_group_column()
+    if cfg.test_groups is None and cfg.groups and cfg.groups not in store.manifest.columns:
+        raise ConfigError(f"the test store {path} has no group column {cfg.groups!r}: name its groups with "
+                          "--test-groups COL (or --test-groups none: each image its own group)")
+    _check_columns(store, f"the table of {path}", target=target, group=groups, split=cfg.test_split_column,
+                   patient=cfg.patient_features, metadata=cfg.metadata)
+    manifest = store.manifest.set_index("id")
+    wanted = manifest[target].notna()
+    if cfg.test_split_column:
+        wanted &= manifest[cfg.test_split_column].astype(str) == split
+    ids = [i for i in common_ids(store, keys.values()) if wanted[i]]
+    which = f" and {cfg.test_split_column}={split}" if cfg.test_split_column else ""
+    if not ids:
+        raise ConfigError(f"no row of {path} has features of {', '.join(keys)}, a {target!r} value{which}")
+    statistics = statistics_of(store, keys, cfg.normalize)
+    X, table, _, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features, statistics)
+    if context != home.context:
+        raise ConfigError(f"the patient context of {path} has other columns than this store's ({context} against "
+                          f"{home.context}): a metadata column is numeric in one store only")
+    y = _codes_of(cfg, table[target].astype(str).to_numpy(), home.classes, path, target)
+    group_labels = None if groups is None else f"{path}:" + table[groups].astype(str).to_numpy().astype(object)
+    patients = patient_ids(table[cfg.patient_features]) if cfg.patient_features else None
+    return ProbeData(X, y, home.classes, group_labels, np.asarray(ids), table, home.feature_keys, home.columns,
+                     home.infos, context, patients, [s.digest() for s in statistics.values()] if statistics else [])
+
+
+def _codes_of(cfg: ProbeConfig, labels: np.ndarray, classes: list[str], path: str, target: str) -> np.ndarray:
+    """Another store's labels as the codes of this probe's ``classes``; ConfigError for a class it does not know."""
+    if cfg.positive is not None:
+        return (labels == (cfg.test_positive or cfg.positive)).astype(int)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ConfigError(f"{target!r} of {path} has values the head was not trained on: {unknown[:5]}; probe "
+                          f"classes are {classes}")
+    return np.searchsorted(classes, labels)
+
+
+def joined(home: ProbeData, others: list[ProbeData], metadata: list[str]) -> ProbeData:
+    """``home``'s rows followed by each of ``others``' (the same feature columns), as one probe input: non-numeric
+    metadata re-made categorical over the values of all stores; groups by image where a store has none."""
+    parts = [home, *others]
+    X = pd.concat([p.X for p in parts], ignore_index=True)
+    for col in metadata:
+        if not pd.api.types.is_numeric_dtype(X[col]):
+            X[col] = X[col].astype(str).where(X[col].notna()).astype("category")
+    groups = None
+    if any(p.groups is not None for p in parts):
+        groups = np.concatenate([p.groups if p.groups is not None else
+                                 np.array([f"image {k}:{i}" for i in p.ids], dtype=object)
+                                 for k, p in enumerate(parts)])
+    patients = None if home.patients is None else np.concatenate([p.patients for p in parts])
+    return ProbeData(X, np.concatenate([p.y for p in parts]), home.classes, groups,
+                     np.concatenate([p.ids for p in parts]), pd.concat([p.table for p in parts], ignore_index=True),
+                     home.feature_keys, home.columns, home.infos, home.context, patients,
+                     [digest for p in parts for digest in p.normalization])
+
+
+def _check_columns(store: FeatureStore, where: str, metadata: list[str], **named: str | None) -> None:
+    """ConfigError naming the first column a probe reads that ``store``'s table lacks, and the columns it has."""
+    columns = store.manifest.columns
+    for what, col in (*named.items(), *(("metadata", c) for c in metadata)):
+        if col and col not in columns:
+            usable = ", ".join(c for c in columns if not c.startswith("_") and c not in ("sha256",))
+            raise ConfigError(f"{what} column {col!r} is not in {where}; it has: {usable}")
+
+
+def matching_keys(store: FeatureStore, store_path, features: list[dict]) -> dict[str, str]:
+    """Each feature set of ``features`` (dicts of ``key``, ``name``, ``encoder``, ``given_as``) -> its key in
+    ``store``; StoreError naming the first one the store lacks with that fingerprint (another crop mode, size or
+    weights is another fingerprint)."""
+    keys = {}
+    for feat in features:
+        try:
+            key = store.resolve(feat["key"])
+        except StoreError:
+            key = None
+        if key != feat["key"]:
+            others = [i.key for i in store.feature_sets() if i.name == feat["name"] or i.encoder == feat["encoder"]]
+            hint = f" (it has {feat['name']} with fingerprint {', '.join(others)})" if others else ""
+            raise StoreError(
+                f"{store_path} has no features of fingerprint {feat['key']} ({feat['name']}){hint}: the head was "
+                f"trained on those; extract them with the same encoder settings first"
+            )
+        keys[feat["given_as"]] = key
+    return keys
 
 
 def target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -114,9 +213,11 @@ def common_ids(store: FeatureStore, keys) -> list[str]:
     return list(ids)
 
 
-def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids, patient: str | None = None):
-    """The heads' input: ``<name>/<j>`` columns of each feature set, then the metadata columns, then, with a
-    ``patient`` id column, the patient-context columns (:mod:`embedstore.probe.patient`).
+def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str], ids, patient: str | None = None,
+                  statistics: dict[str, StoreStatistics] | None = None):
+    """The heads' input: ``<name>/<j>`` columns of each feature set (standardised by ``statistics``, the store's
+    own, under ``--normalize per-store``), then the metadata columns, then, with a ``patient`` id column, the
+    patient-context columns (:mod:`embedstore.probe.patient`).
 
     Returns the frame, the manifest rows it came from, each set's column names and the context columns' names.
     Non-numeric metadata become pandas categoricals; numeric ones float (NaN kept). The feature sets fill one
@@ -126,6 +227,8 @@ def feature_frame(store: FeatureStore, keys: dict[str, str], metadata: list[str]
     sets, columns, table = [], {}, None
     for name, key in keys.items():
         X, t = store.load(key, ids=ids)
+        if statistics:
+            statistics[name].apply(X)
         table = t if table is None else table
         columns[name] = [f"{name}/{j}" for j in range(X.shape[1])]
         sets.append(X)

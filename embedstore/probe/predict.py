@@ -11,23 +11,28 @@ from embedstore.atomic import write_file
 from embedstore.errors import ConfigError, StoreError
 from embedstore.heads import decide, load_head
 from embedstore.probe.card import read_card
-from embedstore.probe.data import common_ids, feature_frame
+from embedstore.probe.data import common_ids, feature_frame, matching_keys
+from embedstore.probe.normalize import statistics_of
 from embedstore.store import FeatureStore
 
 
-def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd.DataFrame:
-    """Apply a saved head to every row of ``store_path`` that has its feature sets; write CSV or parquet.
+def predict(head_dir: str | Path, store_path: str | Path, out: str | Path,
+            split: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Apply a saved head to every row of ``store_path`` that has its feature sets (with ``split=(column, value)``,
+    only the rows whose ``column`` is ``value``); write CSV or parquet, with a ``y_true`` column where the store has
+    the head's target.
 
     Refuses a head that is not a skops file of trusted types (:func:`embedstore.heads.load_head`), and a store
-    whose feature sets have another fingerprint than the ones the head was trained on. The file is written
-    aside and renamed into place.
+    whose feature sets have another fingerprint than the ones the head was trained on. A head trained with
+    ``--normalize per-store`` standardises this store's features on this store's own statistics (all its rows of
+    the feature set, whatever ``split``). The file is written aside and renamed into place.
     """
     head_dir = Path(head_dir)
     card = read_card(head_dir)
     model = load_head(head_dir)
     _check_out(out)
     store = FeatureStore.open(store_path)
-    keys = _feature_keys(store, store_path, card)
+    keys = matching_keys(store, store_path, card["features"])
     patient = card.get("patient_features")  # cards written before patient context have none
     missing = [c for c in card["metadata"] if c not in store.manifest.columns]
     if missing:
@@ -39,7 +44,10 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path) -> pd
     if not ids:
         raise StoreError(f"{store_path} has no finished rows of {', '.join(keys)} to predict: run `embedstore extract` "
                          "first (`embedstore ls` shows what is pending or failed)")
-    X, table, _, context = feature_frame(store, keys, card["metadata"], ids, patient)
+    if split is not None:
+        ids = _rows_of_split(store, store_path, ids, *split)
+    statistics = statistics_of(store, keys, card.get("normalize", "train"))  # cards before #15: train
+    X, table, _, context = feature_frame(store, keys, card["metadata"], ids, patient, statistics)
     lacking = sorted(set(card.get("patient_context", [])) - set(context))
     if lacking:
         raise ConfigError(f"the head reads patient context {lacking}, which cannot be made from {store_path} (a "
@@ -70,21 +78,15 @@ def _check_out(out: str | Path) -> None:
         raise ConfigError(f"--out {out} is inside the zarr store {inside[-1]}; write predictions outside any store")
 
 
-def _feature_keys(store: FeatureStore, store_path, card: dict) -> dict[str, str]:
-    """Each feature set of the card (as it was given) -> its key in ``store``; StoreError naming the first one
-    the store lacks with the card's fingerprint."""
-    keys = {}
-    for feat in card["features"]:
-        try:
-            key = store.resolve(feat["key"])
-        except StoreError:
-            key = None
-        if key != feat["key"]:
-            others = [i.key for i in store.feature_sets() if i.name == feat["name"] or i.encoder == feat["encoder"]]
-            hint = f" (it has {feat['name']} with fingerprint {', '.join(others)})" if others else ""
-            raise StoreError(
-                f"{store_path} has no features of fingerprint {feat['key']} ({feat['name']}){hint}: the head was "
-                f"trained on those; extract them with the same encoder settings first"
-            )
-        keys[feat["given_as"]] = key
-    return keys
+def _rows_of_split(store: FeatureStore, store_path, ids: list[str], column: str, value: str) -> list[str]:
+    """The ``ids`` whose ``column`` is ``value`` (compared as text); ConfigError when the column is not there or
+    no row with features has that value."""
+    manifest = store.manifest.set_index("id")
+    if column not in manifest.columns:
+        raise ConfigError(f"--split column {column!r} is not in the table of {store_path}")
+    values = manifest.loc[ids, column].astype(str)
+    kept = [i for i, v in zip(ids, values) if v == value]
+    if not kept:
+        seen = sorted(set(values))[:10]
+        raise ConfigError(f"no row of {store_path} with features has {column}={value} (values: {', '.join(seen)})")
+    return kept

@@ -6,7 +6,10 @@ Every step is seeded by ``seed``:
    a stratified group hold-out (``holdout``), or none (cross-validation only). Validation rows are never
    scored: with tuning they choose the final head's hyperparameters (one fold: fit on train, score on
    validation) and the final head is refitted on train + validation; without tuning they are left out
-   (``split_map: {valid: train}`` folds them into training).
+   (``split_map: {valid: train}`` folds them into training). A transfer probe (``test_store``) takes its test rows
+   from another store instead (those of its ``test_split``), less any byte-identical to a training image; with
+   ``select_on_store`` the validation rows are that store's ``select_split`` rows, which choose the final head's
+   hyperparameters but are never fitted on.
 2. Stratified group k-fold on the training rows. For each fold a model is fitted on the other folds and
    predicts this one: the out-of-fold (OOF) predictions. With ``trials > 0`` each fold first runs its own
    Optuna study on its training part only (inner group folds), so the OOF estimate is nested and no
@@ -37,11 +40,11 @@ from embedstore.layout import study_storage
 from embedstore.metrics import (bootstrap_ci, bootstrap_metrics, evaluate, metric_functions,
                                 top_k_sensitivity_by_patient)
 from embedstore.probe.config import ProbeConfig, tune_metric
-from embedstore.probe.data import load_data
+from embedstore.probe.data import ProbeData, joined, load_data, load_other_store
 from embedstore.probe.patient import columns_for
 from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_together,
                                      fits_together, stack_of, tunable_parts)
-from embedstore.runs.record import Estimate
+from embedstore.runs.record import Estimate, Transfer
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
 from embedstore.tune import SEARCH_SPACES, study_problem, tune
@@ -83,6 +86,7 @@ class Probe:
         self.progress = progress or (lambda event, message: None)
         self.store = FeatureStore.open(cfg.store)
         self.data = load_data(cfg, self.store)
+        self.n_home = len(self.data.y)  # this store's rows; a transfer probe's other stores' rows follow them
         self.merged = None  # GroupMerge: groups joined by an audit's flagged pairs (--merge-near-duplicates)
         if cfg.merge_near_duplicates:
             d = self.data
@@ -93,9 +97,26 @@ class Probe:
         self.metric_name, self.metric = tune_metric(cfg, len(self.data.classes))
         self.storage = cfg.storage or study_storage(cfg.store)
         self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
-        self._split()
-        self.leakage = leakage(cfg.store, self.data.feature_keys.values(), self.data.ids, self.sides(),
+        self.transfer: Transfer | None = None
+        outside = self._other_stores() if cfg.test_store else {}
+        self._split(outside)
+        home = slice(0, self.n_home)  # the audits beside this store know its rows only
+        self.leakage = leakage(cfg.store, self.data.feature_keys.values(), self.data.ids[home], self.sides()[home],
                                merged_audit(cfg.merge_near_duplicates))
+
+    def _other_stores(self) -> dict[str, np.ndarray]:
+        """A transfer probe's rows of other stores, appended to :attr:`data`: their positions by role (``test``,
+        and ``select`` with ``--select-on-store``)."""
+        cfg = self.cfg
+        parts: dict[str, ProbeData] = {"test": load_other_store(cfg, cfg.test_store, self.data, cfg.test_split)}
+        if cfg.select_on_store:
+            parts["select"] = load_other_store(cfg, cfg.select_on_store, self.data, cfg.select_split)
+        positions, start = {}, self.n_home
+        for role, part in parts.items():
+            positions[role] = np.arange(start, start + len(part.y))
+            start += len(part.y)
+        self.data = joined(self.data, list(parts.values()), cfg.metadata)
+        return positions
 
     def sides(self) -> np.ndarray:
         """Each row's side of the run: ``fold k`` (held out in outer fold k), ``test``, ``valid``, or empty."""
@@ -120,11 +141,14 @@ class Probe:
     def _official_split(self) -> ColumnSplit | None:
         """The split column's sides (None without one), read once for the merge and the split."""
         cfg = self.cfg
-        return column_split(self.data.table[cfg.split_column], cfg.split_map) if cfg.split_column else None
+        if not cfg.split_column:
+            return None
+        return column_split(self.data.table[cfg.split_column].iloc[:self.n_home], cfg.split_map)
 
-    def _split(self) -> None:
+    def _split(self, outside: dict[str, np.ndarray]) -> None:
         """Train, test and validation rows, the outer folds over the training rows, and what the final
-        head is tuned and fitted on (``split`` says it, for run.json)."""
+        head is tuned and fitted on (``split`` says it, for run.json); a transfer probe's test (and validation)
+        rows are ``outside``'s, of other stores."""
         cfg, d = self.cfg, self.data
         empty = np.array([], dtype=int)
         if cfg.split_column:
@@ -132,23 +156,63 @@ class Probe:
         elif cfg.holdout:
             split = ColumnSplit(*group_holdout(d.y, d.groups, cfg.holdout, cfg.seed, d.classes), empty, empty)
         else:
-            split = ColumnSplit(np.arange(len(d.y)), empty, empty, empty)
+            split = ColumnSplit(np.arange(self.n_home), empty, empty, empty)
         self.train, self.test = split.train, split.test
         self.valid = split.valid if cfg.trials else empty  # validation rows are used only to tune
+        if outside:
+            self._take_outside(split, outside)
         self._check_sides({"training": self.train, "test": self.test, "validation": self.valid})
         g = None if d.groups is None else d.groups[self.train]
         folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed, class_names=d.classes)
         self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
-        self.fit_rows = np.sort(np.concatenate([self.train, self.valid]))
+        # The final head's hyperparameters are chosen on tune_rows; it is fitted on fit_rows: train + this store's
+        # validation rows, never another store's (--select-on-store chooses by them, it does not learn from them).
+        self.tune_rows = np.sort(np.concatenate([self.train, self.valid]))
+        self.fit_rows = self.train if cfg.select_on_store else self.tune_rows
         self.final_folds = [(self.train, self.valid)] if len(self.valid) else self.folds
         self.split = {
             "column": cfg.split_column, "map": cfg.split_map, "n_train": int(len(self.train)),
-            "n_test": int(len(self.test)), "n_valid": int(len(split.valid)), "n_dropped": int(len(split.dropped)),
-            "validation": ("chose the final head's hyperparameters (fit on train, scored on validation), "
+            "n_test": int(len(self.test)), "n_valid": int(len(self.valid) if cfg.select_on_store else len(split.valid)),
+            "n_dropped": int(len(split.dropped)),
+            "validation": (f"chose the final head's hyperparameters (fit on train, scored on the validation rows of "
+                           f"{Path(cfg.select_on_store).name}); the final head was fitted on train alone")
+                          if cfg.select_on_store else
+                          ("chose the final head's hyperparameters (fit on train, scored on validation), "
                            "then the final head was refitted on train + validation") if len(self.valid) else
                           ("left out of training and scoring (no tuning); --split-map VALUE=train folds them "
                            "into training") if len(split.valid) else None,
         }
+
+    def _take_outside(self, split: ColumnSplit, outside: dict[str, np.ndarray]) -> None:
+        """The test rows (and, with ``--select-on-store``, the validation rows) of a transfer probe from other
+        stores, less their images that are byte-identical to a training image (or, for test rows, to a
+        validation image): those are left out and counted, never scored."""
+        cfg, d = self.cfg, self.data
+        if len(split.test):
+            raise ConfigError(f"this store's split column gives {len(split.test)} test rows, and --test-store gives the "
+                              f"test rows: map them with --split-map VALUE=train or VALUE=drop")
+        if cfg.select_on_store and len(split.valid):
+            raise ConfigError(f"this store's split column gives {len(split.valid)} validation rows, and "
+                              "--select-on-store gives them: map them with --split-map VALUE=train or VALUE=drop")
+        sha = d.table["sha256"].to_numpy()
+        seen = set(sha[self.train])
+        left_out = 0
+        if "select" in outside:
+            keep = ~np.isin(sha[outside["select"]], list(seen))
+            self.valid, left_out = outside["select"][keep], int((~keep).sum())
+            seen |= set(sha[self.valid])
+        keep = ~np.isin(sha[outside["test"]], list(seen))
+        self.test = outside["test"][keep]
+        left_out += int((~keep).sum())
+        if not len(self.test):
+            raise ConfigError(f"every row of {cfg.test_store} to score is byte-identical to a training image")
+        self.transfer = Transfer(
+            test_store=str(Path(cfg.test_store).resolve()), n_test=int(len(self.test)),
+            split_column=cfg.test_split_column, split=cfg.test_split if cfg.test_split_column else None,
+            groups=cfg.test_group_column(),
+            identical_left_out=left_out, normalize=cfg.normalize,
+            select_on_store=str(Path(cfg.select_on_store).resolve()) if cfg.select_on_store else None,
+            select_split=cfg.select_split if cfg.select_on_store else None, n_select=int(len(self.valid)))
 
     def _check_sides(self, sides: dict[str, np.ndarray]) -> None:
         """No group on two sides of the split, and every class on each side that has rows."""
@@ -185,7 +249,7 @@ class Probe:
             "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
             "head": head, "params": effective_params(cfg, head),
             "metric": self.metric_name, "decision": cfg.decision,
-        } | ({"patient_features": cfg.patient_features, "patients": digest(d.patients[rows]),
+        } | ({"normalize": cfg.normalize, "statistics": d.normalization} if cfg.normalize != "train" else {}) | ({"patient_features": cfg.patient_features, "patients": digest(d.patients[rows]),
               "patient_context": columns_for(d.context, sets)} if cfg.patient_features and head in METADATA_HEADS else {})
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
@@ -250,7 +314,7 @@ class Probe:
             timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # (with its tuning) where fitted alone
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
-        tuned = self._tune(spec, self.fit_rows, self.final_folds, "final")
+        tuned = self._tune(spec, self.tune_rows, self.final_folds, "final")
         final = shared[-1] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
         test_proba, base_test = _predict(final, d.X, self.test) if len(self.test) else (None, {})
         test_pred = decide(final, test_proba) if len(self.test) else None

@@ -69,7 +69,7 @@ def _record(probe: Probe, results: list[ModelResult], best: ModelResult, seconds
         head=spec.head, target=cfg.target, groups=cfg.groups, classes=d.classes,
         positive_class=d.classes[1] if len(d.classes) == 2 else None, seed=cfg.seed,
         models=[r.spec.name for r in results], split=probe.split, study=study, seconds=round(seconds, 1),
-        merged_groups=probe.merged, leakage=probe.leakage,
+        merged_groups=probe.merged, leakage=probe.leakage, transfer=probe.transfer,
     )
 
 
@@ -86,7 +86,8 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
         folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
-        scored = "held-out test rows" if metrics.evaluated_on == "test" else "out-of-fold predictions"
+        scored = ("rows of another store" if probe.transfer else "held-out test rows") if metrics.evaluated_on == "test" \
+            else "out-of-fold predictions"
         write_comparison_tables(folder, rows, metric_names(rows, metrics.headline),
                                 f"{len(rows)} models of one probe of {cfg.target}, scored on {scored}; point estimates "
                                 "with 95% bootstrap confidence intervals (resampled by group); best value per metric in bold.")

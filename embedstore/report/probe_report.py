@@ -118,8 +118,9 @@ def _reported_folds(run: Run) -> pd.DataFrame | None:
 def _folds_caption(run: Run, folds: pd.DataFrame) -> str:
     """What the folds are, and, for out-of-fold headline metrics, why a pooled ranking metric is no fold mean."""
     if run.metrics.evaluated_on == "test":
-        return ("Cross-validation folds of the training data (the headline metrics above are on the held-out "
-                "test set); no group is on both sides. All metrics are in folds.csv.")
+        scored = "rows of another store (see above)" if getattr(run.record, "transfer", None) else "held-out test set"
+        return (f"Cross-validation folds of the training data (the headline metrics above are on the {scored}); "
+                "no group is on both sides. All metrics are in folds.csv.")
     caption = "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."
     ranking = [pretty(n) for n in RANKING_METRICS if n in folds.columns and n in run.metrics.metrics]
     if ranking:

@@ -13,7 +13,7 @@
 from embedstore.runs.config import RunConfig
 from embedstore.runs.folder import Run, check_out, is_run_folder, read_run, write_run
 from embedstore.runs.record import (RUN_FORMAT, AuditRecord, Estimate, GroupMerge, Leakage, MatchRecord, Metrics,
-                                    ProbeRecord, RunRecord, StudyRef)
+                                    ProbeRecord, RunRecord, StudyRef, Transfer)
 
 __all__ = ["RUN_FORMAT", "AuditRecord", "Estimate", "GroupMerge", "Leakage", "MatchRecord", "Metrics", "ProbeRecord", "Run", "RunConfig", "RunRecord",
-           "StudyRef", "check_out", "is_run_folder", "read_run", "write_run"]
+           "StudyRef", "Transfer", "check_out", "is_run_folder", "read_run", "write_run"]

@@ -14,6 +14,7 @@ carry ``format`` (:data:`RUN_FORMAT`); a reader refuses a format it does not kno
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
@@ -155,6 +156,37 @@ class GroupMerge:
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """A probe scored on another store's rows (``--test-store``): ``n_test`` rows of ``test_store`` whose
+    ``split_column`` is ``split`` (every labelled row without one), bootstrapped by ``groups`` (None: by image);
+    ``identical_left_out`` of them were byte-identical to training images and not scored. ``normalize`` is how
+    each store's features were standardised. With ``select_on_store``, the final head's hyperparameters were
+    chosen on ``n_select`` rows of that store (its ``select_split`` rows), never on the scored ones."""
+
+    test_store: str
+    n_test: int
+    split_column: str | None = None
+    split: str | None = None
+    groups: str | None = None
+    identical_left_out: int = 0
+    normalize: str = "train"
+    select_on_store: str | None = None
+    select_split: str | None = None
+    n_select: int = 0
+
+    def summary(self) -> str:
+        """One line for the CLI summary and the report."""
+        which = f" ({self.split_column}={self.split})" if self.split_column else ""
+        line = f"scored on {self.n_test} rows of {Path(self.test_store).name}{which}, features normalised by {self.normalize}"
+        if self.identical_left_out:
+            line += f"; {self.identical_left_out} byte-identical to training images were left out"
+        if self.select_on_store:
+            line += (f"; hyperparameters chosen on {self.n_select} rows of {Path(self.select_on_store).name} "
+                     f"({self.split_column}={self.select_split})")
+        return line
+
+
+@dataclass(frozen=True)
 class Leakage:
     """What the leakage audits of the run's feature sets (``embedstore audit``) say about its split: of the
     ``flagged`` pairs among the run's rows, ``straddling`` have their two images in two folds, and
@@ -244,7 +276,7 @@ class RunRecord:
             raise EmbedstoreError(f"{where} lacks {', '.join(missing)}: the run folder is damaged; rerun the run")
         if isinstance(values.get("study"), Mapping):
             values["study"] = StudyRef(str(values["study"]["storage"]), str(values["study"]["name"]))
-        for name, typed in (("merged_groups", GroupMerge), ("leakage", Leakage)):
+        for name, typed in (("merged_groups", GroupMerge), ("leakage", Leakage), ("transfer", Transfer)):
             if values.get(name) is not None:
                 values[name] = _nested(typed, values[name], f"{where} field {name}")
         return cls(**values)
@@ -275,11 +307,15 @@ class ProbeRecord(RunRecord):
     positive_class: str | None = None
     models: tuple[str, ...] = ()
     split: Mapping[str, Any] | None = None
+    transfer: Transfer | None = None  # scored on another store's rows (--test-store)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "models", tuple(self.models))
+
+    def notes(self) -> list[str]:
+        return ([self.transfer.summary()] if self.transfer else []) + super().notes()
 
 
 @dataclass(frozen=True, kw_only=True)
