@@ -325,8 +325,11 @@ def encoder_for(store: FeatureStore, features: str) -> tuple[Encoder, dict]:
                            f"head; embed new images with the parent feature set and apply the head")
     encoder = create_encoder(attrs["encoder"], weights=attrs.get("weights_arg"), pooling=attrs.get("pooling"),
                              image_size=attrs.get("image_size"), crop_pct=attrs.get("crop_pct"),
-                             crop_mode=attrs.get("crop_mode"))
+                             crop_mode=attrs.get("preprocessing", {}).get("crop_mode", "center"))  # absent: centre-cropped
     if encoder.weights_sha256 != attrs.get("weights_sha256"):
         raise EncoderError(f"the weights of {attrs['encoder']} available now differ from those feature set "
                            f"{attrs.get('name')} was extracted with; pass the same weights file")
+    if fingerprint(feature_set_config(encoder, attrs.get("tta", False), attrs["dtype"])) != store.resolve(features):
+        raise EncoderError(f"the encoder rebuilt from feature set {attrs.get('name')}'s attributes does not give its "
+                           f"fingerprint (its preprocessing differs now); re-extract it into a new feature set")
     return encoder, attrs

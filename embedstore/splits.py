@@ -120,14 +120,15 @@ class ColumnSplit:
     dropped: np.ndarray
 
 
-def column_split(values, split_map: dict | None = None) -> ColumnSplit:
+def column_split(values, split_map: dict | None = None, needs_test: bool = True) -> ColumnSplit:
     """Train, test and validation rows from an official split column.
 
     Values are read case-insensitively (:data:`SPELLINGS`: train/training/0/false,
     test/testing/holdout/1/true, val/valid/validation/dev). ``split_map`` maps
     values to an action of :data:`SPLIT_ACTIONS` and takes precedence (``{"valid":
     "train"}`` folds validation rows into training, ``{"excluded": "drop"}`` leaves
-    rows out). Any other value is refused, listed, in one line.
+    rows out). Any other value is refused, listed, in one line, as is a split with no training rows, or
+    (``needs_test``) no test rows.
     """
     words = pd.Series([_split_word(v) for v in values], dtype=object)
     actions = {word: side for side, spelled in SPELLINGS.items() for word in spelled}
@@ -140,7 +141,7 @@ def column_split(values, split_map: dict | None = None) -> ColumnSplit:
         )
     side = words.map(actions).to_numpy()
     split = ColumnSplit(*(np.flatnonzero(side == name) for name in ("train", "test", "valid", "drop")))
-    if not len(split.train) or not len(split.test):
+    if not len(split.train) or (needs_test and not len(split.test)):
         raise ConfigError("split column puts no row on the train or on the test side: it needs both")
     return split
 

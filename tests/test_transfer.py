@@ -128,6 +128,8 @@ def test_test_store_scores_the_other_stores_test_rows_and_predict_split_gives_th
     predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     test = predictions[predictions["split"] == "test"].set_index("id")
     assert set(test.index) == set(table.loc[table["split"] == "test", "image_id"])
+    assert (test["store"] == str(clinic["clinic"].resolve())).all()
+    assert (predictions.loc[predictions["split"] == "oof", "store"] == str(ham_store.resolve())).all()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and metrics["n"] == n_test
     card = json.loads((tmp_path / "run" / "head" / "model_card.json").read_text())
@@ -147,7 +149,8 @@ def test_per_store_normalisation_reads_no_label_of_the_test_store(cli, ham_store
     stats = store_statistics(store, store.resolve("mobilenet_v2"))
     X, _ = store.load("mobilenet_v2")
     np.testing.assert_allclose(stats.mean, X.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stats.std, np.maximum(X.std(0), 1e-6), rtol=1e-3, atol=1e-5)
+    std = X.std(0)
+    np.testing.assert_allclose(stats.std, np.where(std < 1e-6, 1.0, std), rtol=1e-3, atol=1e-5)
     assert stats.n == len(X)  # every row, valid and test alike
 
     probabilities = {}
@@ -188,6 +191,8 @@ def test_transfer_mistakes_end_in_one_line(cli, ham_store, clinic, tmp_path):
         (_transfer, (clinic["clinic"], "--normalize", "clinic"), "unknown normalize 'clinic'"),
         (_transfer, (clinic["clinic"], "--test-split", "nope"), "split=nope"),
         (_transfer, (clinic["clinic"], "--test-groups", "nope"), "group column 'nope' is not in the table of"),
+        (_transfer, (ham_store,), "--test-store is the store the head is fitted on"),
+        (_transfer, (clinic["clinic"], "--select-split", "valid"), "give --select-on-store"),
     ]
     for run, args, message in cases:
         code, out, err = run(cli, ham_store, *args[:1], tmp_path / "x", *args[1:])
@@ -196,5 +201,35 @@ def test_transfer_mistakes_end_in_one_line(cli, ham_store, clinic, tmp_path):
     code, _, err = cli("probe", ham_store, "-f", "mobilenet_v2", "-t", "dx", "--test-split-column", "split",
                        "-o", tmp_path / "x")
     assert code == 2 and "give --test-store" in err
+    code, _, err = cli("probe", ham_store, "-f", "mobilenet_v2", "-t", "dx", "--test-store", clinic["clinic"],
+                       "--test-positive", "mel", "-o", tmp_path / "x")
+    assert code == 2 and "give --positive" in err
+    code, _, err = cli("probe", ham_store, "-f", "mobilenet_v2", "-t", "dx", "--test-store", clinic["clinic"],
+                       "--test-split", "test", "-o", tmp_path / "x")
+    assert code == 2 and "give --test-split-column" in err
     code, _, err = cli("predict", tmp_path / "nohead", clinic["clinic"], "--split", "split")
     assert code == 2 and "COLUMN=VALUE" in err
+
+
+def test_a_split_column_without_test_rows_is_refused_unless_the_test_rows_come_from_elsewhere():
+    from embedstore.errors import ConfigError
+    from embedstore.splits import column_split
+
+    values = ["train", "valid", "excluded", "train"]
+    with pytest.raises(ConfigError, match="no row on the train or on the test side"):
+        column_split(values, {"excluded": "drop"})
+    split = column_split(values, {"excluded": "drop"}, needs_test=False)
+    assert split.train.tolist() == [0, 3] and split.valid.tolist() == [1] and not len(split.test)
+
+
+def test_predict_labels_rows_as_the_head_and_leaves_a_foreign_target_out(clinic):
+    from embedstore.probe.predict import _labels
+
+    store = FeatureStore.open(clinic["clinic"])
+    ids = store.manifest["id"]
+    card = {"target": "dx", "positive_class": "mel", "classes": ["not_mel", "mel"]}
+    truth = _labels(store, card, ids)
+    expected = np.where(store.manifest["dx"].to_numpy() == "mel", "mel", "not_mel")
+    assert (truth == expected).all()
+    assert _labels(store, card | {"positive_class": "melanoma"}, ids) is None  # not a value of dx there
+    assert _labels(store, card | {"target": "diagnosis"}, ids) is None

@@ -30,8 +30,9 @@ from embedstore.errors import EncoderError, first_line
 
 #: How a non-square image becomes a square input (timm's ``crop_mode`` names and meaning):
 #: ``center`` resizes the shorter side and crops the centre (the longer side's ends are lost),
-#: ``squash`` resizes both sides to the square (nothing lost, the aspect ratio is not kept),
-#: ``border`` resizes the longer side and pads the shorter one with the mean colour (nothing lost, ratio kept).
+#: ``squash`` resizes both sides to the square (the aspect ratio is not kept),
+#: ``border`` resizes the longer side and pads the shorter one with the mean colour (the ratio kept);
+#: then the centre ``crop`` is taken, so squash and border keep the whole image only at ``crop_pct`` 1.0.
 CROP_MODES = ("center", "squash", "border")
 
 
@@ -59,7 +60,8 @@ class Preprocessing:
         """The same transform with a ``image_size`` square input, ``crop_pct`` = crop / resize and/or ``crop_mode``.
 
         timm's names: ``crop_pct`` 0.875 is the ImageNet evaluation crop (256 -> 224), 1.0
-        keeps the whole resized image. Unset arguments keep this transform's value.
+        keeps the whole resized image (with ``squash`` or ``border``: the whole image). Unset arguments keep this
+        transform's value.
         """
         crop = self.crop if image_size is None else int(image_size)
         pct = self.crop / self.resize if crop_pct is None else float(crop_pct)
@@ -213,8 +215,8 @@ def with_input_size(encoder: Encoder, image_size: int | None = None, crop_pct: f
     if out.shape[-1] != encoder.dim:
         raise EncoderError(f"encoder {encoder.name} gives {out.shape[-1]}-d features at {prep.crop}x{prep.crop}, "
                            f"not its {encoder.dim}; it needs its default input size")
-    options = {"image_size": image_size, "crop_pct": crop_pct,
-               "crop_mode": None if prep.crop_mode == "center" else prep.crop_mode}
+    own_mode = encoder.preprocessing.crop_mode  # timm models may default to squash: a mode is recorded if it differs
+    options = {"image_size": image_size, "crop_pct": crop_pct, "crop_mode": None if crop_mode == own_mode else crop_mode}
     return replace(encoder, preprocessing=prep, input_options={k: v for k, v in options.items() if v is not None})
 
 

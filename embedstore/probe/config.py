@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from embedstore.devices import device_name
@@ -33,6 +34,7 @@ class ProbeConfig(RunConfig):
     kind: ClassVar[str] = "probe"
     required: ClassVar[tuple[str, ...]] = ("store", "target", "features")
     list_fields: ClassVar[tuple[str, ...]] = ("features", "heads", "stack_heads", "stack_joint", "metadata")
+    path_fields: ClassVar[tuple[str, ...]] = (*RunConfig.path_fields, "test_store", "select_on_store")
 
     target: str
     heads: list[str] = field(default_factory=lambda: ["logreg"])
@@ -61,9 +63,17 @@ class ProbeConfig(RunConfig):
     test_positive: str | None = None  # default: positive
     test_groups: str | None = None  # default: groups (a test store without that column needs --test-groups)
     test_split_column: str | None = None
-    test_split: str = "test"
+    test_split: str | None = None  # default "test" (scored_split)
     select_on_store: str | None = None  # choose the final head's hyperparameters on this store's select_split rows
-    select_split: str = "valid"
+    select_split: str | None = None  # default "valid" (selection_split)
+
+    def scored_split(self) -> str:
+        """The value of ``test_split_column`` whose rows of the test store are scored."""
+        return self.test_split or "test"
+
+    def selection_split(self) -> str:
+        """The value of ``test_split_column`` whose rows of ``select_on_store`` choose the hyperparameters."""
+        return self.select_split or "valid"
 
     def test_group_column(self) -> str | None:
         """The test store's group column: ``--test-groups`` (``none``: each image its own group), else ``groups``."""
@@ -75,7 +85,8 @@ class ProbeConfig(RunConfig):
         """The test-store options given (not their defaults), by their command-line names."""
         given = {"--test-target": self.test_target, "--test-positive": self.test_positive,
                  "--test-groups": self.test_groups, "--test-split-column": self.test_split_column,
-                 "--select-on-store": self.select_on_store}
+                 "--test-split": self.test_split, "--select-on-store": self.select_on_store,
+                 "--select-split": self.select_split}
         return {k: v for k, v in given.items() if v is not None}
 
     def validate(self) -> None:
@@ -142,18 +153,28 @@ class ProbeConfig(RunConfig):
             if self.test_options():
                 raise ConfigError(f"{', '.join(self.test_options())} describe(s) the rows of a test store: give --test-store")
             return
+        if Path(self.test_store).resolve() == Path(self.store).resolve():
+            raise ConfigError("--test-store is the store the head is fitted on: give another clinic's store (or "
+                              "--split-column / --holdout to score held-out rows of this one)")
         if self.holdout:
             raise ConfigError("--test-store scores another store's rows; a --holdout of this store would be a second "
                               "test set: drop one")
+        if self.test_positive is not None and self.positive is None:
+            raise ConfigError("--test-positive names the test store's positive class of a binary probe: give --positive")
+        if self.test_split is not None and not self.test_split_column:
+            raise ConfigError("--test-split is a value of the test store's split column: give --test-split-column")
+        if self.select_split is not None and not self.select_on_store:
+            raise ConfigError("--select-split names rows of --select-on-store: give --select-on-store")
         if self.select_on_store:
             if not self.trials:
                 raise ConfigError("--select-on-store chooses tuned hyperparameters: give --trials (e.g. 20)")
             if not self.test_split_column:
                 raise ConfigError("--select-on-store takes the --select-split rows of the --test-split-column: give "
                                   "--test-split-column (e.g. split)")
-            if self.select_split == self.test_split:
-                raise ConfigError(f"--select-split and --test-split are both {self.test_split!r}: hyperparameters "
-                                  "are never chosen on the rows that are scored")
+            same_store = Path(self.select_on_store).resolve() == Path(self.test_store).resolve()
+            if same_store and self.selection_split() == self.scored_split():
+                raise ConfigError(f"--select-split and --test-split are both {self.scored_split()!r} of one store: "
+                                  "hyperparameters are never chosen on the rows that are scored")
 
     def _validate_metric(self) -> None:
         """The tuning metric's name, as far as it is known without the data: a ``positive`` probe is binary; any

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,7 @@ def load_data(cfg: ProbeConfig, store: FeatureStore) -> ProbeData:
         info = store.info(key)
         infos[name] = {"key": key, "name": info.name, "encoder": info.encoder, "dim": info.dim}
     y, classes = target_codes(cfg, table[cfg.target].astype(str).to_numpy())
-    groups = _group_labels(cfg, table)
+    groups = _group_labels(cfg.groups, table)
     _check_class_groups(cfg, y, classes, groups)
     patients = patient_ids(table[cfg.patient_features]) if cfg.patient_features else None
     return ProbeData(X, y, classes, groups, np.asarray(ids), table, keys, columns, infos, context, patients,
@@ -101,7 +102,9 @@ def load_other_store(cfg: ProbeConfig, path: str, home: ProbeData, split: str | 
         raise ConfigError(f"the patient context of {path} has other columns than this store's ({context} against "
                           f"{home.context}): a metadata column is numeric in one store only")
     y = _codes_of(cfg, table[target].astype(str).to_numpy(), home.classes, path, target)
-    group_labels = None if groups is None else f"{path}:" + table[groups].astype(str).to_numpy().astype(object)
+    group_labels = _group_labels(groups, table, "--test-groups")
+    if group_labels is not None:  # one store's lesion L is not another's: the resolved path keeps them apart
+        group_labels = f"{Path(path).resolve()}:" + group_labels.astype(object)
     patients = patient_ids(table[cfg.patient_features]) if cfg.patient_features else None
     return ProbeData(X, y, home.classes, group_labels, np.asarray(ids), table, home.feature_keys, home.columns,
                      home.infos, context, patients, [s.digest() for s in statistics.values()] if statistics else [])
@@ -122,7 +125,12 @@ def joined(home: ProbeData, others: list[ProbeData], metadata: list[str]) -> Pro
     """``home``'s rows followed by each of ``others``' (the same feature columns), as one probe input: non-numeric
     metadata re-made categorical over the values of all stores; groups by image where a store has none."""
     parts = [home, *others]
-    X = pd.concat([p.X for p in parts], ignore_index=True)
+    for col in metadata:
+        numeric = {pd.api.types.is_numeric_dtype(p.X[col]) for p in parts}
+        if len(numeric) > 1:
+            raise ConfigError(f"metadata column {col!r} is numeric in one store and text in another: make it one type "
+                              "in both stores' tables")
+    X = pd.concat([p.X for p in parts], ignore_index=True)  # a copy of the features: a transfer probe holds them twice
     for col in metadata:
         if not pd.api.types.is_numeric_dtype(X[col]):
             X[col] = X[col].astype(str).where(X[col].notna()).astype("category")
@@ -183,15 +191,15 @@ def target_codes(cfg: ProbeConfig, labels: np.ndarray) -> tuple[np.ndarray, list
     return y, classes
 
 
-def _group_labels(cfg: ProbeConfig, table: pd.DataFrame) -> np.ndarray | None:
+def _group_labels(column: str | None, table: pd.DataFrame, option: str = "--groups") -> np.ndarray | None:
     """The group column as strings; ConfigError when some rows have none (each would silently be one group)."""
-    if not cfg.groups:
+    if not column:
         return None
-    empty = int(table[cfg.groups].isna().sum())
+    empty = int(table[column].isna().sum())
     if empty:
-        raise ConfigError(f"group column {cfg.groups!r} is empty in {empty} of {len(table)} rows: fill it (e.g. with "
-                          "the image id, one group per image) or choose another --groups")
-    return table[cfg.groups].astype(str).to_numpy()
+        raise ConfigError(f"group column {column!r} is empty in {empty} of {len(table)} rows: fill it (e.g. with "
+                          f"the image id, one group per image) or choose another {option}")
+    return table[column].astype(str).to_numpy()
 
 
 def _check_class_groups(cfg: ProbeConfig, y: np.ndarray, classes: list[str], groups: np.ndarray | None) -> None:

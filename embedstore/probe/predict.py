@@ -20,7 +20,7 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path,
             split: tuple[str, str] | None = None) -> pd.DataFrame:
     """Apply a saved head to every row of ``store_path`` that has its feature sets (with ``split=(column, value)``,
     only the rows whose ``column`` is ``value``); write CSV or parquet, with a ``y_true`` column where the store has
-    the head's target.
+    the head's target (:func:`_labels`).
 
     Refuses a head that is not a skops file of trusted types (:func:`embedstore.heads.load_head`), and a store
     whose feature sets have another fingerprint than the ones the head was trained on. A head trained with
@@ -57,10 +57,8 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path,
     frame = pd.DataFrame({"id": table["id"].to_numpy(), "y_pred": classes[decide(model, proba)]})
     for k, c in enumerate(card["classes"]):
         frame[f"p_{c}"] = proba[:, k]
-    if card["target"] in store.manifest.columns:
-        truth = store.manifest.set_index("id").loc[table["id"], card["target"]].astype(str).to_numpy()
-        if card["positive_class"] is not None:
-            truth = np.where(truth == card["positive_class"], card["classes"][1], card["classes"][0])
+    truth = _labels(store, card, table["id"])
+    if truth is not None:
         frame.insert(1, "y_true", truth)
     if Path(out).suffix == ".parquet":
         write_file(out, lambda tmp: frame.to_parquet(tmp, index=False))
@@ -76,6 +74,25 @@ def _check_out(out: str | Path) -> None:
     inside = [d for d in Path(out).resolve().parents if (d / "zarr.json").is_file()]
     if inside:
         raise ConfigError(f"--out {out} is inside the zarr store {inside[-1]}; write predictions outside any store")
+
+
+def _labels(store: FeatureStore, card: dict, ids: pd.Series) -> np.ndarray | None:
+    """The true class of each row (None where it has no label) when ``store`` has the head's target column; for a
+    positive-vs-rest head, only when the positive class is one of its values (otherwise the column means
+    something else there, and every row would read as a negative)."""
+    column = card["target"]
+    if column not in store.manifest.columns:
+        return None
+    values = store.manifest.set_index("id")[column]
+    labels = values.loc[ids].to_numpy(dtype=object)
+    missing = pd.isna(labels)
+    labels = np.where(missing, None, labels.astype(str))
+    positive = card["positive_class"]
+    if positive is None:
+        return labels
+    if positive not in set(values.dropna().astype(str)):
+        return None
+    return np.where(missing, None, np.where(labels == positive, card["classes"][1], card["classes"][0]))
 
 
 def _rows_of_split(store: FeatureStore, store_path, ids: list[str], column: str, value: str) -> list[str]:

@@ -7,8 +7,8 @@ Every step is seeded by ``seed``:
    scored: with tuning they choose the final head's hyperparameters (one fold: fit on train, score on
    validation) and the final head is refitted on train + validation; without tuning they are left out
    (``split_map: {valid: train}`` folds them into training). A transfer probe (``test_store``) takes its test rows
-   from another store instead (those of its ``test_split``), less any byte-identical to a training image; with
-   ``select_on_store`` the validation rows are that store's ``select_split`` rows, which choose the final head's
+   from another store instead (those of its ``test_split``), less any byte-identical to a row fitted or tuned on;
+   with ``select_on_store`` the validation rows are that store's ``select_split`` rows, which choose the final head's
    hyperparameters but are never fitted on.
 2. Stratified group k-fold on the training rows. For each fold a model is fitted on the other folds and
    predicts this one: the out-of-fold (OOF) predictions. With ``trials > 0`` each fold first runs its own
@@ -108,9 +108,9 @@ class Probe:
         """A transfer probe's rows of other stores, appended to :attr:`data`: their positions by role (``test``,
         and ``select`` with ``--select-on-store``)."""
         cfg = self.cfg
-        parts: dict[str, ProbeData] = {"test": load_other_store(cfg, cfg.test_store, self.data, cfg.test_split)}
+        parts: dict[str, ProbeData] = {"test": load_other_store(cfg, cfg.test_store, self.data, cfg.scored_split())}
         if cfg.select_on_store:
-            parts["select"] = load_other_store(cfg, cfg.select_on_store, self.data, cfg.select_split)
+            parts["select"] = load_other_store(cfg, cfg.select_on_store, self.data, cfg.selection_split())
         positions, start = {}, self.n_home
         for role, part in parts.items():
             positions[role] = np.arange(start, start + len(part.y))
@@ -143,7 +143,8 @@ class Probe:
         cfg = self.cfg
         if not cfg.split_column:
             return None
-        return column_split(self.data.table[cfg.split_column].iloc[:self.n_home], cfg.split_map)
+        return column_split(self.data.table[cfg.split_column].iloc[:self.n_home], cfg.split_map,
+                            needs_test=not cfg.test_store)  # a transfer probe's test rows are another store's
 
     def _split(self, outside: dict[str, np.ndarray]) -> None:
         """Train, test and validation rows, the outer folds over the training rows, and what the final
@@ -185,8 +186,8 @@ class Probe:
 
     def _take_outside(self, split: ColumnSplit, outside: dict[str, np.ndarray]) -> None:
         """The test rows (and, with ``--select-on-store``, the validation rows) of a transfer probe from other
-        stores, less their images that are byte-identical to a training image (or, for test rows, to a
-        validation image): those are left out and counted, never scored."""
+        stores, less their images that are byte-identical to an image fitted or tuned on (and, for test rows, to a
+        selection image): those are left out and counted, never scored."""
         cfg, d = self.cfg, self.data
         if len(split.test):
             raise ConfigError(f"this store's split column gives {len(split.test)} test rows, and --test-store gives the "
@@ -195,24 +196,26 @@ class Probe:
             raise ConfigError(f"this store's split column gives {len(split.valid)} validation rows, and "
                               "--select-on-store gives them: map them with --split-map VALUE=train or VALUE=drop")
         sha = d.table["sha256"].to_numpy()
-        seen = set(sha[self.train])
+        seen = set(sha[self.train]) | set(sha[self.valid])  # every row a head is fitted or tuned on
         left_out = 0
         if "select" in outside:
             keep = ~np.isin(sha[outside["select"]], list(seen))
             self.valid, left_out = outside["select"][keep], int((~keep).sum())
+            if not len(self.valid):
+                raise ConfigError(f"every --select-split row of {cfg.select_on_store} is byte-identical to a training image")
             seen |= set(sha[self.valid])
         keep = ~np.isin(sha[outside["test"]], list(seen))
         self.test = outside["test"][keep]
         left_out += int((~keep).sum())
         if not len(self.test):
             raise ConfigError(f"every row of {cfg.test_store} to score is byte-identical to a training image")
+        select = cfg.select_on_store
         self.transfer = Transfer(
             test_store=str(Path(cfg.test_store).resolve()), n_test=int(len(self.test)),
-            split_column=cfg.test_split_column, split=cfg.test_split if cfg.test_split_column else None,
-            groups=cfg.test_group_column(),
-            identical_left_out=left_out, normalize=cfg.normalize,
-            select_on_store=str(Path(cfg.select_on_store).resolve()) if cfg.select_on_store else None,
-            select_split=cfg.select_split if cfg.select_on_store else None, n_select=int(len(self.valid)))
+            split_column=cfg.test_split_column, split=cfg.scored_split() if cfg.test_split_column else None,
+            groups=cfg.test_group_column(), identical_left_out=left_out, normalize=cfg.normalize,
+            select_on_store=str(Path(select).resolve()) if select else None,
+            select_split=cfg.selection_split() if select else None, n_select=int(len(self.valid)) if select else 0)
 
     def _check_sides(self, sides: dict[str, np.ndarray]) -> None:
         """No group on two sides of the split, and every class on each side that has rows."""
@@ -249,8 +252,16 @@ class Probe:
             "groups": cfg.groups, "scope": scope, "inner_folds": cfg.inner_folds,
             "head": head, "params": effective_params(cfg, head),
             "metric": self.metric_name, "decision": cfg.decision,
-        } | ({"normalize": cfg.normalize, "statistics": d.normalization} if cfg.normalize != "train" else {}) | ({"patient_features": cfg.patient_features, "patients": digest(d.patients[rows]),
+        } | ({"normalize": cfg.normalize, "statistics": self._statistics(scope)} if cfg.normalize != "train" else {}) | ({"patient_features": cfg.patient_features, "patients": digest(d.patients[rows]),
               "patient_context": columns_for(d.context, sets)} if cfg.patient_features and head in METADATA_HEADS else {})
+
+    def _statistics(self, scope: str) -> list[str]:
+        """The digests of the per-store statistics of the stores whose rows a study at ``scope`` reads: this store's,
+        and for the final head under ``--select-on-store`` that store's (:attr:`data` holds this store's, the test
+        store's, then the selection store's)."""
+        n = len(self.data.feature_keys)
+        home = self.data.normalization[:n]
+        return home + self.data.normalization[2 * n:] if scope == "final" and self.cfg.select_on_store else home
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
         """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.

@@ -81,9 +81,10 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
     folds[first + [c for c in folds.columns if c not in first]].to_csv(folder / "folds.csv", index=False)
     _predictions(probe, best).to_parquet(folder / "predictions.parquet", index=False)
     emb_cols = [c for n in best.spec.sets for c in d.columns[n]]
-    labels = np.asarray(d.classes, dtype=object)[d.y]
-    feature_map(d.X, labels, d.ids, cfg.tsne_max, cfg.seed, columns=emb_cols, n_jobs=cfg.blas_threads or usable_cores()).to_parquet(
-        folder / "embedding_2d.parquet", index=False)
+    home = slice(0, probe.n_home)  # the map is of this store's rows, the first of X (a transfer probe's others follow)
+    labels = np.asarray(d.classes, dtype=object)[d.y[home]]
+    feature_map(d.X, labels, d.ids[home], cfg.tsne_max, cfg.seed, columns=emb_cols,
+                n_jobs=cfg.blas_threads or usable_cores()).to_parquet(folder / "embedding_2d.parquet", index=False)
     if len(metrics.models) > 1:
         rows = rows_of_metrics(metrics, Path(cfg.out).resolve().name)
         scored = ("rows of another store" if probe.transfer else "held-out test rows") if metrics.evaluated_on == "test" \
@@ -98,8 +99,9 @@ def _write_files(probe: Probe, results: list[ModelResult], best: ModelResult, me
 
 
 def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
-    """One row per scored image: its fold, split (``oof`` or ``test``), true and predicted class, probabilities."""
-    d = probe.data
+    """One row per scored image: its fold, split (``oof`` or ``test``), true and predicted class, probabilities
+    (and, in a transfer probe, the store it is of)."""
+    cfg, d = probe.cfg, probe.data
     fold = np.full(len(d.y), -1)
     for k, (_, test) in enumerate(probe.folds):
         fold[test] = k
@@ -112,6 +114,8 @@ def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
             continue
         frame = pd.DataFrame({"id": d.ids[rows], "fold": fold[rows], "split": split,
                               "y_true": classes[d.y[rows]], "y_pred": classes[pred]})
+        if probe.transfer:  # ids of two stores: say whose each row is
+            frame.insert(1, "store", probe.transfer.test_store if split == "test" else str(Path(cfg.store).resolve()))
         for k, c in enumerate(d.classes):
             frame[f"p_{c}"] = proba[:, k]
         parts.append(frame)

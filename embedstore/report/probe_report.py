@@ -328,7 +328,9 @@ def _sample_grid(report: Report, run: Run, pred: Predictions) -> None:
     report.add(Heading("Sample predictions"))
     rows, cols = SAMPLE_GRID
     picked = pick_samples(pred, rows * cols, seed=run.record.seed)
-    thumbs = load_thumbnails(run.record.store, run.path, [pred.ids[r] for r in picked])
+    transfer = getattr(run.record, "transfer", None)
+    store = transfer.test_store if transfer and pred.split == "test" else run.record.store
+    thumbs = load_thumbnails(store, run.path, [pred.ids[r] for r in picked])
     if isinstance(thumbs, str):
         report.add(Note(f"No sample grid: {thumbs}."))
         return

@@ -36,6 +36,7 @@ class RunConfig:
     kind: ClassVar[str] = "run"
     required: ClassVar[tuple[str, ...]] = ("store", "features")
     list_fields: ClassVar[tuple[str, ...]] = ("features",)
+    path_fields: ClassVar[tuple[str, ...]] = ("store", "out", "merge_near_duplicates")  # Path values read as text
 
     store: str = ""
     features: list[str] = field(default_factory=list)
@@ -73,7 +74,7 @@ class RunConfig:
         for key in cls.list_fields:
             if isinstance(raw.get(key), str):
                 raw[key] = [s.strip() for s in raw[key].split(",") if s.strip()]
-        for key in ("store", "out", "merge_near_duplicates"):
+        for key in cls.path_fields:
             if key in raw and raw[key] is not None:
                 raw[key] = str(raw[key])
         try:

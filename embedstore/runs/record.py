@@ -14,8 +14,8 @@ carry ``format`` (:data:`RUN_FORMAT`); a reader refuses a format it does not kno
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
@@ -159,7 +159,8 @@ class GroupMerge:
 class Transfer:
     """A probe scored on another store's rows (``--test-store``): ``n_test`` rows of ``test_store`` whose
     ``split_column`` is ``split`` (every labelled row without one), bootstrapped by ``groups`` (None: by image);
-    ``identical_left_out`` of them were byte-identical to training images and not scored. ``normalize`` is how
+    ``identical_left_out`` rows of the other stores were byte-identical to an image fitted, tuned or selected on and
+    were left out (near-duplicates across stores are not looked for: ``embedstore audit`` looks within one store). ``normalize`` is how
     each store's features were standardised. With ``select_on_store``, the final head's hyperparameters were
     chosen on ``n_select`` rows of that store (its ``select_split`` rows), never on the scored ones."""
 
@@ -179,7 +180,7 @@ class Transfer:
         which = f" ({self.split_column}={self.split})" if self.split_column else ""
         line = f"scored on {self.n_test} rows of {Path(self.test_store).name}{which}, features normalised by {self.normalize}"
         if self.identical_left_out:
-            line += f"; {self.identical_left_out} byte-identical to training images were left out"
+            line += f"; {self.identical_left_out} byte-identical to images fitted or tuned on were left out"
         if self.select_on_store:
             line += (f"; hyperparameters chosen on {self.n_select} rows of {Path(self.select_on_store).name} "
                      f"({self.split_column}={self.select_split})")
