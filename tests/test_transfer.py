@@ -143,6 +143,12 @@ def test_test_store_scores_the_other_stores_test_rows_and_predict_split_gives_th
     np.testing.assert_allclose(again.loc[test.index, "p_mel"], test["p_mel"], rtol=1e-5, atol=1e-6)
     assert (again.loc[test.index, "y_true"] == test["y_true"]).all()
 
+    code, _, err = cli("report", tmp_path / "run")
+    assert code == 0, err
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "clinic.zarr (split=test)" in markdown and "Sample predictions" in markdown
+    assert "No sample grid" not in markdown  # the thumbnails of the scored rows come from the test store
+
 
 def test_per_store_normalisation_reads_no_label_of_the_test_store(cli, ham_store, clinic, tmp_path):
     store = FeatureStore.open(clinic["clinic"])
