@@ -178,7 +178,9 @@ class Transfer:
     def summary(self) -> str:
         """One line for the CLI summary and the report."""
         which = f" ({self.split_column}={self.split})" if self.split_column else ""
-        line = f"scored on {self.n_test} rows of {Path(self.test_store).name}{which}, features normalised by {self.normalize}"
+        how = ("each store's features standardised on its own rows (--normalize per-store)" if self.normalize == "per-store"
+               else "features standardised by the training rows")
+        line = f"scored on {self.n_test} rows of {Path(self.test_store).name}{which}; {how}"
         if self.identical_left_out:
             line += f"; {self.identical_left_out} byte-identical to images fitted or tuned on were left out"
         if self.select_on_store:
