@@ -89,9 +89,10 @@ def part_make(seed: int = 0) -> None:
     b.to_csv(OUT / "clinic_b" / "clinic_b.csv", index=False)
     for k, image_id in enumerate(b["image_id"]):
         target = OUT / "clinic_b" / "images" / f"{image_id}.jpg"
-        if not target.exists():
+        if not target.exists():  # written aside and renamed, so a killed run leaves no half-written image
             with Image.open(HAM / "images" / f"{image_id}.jpg") as image:
-                degrade(image).save(target, quality=70)
+                degrade(image).save(target.with_suffix(".part"), format="JPEG", quality=70)
+            target.with_suffix(".part").rename(target)
         if k % 1000 == 0:
             print(f"clinic B: {k}/{len(b)} images written", flush=True)
     print(f"clinic A: {len(a)} images of {a['lesion_id'].nunique()} lesions ({int((a['dx'] == 'mel').sum())} mel); "

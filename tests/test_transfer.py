@@ -198,6 +198,8 @@ def test_transfer_mistakes_end_in_one_line(cli, ham_store, clinic, tmp_path):
         (_transfer, (clinic["clinic"], "--test-split", "nope"), "split=nope"),
         (_transfer, (clinic["clinic"], "--test-groups", "nope"), "group column 'nope' is not in the table of"),
         (_transfer, (ham_store,), "--test-store is the store the head is fitted on"),
+        (_transfer, (clinic["clinic"], "--trials", "2", "--select-on-store", ham_store),
+         "--select-on-store is the store the head is fitted on"),
         (_transfer, (clinic["clinic"], "--select-split", "valid"), "give --select-on-store"),
     ]
     for run, args, message in cases:
@@ -215,6 +217,12 @@ def test_transfer_mistakes_end_in_one_line(cli, ham_store, clinic, tmp_path):
     assert code == 2 and "give --test-split-column" in err
     code, _, err = cli("predict", tmp_path / "nohead", clinic["clinic"], "--split", "split")
     assert code == 2 and "COLUMN=VALUE" in err
+    from embedstore.errors import ConfigError
+    from embedstore.probe import ProbeConfig
+
+    with pytest.raises(ConfigError, match="test_groups names a column"):  # a recipe's `test_groups: no` is False
+        ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2", "target": "dx",
+                               "test_store": str(clinic["clinic"]), "test_groups": False})
 
 
 def test_a_split_column_without_test_rows_is_refused_unless_the_test_rows_come_from_elsewhere():

@@ -99,8 +99,8 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     return Preprocessing(
         resize=int(round(crop / cfg.get("crop_pct", 0.875))), crop=crop,
         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bilinear")), crop_mode=str(cfg.get("crop_mode") or "center"),
-    )
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+    )  # crop_mode stays center (timm's squash defaults would change existing fingerprints): --crop-mode picks another
 
 
 #: timm's ``global_pool`` names: CNNs take avg, max, avgmax and catavgmax (avg and max side by side, twice the width);

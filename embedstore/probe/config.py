@@ -153,9 +153,18 @@ class ProbeConfig(RunConfig):
             if self.test_options():
                 raise ConfigError(f"{', '.join(self.test_options())} describe(s) the rows of a test store: give --test-store")
             return
+        named = {"test_target": self.test_target, "test_positive": self.test_positive, "test_groups": self.test_groups,
+                 "test_split_column": self.test_split_column, "test_split": self.test_split,
+                 "select_split": self.select_split}
+        for option, value in named.items():
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{option} names a column or a value as text, not {value!r} (quote it in the recipe)")
         if Path(self.test_store).resolve() == Path(self.store).resolve():
             raise ConfigError("--test-store is the store the head is fitted on: give another clinic's store (or "
                               "--split-column / --holdout to score held-out rows of this one)")
+        if self.select_on_store and Path(self.select_on_store).resolve() == Path(self.store).resolve():
+            raise ConfigError("--select-on-store is the store the head is fitted on: hyperparameters are chosen on "
+                              "this store's own folds (or its validation rows) without it")
         if self.holdout:
             raise ConfigError("--test-store scores another store's rows; a --holdout of this store would be a second "
                               "test set: drop one")

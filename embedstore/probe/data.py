@@ -90,11 +90,14 @@ def load_other_store(cfg: ProbeConfig, path: str, home: ProbeData, split: str | 
                    patient=cfg.patient_features, metadata=cfg.metadata)
     manifest = store.manifest.set_index("id")
     wanted = manifest[target].notna()
-    if cfg.test_split_column:
+    if cfg.test_split_column:  # compared as text, exactly: the value as the table writes it
         wanted &= manifest[cfg.test_split_column].astype(str) == split
     ids = [i for i in common_ids(store, keys.values()) if wanted[i]]
-    which = f" and {cfg.test_split_column}={split}" if cfg.test_split_column else ""
     if not ids:
+        which = ""
+        if cfg.test_split_column:
+            seen = ", ".join(sorted(manifest[cfg.test_split_column].astype(str).unique())[:10])
+            which = f" and {cfg.test_split_column}={split} (its values: {seen})"
         raise ConfigError(f"no row of {path} has features of {', '.join(keys)}, a {target!r} value{which}")
     statistics = statistics_of(store, keys, cfg.normalize)
     X, table, _, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features, statistics)
@@ -125,8 +128,8 @@ def joined(home: ProbeData, others: list[ProbeData], metadata: list[str]) -> Pro
     """``home``'s rows followed by each of ``others``' (the same feature columns), as one probe input: non-numeric
     metadata re-made categorical over the values of all stores; groups by image where a store has none."""
     parts = [home, *others]
-    for col in metadata:
-        numeric = {pd.api.types.is_numeric_dtype(p.X[col]) for p in parts}
+    for col in metadata:  # a column empty in one store reads as float there: it takes the others' type
+        numeric = {pd.api.types.is_numeric_dtype(p.X[col]) for p in parts if p.X[col].notna().any()}
         if len(numeric) > 1:
             raise ConfigError(f"metadata column {col!r} is numeric in one store and text in another: make it one type "
                               "in both stores' tables")
