@@ -82,7 +82,8 @@ def test_an_unknown_crop_mode_is_one_line(cli, ham_subset_csv, ham_root, tmp_pat
 def clinic(ham_meta, ham_subset, ham_root, tmp_path_factory):
     """A second "clinic": 150 HAM10000 images outside the training subset (35 melanomas), a lesion-level
     ``split`` of valid / test rows, extracted with mobilenet_v2 (centre crop) into ``clinic.zarr``; the same
-    images with their dx shuffled in ``relabelled.zarr``; ten of them extracted with squash only in ``squash.zarr``."""
+    images with their dx shuffled in ``relabelled.zarr``; ten of them extracted with squash only in ``squash.zarr``;
+    in ``overlap.zarr`` the clinic's images plus 12 of the training subset's (test rows, under new ids)."""
     folder = tmp_path_factory.mktemp("clinic")
     rest = ham_meta[~ham_meta["lesion_id"].isin(set(ham_subset["lesion_id"]))]
     picked = pd.concat([rest[rest.dx == "mel"].sample(35, random_state=1),
@@ -91,11 +92,16 @@ def clinic(ham_meta, ham_subset, ham_root, tmp_path_factory):
     valid = set(np.random.default_rng(1).permutation(lesions)[: int(0.4 * len(lesions))])
     picked = picked.assign(split=np.where(picked["lesion_id"].isin(valid), "valid", "test"))
     relabelled = picked.assign(dx=np.random.default_rng(2).permutation(picked["dx"].to_numpy()))
+    shared = ham_subset.head(12).assign(split="test", path=lambda t: t["image_id"] + ".jpg",
+                                        image_id=lambda t: "copy_" + t["image_id"])
+    overlap = pd.concat([picked.assign(path=picked["image_id"] + ".jpg"), shared], ignore_index=True)
     stores = {}
-    for name, table in (("clinic", picked), ("relabelled", relabelled), ("squash", picked.head(10))):
+    for name, table in (("clinic", picked), ("relabelled", relabelled), ("squash", picked.head(10)),
+                        ("overlap", overlap)):
         csv = folder / f"{name}.csv"
         table.to_csv(csv, index=False)
-        source = open_source(csv, images=ham_root / "images", id_col="image_id")
+        source = open_source(csv, images=ham_root / "images", id_col="image_id",
+                             path_col="path" if "path" in table else None)
         stores[name] = folder / f"{name}.zarr"
         encoder = create_encoder("mobilenet_v2", crop_mode="squash" if name == "squash" else None)
         assert extract(source, encoder, stores[name], progress=False).n_failed == 0
@@ -148,6 +154,20 @@ def test_test_store_scores_the_other_stores_test_rows_and_predict_split_gives_th
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "clinic.zarr (split=test)" in markdown and "Sample predictions" in markdown
     assert "No sample grid" not in markdown  # the thumbnails of the scored rows come from the test store
+
+
+def test_test_store_images_identical_to_training_images_are_left_out_and_counted(cli, ham_store, clinic, tmp_path,
+                                                                                 ham_subset):
+    code, out, err = _transfer(cli, ham_store, clinic["overlap"], tmp_path / "run")
+    assert code == 0, err
+    assert "12 byte-identical to images fitted or tuned on were left out" in out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    table = pd.read_csv(clinic["overlap"].with_suffix(".csv"))
+    assert run["transfer"]["identical_left_out"] == 12
+    assert run["transfer"]["n_test"] == int((table["split"] == "test").sum()) - 12
+    predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    scored = set(predictions.loc[predictions["split"] == "test", "id"])
+    assert not any(i.startswith("copy_") for i in scored)
 
 
 def test_per_store_normalisation_reads_no_label_of_the_test_store(cli, ham_store, clinic, tmp_path):
