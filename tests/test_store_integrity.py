@@ -395,3 +395,22 @@ def test_a_repaired_chunk_shared_with_another_source_says_which_rows_stay_pendin
     result = extract(open_source(second, images=data["images"], id_col="image_id"), encoder, store, **opts)
     assert (result.n_repaired, result.n_written, result.n_skipped, result.n_left_pending) == (0, 20, 0, 0)
     assert_same_features(store, tmp_path / "ref.zarr")
+
+
+def test_a_store_another_process_creates_meanwhile_is_opened_and_nothing_is_left(tmp_path, monkeypatch):
+    """Two `extract --shard i/n` started together on a new store: the one whose rename comes second opens the
+    store the first made (before, it could open a half-made one and stop: "not an embedstore feature store")."""
+    from embedstore.store import store as store_module
+
+    path = tmp_path / "s.zarr"
+    rename = store_module.rename_into_place
+
+    def the_other_process_wins(staging, target):
+        monkeypatch.setattr(store_module, "rename_into_place", rename)
+        FeatureStore.create_or_open(path)  # made whole by the other process, meanwhile
+        rename(staging, target)  # fails: the path holds a store now
+
+    monkeypatch.setattr(store_module, "rename_into_place", the_other_process_wins)
+    store = FeatureStore.create_or_open(path)
+    assert store.feature_sets() == [] and (path / "zarr.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # our staging copy is gone

@@ -16,7 +16,7 @@ import pandas as pd
 import zarr
 
 from embedstore import __version__, faults
-from embedstore.atomic import clean_stale, remove_folder
+from embedstore.atomic import clean_stale, remove_folder, rename_into_place, staging_path
 from embedstore.clock import utc_now
 from embedstore.columns import source_columns
 from embedstore.errors import StoreError, first_line
@@ -69,7 +69,12 @@ class FeatureStore:
 
     @classmethod
     def create_or_open(cls, path: str | Path) -> "FeatureStore":
-        """Open the store at ``path``, or create an empty one; refuse a path holding anything else."""
+        """Open the store at ``path``, or create an empty one; refuse a path holding anything else.
+
+        A new store is built whole under a hidden name and renamed into place (over an empty folder, if one is
+        there), so processes started together on one new store (``extract --shard i/n``) never see it half-made:
+        the first rename wins, the others open the store it made.
+        """
         path = Path(path)
         if path.exists() and not (path / "zarr.json").is_file():
             if path.is_file() or any(path.iterdir()):
@@ -77,10 +82,18 @@ class FeatureStore:
         if not (path / "zarr.json").is_file():
             with storage_errors(path, f"creating the store {path}"):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                root = zarr.open_group(str(path), mode="a", zarr_format=3)
+                clean_stale(path)
+                staging = staging_path(path)
+                root = zarr.open_group(str(staging), mode="w-", zarr_format=3)
                 root.attrs["embedstore"] = {"format": FORMAT_VERSION, "created_with": __version__, "created": utc_now()}
                 root.attrs["sources"] = []
                 root.require_group("features")
+                try:
+                    rename_into_place(staging, path)
+                except OSError:
+                    remove_folder(staging)
+                    if not (path / "zarr.json").is_file():  # not another process's store: a real failure
+                        raise
         return cls.open(path)
 
     # ---------------------------------------------------------------- manifest
