@@ -18,6 +18,10 @@ METADATA_HEADS = {"lgbm"}
 #: on its training rows (the training store's statistics); ``per-store``: first each store's features are re-centred
 #: and re-scaled on the mean and standard deviation of all of that store's rows (no label used), then as ``train``.
 NORMALIZATIONS = ("train", "per-store")
+#: The options that describe a test store's rows (``--test-store``), by field and command-line name.
+TEST_OPTIONS = {"test_target": "--test-target", "test_positive": "--test-positive", "test_groups": "--test-groups",
+                "test_split_column": "--test-split-column", "test_split": "--test-split",
+                "select_on_store": "--select-on-store", "select_split": "--select-split"}
 #: Metric names of every binary problem (all of a multiclass one, plus the positive-class ones).
 BINARY_METRIC_NAMES = tuple(metric_functions(2))
 MULTICLASS_METRIC_NAMES = tuple(metric_functions(3))
@@ -82,12 +86,8 @@ class ProbeConfig(RunConfig):
         return None if self.test_groups.strip().lower() == "none" else self.test_groups
 
     def test_options(self) -> dict:
-        """The test-store options given (not their defaults), by their command-line names."""
-        given = {"--test-target": self.test_target, "--test-positive": self.test_positive,
-                 "--test-groups": self.test_groups, "--test-split-column": self.test_split_column,
-                 "--test-split": self.test_split, "--select-on-store": self.select_on_store,
-                 "--select-split": self.select_split}
-        return {k: v for k, v in given.items() if v is not None}
+        """The test-store options given (not their defaults), by field name."""
+        return {name: getattr(self, name) for name in TEST_OPTIONS if getattr(self, name) is not None}
 
     def validate(self) -> None:
         super().validate()
@@ -151,13 +151,11 @@ class ProbeConfig(RunConfig):
             raise ConfigError(f"unknown normalize {self.normalize!r}: choose from {', '.join(NORMALIZATIONS)}")
         if not self.test_store:
             if self.test_options():
-                raise ConfigError(f"{', '.join(self.test_options())} describe(s) the rows of a test store: give --test-store")
+                flags = ", ".join(TEST_OPTIONS[name] for name in self.test_options())
+                raise ConfigError(f"{flags} describe(s) the rows of a test store: give --test-store")
             return
-        named = {"test_target": self.test_target, "test_positive": self.test_positive, "test_groups": self.test_groups,
-                 "test_split_column": self.test_split_column, "test_split": self.test_split,
-                 "select_split": self.select_split}
-        for option, value in named.items():
-            if value is not None and not isinstance(value, str):
+        for option, value in self.test_options().items():  # the store paths are read as text by from_dict
+            if option not in self.path_fields and not isinstance(value, str):
                 raise ConfigError(f"{option} names a column or a value as text, not {value!r} (quote it in the recipe)")
         if Path(self.test_store).resolve() == Path(self.store).resolve():
             raise ConfigError("--test-store is the store the head is fitted on: give another clinic's store (or "

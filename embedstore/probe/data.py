@@ -34,7 +34,7 @@ class ProbeData:
     infos: dict[str, dict]
     context: list[str]  # patient-context columns in X (--patient-features), read by lgbm beside the metadata
     patients: np.ndarray | None  # each row's patient id (--patient-features), for top-15 sensitivity
-    normalization: list[str] = field(default_factory=list)  # digests of each store's statistics (--normalize per-store)
+    normalization: list[str] = field(default_factory=list)  # digests of the store's statistics (--normalize per-store)
 
 
 def set_names(cfg: ProbeConfig) -> list[str]:
@@ -88,17 +88,14 @@ def load_other_store(cfg: ProbeConfig, path: str, home: ProbeData, split: str | 
                           "--test-groups COL (or --test-groups none: each image its own group)")
     _check_columns(store, f"the table of {path}", target=target, group=groups, split=cfg.test_split_column,
                    patient=cfg.patient_features, metadata=cfg.metadata)
-    manifest = store.manifest.set_index("id")
-    wanted = manifest[target].notna()
-    if cfg.test_split_column:  # compared as text, exactly: the value as the table writes it
-        wanted &= manifest[cfg.test_split_column].astype(str) == split
-    ids = [i for i in common_ids(store, keys.values()) if wanted[i]]
+    ids = common_ids(store, keys.values())
+    if cfg.test_split_column:
+        ids = rows_of_split(store, path, ids, cfg.test_split_column, split)
+    labelled = store.manifest.set_index("id")[target].notna()
+    ids = [i for i in ids if labelled[i]]
     if not ids:
-        which = ""
-        if cfg.test_split_column:
-            seen = ", ".join(sorted(manifest[cfg.test_split_column].astype(str).unique())[:10])
-            which = f" and {cfg.test_split_column}={split} (its values: {seen})"
-        raise ConfigError(f"no row of {path} has features of {', '.join(keys)}, a {target!r} value{which}")
+        which = f" among its {cfg.test_split_column}={split} rows" if cfg.test_split_column else ""
+        raise ConfigError(f"no row of {path} with features of {', '.join(keys)} has a {target!r} value{which}")
     statistics = statistics_of(store, keys, cfg.normalize)
     X, table, _, context = feature_frame(store, keys, cfg.metadata, ids, cfg.patient_features, statistics)
     if context != home.context:
@@ -126,7 +123,8 @@ def _codes_of(cfg: ProbeConfig, labels: np.ndarray, classes: list[str], path: st
 
 def joined(home: ProbeData, others: list[ProbeData], metadata: list[str]) -> ProbeData:
     """``home``'s rows followed by each of ``others``' (the same feature columns), as one probe input: non-numeric
-    metadata re-made categorical over the values of all stores; groups by image where a store has none."""
+    metadata re-made categorical over the values of all stores; groups by image where a store has none; ``home``'s
+    statistics digests (the other stores' stay with them)."""
     parts = [home, *others]
     for col in metadata:  # a column empty in one store reads as float there: it takes the others' type
         numeric = {pd.api.types.is_numeric_dtype(p.X[col]) for p in parts if p.X[col].notna().any()}
@@ -145,8 +143,21 @@ def joined(home: ProbeData, others: list[ProbeData], metadata: list[str]) -> Pro
     patients = None if home.patients is None else np.concatenate([p.patients for p in parts])
     return ProbeData(X, np.concatenate([p.y for p in parts]), home.classes, groups,
                      np.concatenate([p.ids for p in parts]), pd.concat([p.table for p in parts], ignore_index=True),
-                     home.feature_keys, home.columns, home.infos, home.context, patients,
-                     [digest for p in parts for digest in p.normalization])
+                     home.feature_keys, home.columns, home.infos, home.context, patients, home.normalization)
+
+
+def rows_of_split(store: FeatureStore, store_path, ids: list[str], column: str, value: str) -> list[str]:
+    """The ``ids`` whose ``column`` is ``value``, compared as text, exactly (the value as the table writes it);
+    ConfigError when the column is not there or none of them has that value (naming the values they have)."""
+    manifest = store.manifest.set_index("id")
+    if column not in manifest.columns:
+        raise ConfigError(f"split column {column!r} is not in the table of {store_path}")
+    values = manifest.loc[ids, column].astype(str)
+    kept = [i for i, v in zip(ids, values) if v == value]
+    if not kept:
+        seen = sorted(set(values))[:10]
+        raise ConfigError(f"no row of {store_path} with features has {column}={value} (values: {', '.join(seen)})")
+    return kept
 
 
 def _check_columns(store: FeatureStore, where: str, metadata: list[str], **named: str | None) -> None:

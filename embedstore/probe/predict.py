@@ -11,7 +11,7 @@ from embedstore.atomic import write_file
 from embedstore.errors import ConfigError, StoreError
 from embedstore.heads import decide, load_head
 from embedstore.probe.card import read_card
-from embedstore.probe.data import common_ids, feature_frame, matching_keys
+from embedstore.probe.data import common_ids, feature_frame, matching_keys, rows_of_split
 from embedstore.probe.normalize import statistics_of
 from embedstore.store import FeatureStore
 
@@ -45,7 +45,7 @@ def predict(head_dir: str | Path, store_path: str | Path, out: str | Path,
         raise StoreError(f"{store_path} has no finished rows of {', '.join(keys)} to predict: run `embedstore extract` "
                          "first (`embedstore ls` shows what is pending or failed)")
     if split is not None:
-        ids = _rows_of_split(store, store_path, ids, *split)
+        ids = rows_of_split(store, store_path, ids, *split)
     statistics = statistics_of(store, keys, card.get("normalize", "train"))  # cards before #15: train
     X, table, _, context = feature_frame(store, keys, card["metadata"], ids, patient, statistics)
     lacking = sorted(set(card.get("patient_context", [])) - set(context))
@@ -94,16 +94,3 @@ def _labels(store: FeatureStore, card: dict, ids: pd.Series) -> np.ndarray | Non
         return None
     return np.where(missing, None, np.where(labels == positive, card["classes"][1], card["classes"][0]))
 
-
-def _rows_of_split(store: FeatureStore, store_path, ids: list[str], column: str, value: str) -> list[str]:
-    """The ``ids`` whose ``column`` is ``value`` (compared as text); ConfigError when the column is not there or
-    no row with features has that value."""
-    manifest = store.manifest.set_index("id")
-    if column not in manifest.columns:
-        raise ConfigError(f"--split column {column!r} is not in the table of {store_path}")
-    values = manifest.loc[ids, column].astype(str)
-    kept = [i for i, v in zip(ids, values) if v == value]
-    if not kept:
-        seen = sorted(set(values))[:10]
-        raise ConfigError(f"no row of {store_path} with features has {column}={value} (values: {', '.join(seen)})")
-    return kept

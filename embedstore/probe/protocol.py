@@ -98,6 +98,7 @@ class Probe:
         self.storage = cfg.storage or study_storage(cfg.store)
         self.studies: dict[tuple[str, str, str], str] = {}  # (model, part, scope) -> Optuna study name
         self.transfer: Transfer | None = None
+        self.selection_statistics: list[str] = []  # digests of --select-on-store's statistics (per-store)
         outside = self._other_stores() if cfg.test_store else {}
         self._split(outside)
         home = slice(0, self.n_home)  # the audits beside this store know its rows only
@@ -111,6 +112,7 @@ class Probe:
         parts: dict[str, ProbeData] = {"test": load_other_store(cfg, cfg.test_store, self.data, cfg.scored_split())}
         if cfg.select_on_store:
             parts["select"] = load_other_store(cfg, cfg.select_on_store, self.data, cfg.selection_split())
+            self.selection_statistics = parts["select"].normalization
         positions, start = {}, self.n_home
         for role, part in parts.items():
             positions[role] = np.arange(start, start + len(part.y))
@@ -257,11 +259,8 @@ class Probe:
 
     def _statistics(self, scope: str) -> list[str]:
         """The digests of the per-store statistics of the stores whose rows a study at ``scope`` reads: this store's,
-        and for the final head under ``--select-on-store`` that store's (:attr:`data` holds this store's, the test
-        store's, then the selection store's)."""
-        n = len(self.data.feature_keys)
-        home = self.data.normalization[:n]
-        return home + self.data.normalization[2 * n:] if scope == "final" and self.cfg.select_on_store else home
+        and for the final head under ``--select-on-store`` that store's."""
+        return self.data.normalization + (self.selection_statistics if scope == "final" else [])
 
     def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
         """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.

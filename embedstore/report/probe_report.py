@@ -118,7 +118,7 @@ def _reported_folds(run: Run) -> pd.DataFrame | None:
 def _folds_caption(run: Run, folds: pd.DataFrame) -> str:
     """What the folds are, and, for out-of-fold headline metrics, why a pooled ranking metric is no fold mean."""
     if run.metrics.evaluated_on == "test":
-        scored = "rows of another store (see above)" if getattr(run.record, "transfer", None) else "held-out test set"
+        scored = "rows of another store (see above)" if run.record.transfer else "held-out test set"
         return (f"Cross-validation folds of the training data (the headline metrics above are on the {scored}); "
                 "no group is on both sides. All metrics are in folds.csv.")
     caption = "Headline metrics on each held-out fold; no group is on both sides. All metrics are in folds.csv."
@@ -328,7 +328,7 @@ def _sample_grid(report: Report, run: Run, pred: Predictions) -> None:
     report.add(Heading("Sample predictions"))
     rows, cols = SAMPLE_GRID
     picked = pick_samples(pred, rows * cols, seed=run.record.seed)
-    transfer = getattr(run.record, "transfer", None)
+    transfer = run.record.transfer
     store = transfer.test_store if transfer and pred.split == "test" else run.record.store
     thumbs = load_thumbnails(store, run.path, [pred.ids[r] for r in picked])
     if isinstance(thumbs, str):

@@ -160,8 +160,8 @@ class Transfer:
     """A probe scored on another store's rows (``--test-store``): ``n_test`` rows of ``test_store`` whose
     ``split_column`` is ``split`` (every labelled row without one), bootstrapped by ``groups`` (None: by image);
     ``identical_left_out`` rows of the other stores were byte-identical to an image fitted, tuned or selected on and
-    were left out (near-duplicates across stores are not looked for: ``embedstore audit`` looks within one store). ``normalize`` is how
-    each store's features were standardised. With ``select_on_store``, the final head's hyperparameters were
+    were left out (near-duplicates across stores are not looked for: ``embedstore audit`` looks within one store).
+    ``normalize`` is how each store's features were standardised. With ``select_on_store``, the final head's hyperparameters were
     chosen on ``n_select`` rows of that store (its ``select_split`` rows), never on the scored ones."""
 
     test_store: str
