@@ -4,7 +4,7 @@ Each risky step of embedstore (a resize, a manifest replace, a status write, a
 folder replace, ...) calls :func:`point` with its name. Normally that is one
 dictionary lookup and nothing else. When the environment variable
 ``EMBEDSTORE_FAULT`` names the point (``name``, or ``name:N`` for its N-th
-passage), the process kills itself with SIGKILL there: no cleanup, no
+passage; ``name:N@K`` only in tuning worker K, :mod:`embedstore.tune`), the process kills itself with SIGKILL there: no cleanup, no
 ``finally``, exactly as a power cut or the out-of-memory killer would.
 ``tests/test_faults.py`` uses it to check that a rerun after each such kill
 loses nothing and equals an uninterrupted run (docs/RELIABILITY.md).
@@ -17,6 +17,8 @@ import signal
 from collections import Counter
 
 ENV = "EMBEDSTORE_FAULT"
+#: Set by a forked tuning worker to its number (1, 2, ...), so a fault can name one worker of several.
+WORKER = "EMBEDSTORE_WORKER"
 
 #: Every crash point, with the step it interrupts (docs/RELIABILITY.md lists the same).
 POINTS = {
@@ -37,8 +39,9 @@ def point(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
+    spec, _, worker = spec.partition("@")
     target, _, nth = spec.partition(":")
-    if target != name:
+    if target != name or (worker and os.environ.get(WORKER) != worker):
         return
     _passed[name] += 1
     if _passed[name] >= int(nth or 1):

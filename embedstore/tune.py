@@ -14,38 +14,63 @@ head, search space, fixed parameters, metric, ...); its fingerprint
 (:func:`embedstore.store.fingerprint`) is stored as the study's ``fingerprint``
 user attribute, and :func:`tune` refuses a stored study of another fingerprint.
 
-Resuming is deterministic: trials run one at a time, each sampled by a TPE
-sampler seeded by (seed, number of finished trials), so a trial's parameters
-depend on the study's history only, never on how many processes it took.
-A trial left RUNNING by a dead process (killed mid-trial) is marked FAIL when
-the study is resumed; it neither counts nor shifts the seeds. One process at a
-time works on a study.
+Resuming is deterministic: one worker runs trials one at a time, each sampled
+by a sampler seeded by (seed, number of finished trials), so a trial's
+parameters depend on the study's history only, never on how many processes it
+took. A trial left RUNNING by a dead process (killed mid-trial) is marked FAIL
+when the study is resumed; it neither counts nor shifts the seeds.
+
+Several workers share a study with ``workers=N`` (``--tune-workers``): this
+process and N - 1 spawned ones (and any started elsewhere on the same storage,
+:mod:`embedstore.studies`) each claim the next trial under the study's claim
+lock, compute it and store it, until the study holds exactly ``n_trials``.
+A worker's trial is re-run when the worker dies: at once when it ran on this
+machine (its pid is gone), after the heartbeat's grace period on an RDB
+storage otherwise. With the random sampler, a trial's parameters are a
+function of its place in the study, so N workers give the one worker's result;
+with TPE they depend on which trials had finished when each was sampled, and
+are not comparable trial for trial.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
+import pickle
 import socket
+import sys
+import time
 from collections.abc import Callable
 from contextlib import closing
 
+import cloudpickle
 import numpy as np
 import optuna
 from sklearn.base import clone
+from threadpoolctl import threadpool_limits
 
 from embedstore import faults
 from embedstore.atomic import pid_alive
-from embedstore.errors import ConfigError, first_line
+from embedstore.errors import ConfigError, EmbedstoreError, first_line
 from embedstore.heads.base import fit_paths, predict_rows, side_by_side
 from embedstore.heads.decision import decide
-from embedstore.parallel import in_order
+from embedstore.parallel import in_order, usable_cores
 from embedstore.store import digest, fingerprint
+from embedstore.studies import claim_lock, open_storage, requeue
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
 _WEIGHTS = ["balanced", None]
+
+#: How a study samples a trial's parameters: name -> sampler of a seed. TPE learns from the finished trials and
+#: prunes a trial whose running mean falls below the median of the others' (:func:`_pruner`); random draws each
+#: trial's parameters, and computes its every fold, independently of the others.
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
 
 #: Each head's search space: trial -> head parameters. The one place to change what is tuned.
 SEARCH_SPACES: dict[str, SpaceFn] = {
@@ -123,7 +148,8 @@ def search_space(space: str) -> dict[str, str]:
     return {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(trial.distributions.items())}
 
 
-def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None = None, **context) -> dict:
+def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None = None, sampler: str = "tpe",
+                  **context) -> dict:
     """Everything that decides a trial's value, as plain JSON: the problem a study may be reused for.
 
     This module adds what :func:`tune` sees (search space, fixed parameter names, labels, folds, seed, and for a
@@ -136,6 +162,7 @@ def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None =
         "space": space,
         "distributions": search_space(space),
         **({"search": search} if search else {}),
+        **({"sampler": sampler} if sampler != "tpe" and not search else {}),  # TPE's studies keep their identity
         "fixed": sorted(fixed),
         "labels": digest(y),
         "folds": [[digest(train), digest(test)] for train, test in folds],
@@ -159,6 +186,8 @@ def tune(
     fixed: frozenset = frozenset(),
     on_trial: Callable[[optuna.study.Study, optuna.trial.FrozenTrial], None] | None = None,
     problem: dict | None = None,
+    workers: int = 1,
+    sampler: str = "tpe",
 ) -> tuple[dict, optuna.Study]:
     """Search ``SEARCH_SPACES[space]`` for ``head`` (its other parameters stay) and return the best parameters.
 
@@ -171,14 +200,21 @@ def tune(
     none), so an interrupted probe resumes where it stopped, with the same result;
     the best of the study's first ``n_trials`` finished trials is returned, so
     ``n_trials=3`` gives the same answer after a longer run of the study as before it.
+
+    ``workers`` > 1 computes the trials of a sampled search in that many processes sharing the study (see the
+    module's docstring); a path search is one unit of work per combination of categorical parameters and runs
+    here alone. ``sampler`` names one of :data:`SAMPLERS`.
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     optuna.logging.set_verbosity(logging.WARNING)
-    study = _open_study(storage, study_name)
+    shared = workers > 1 and not searches_path(space, fixed)
+    study = _open_study(storage, study_name, sampler, shared)
     if problem is not None:
         _claim(study, problem, storage)
-    _fail_stale_trials(study)
+    _fail_stale_trials(study, retry=shared)
 
     if searches_path(space, fixed):
         _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial)
@@ -191,14 +227,122 @@ def tune(
         faults.point("trial-commit")
         return value
 
+    if shared:
+        _tune_together(study, objective, n_trials, storage, seed, sampler, workers, on_trial)
+        return _best(study, n_trials, fixed), study
     while (n_done := len(_finished(study))) < n_trials:
-        study.sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, n_done))
+        study.sampler = SAMPLERS[sampler](_trial_seed(seed, n_done))
         study.optimize(objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
-        last = study.trials[-1]
-        if last.state == optuna.trial.TrialState.FAIL:
-            raise ConfigError(f"trial {last.number} of study {study_name!r} scored no number (NaN or infinite): "
-                              "the metric is undefined on these folds; choose another --metric")
+        _check_scored(study, study.trials[-1].number)
     return _best(study, n_trials, fixed), study
+
+
+def _check_scored(study: optuna.Study, number: int) -> None:
+    """Refuse trial ``number``, just computed here, if it failed: its metric was not a number on these folds."""
+    if study.trials[number].state == optuna.trial.TrialState.FAIL:
+        raise ConfigError(f"trial {number} of study {study.study_name!r} scored no number (NaN or infinite): "
+                          "the metric is undefined on these folds; choose another --metric")
+
+
+_CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+
+
+def _tune_together(study, objective, n_trials: int, storage: str, seed: int, sampler: str, workers: int,
+                   on_trial) -> None:
+    """Compute the study's missing trials in this process and ``workers - 1`` new ones, all sharing ``study``.
+
+    The workers are spawned, not forked: a fork would inherit this process's OpenMP state, and FAISS or LightGBM
+    then hang in the child. The objective, with the features and folds it closes over, travels to them by
+    cloudpickle, in memory. Each worker, this one included, uses its share of the cores, and claims trials until
+    the study holds ``n_trials``; afterwards this process claims again, for trials queued again after a worker
+    died when the others had already stopped. A worker that ends with an error (or this one's) stops the tuning
+    with it, in one line.
+    """
+    context = multiprocessing.get_context("spawn")
+    payload = cloudpickle.dumps(objective)
+    threads = max(1, usable_cores() // workers)
+    ready, errors = context.Semaphore(0), context.SimpleQueue()
+    children = [context.Process(target=_worker, args=(k, storage, study.study_name, payload, n_trials, seed, sampler,
+                                                       threads, ready, errors), daemon=True)
+                for k in range(1, workers)]
+    for child in children:
+        child.start()
+    try:
+        _wait_ready(children, ready)
+        with threadpool_limits(limits=threads):
+            _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial)
+    except BaseException:
+        for child in children:  # this worker's error (or Ctrl-C) ends the tuning: the others stop too
+            child.terminate()
+        raise
+    finally:
+        for child in children:
+            child.join()
+    if not errors.empty():
+        k, kind, message = errors.get()
+        raise (ConfigError if kind == "ConfigError" else EmbedstoreError)(f"tuning worker {k}: {message}")
+    _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial)
+
+
+#: How long the first worker waits for the spawned ones to be ready before it starts without them.
+_READY_SECONDS = 120
+
+
+def _wait_ready(children, ready) -> None:
+    """Wait until every spawned worker has opened the study (so the trials are spread over all of them from the
+    first), or has died, or :data:`_READY_SECONDS` have passed."""
+    deadline, waiting = time.monotonic() + _READY_SECONDS, len(children)
+    while waiting and time.monotonic() < deadline:
+        if ready.acquire(timeout=0.2):
+            waiting -= 1
+        elif not any(child.is_alive() for child in children):
+            return
+
+
+def _worker(k: int, storage: str, study_name: str, payload: bytes, n_trials: int, seed: int, sampler: str,
+            threads: int, ready, errors) -> None:
+    """A spawned worker's life: open its own connection to the storage, say it is ready, and claim trials on
+    ``threads`` cores; an error goes back to the first worker as (k, kind, first line)."""
+    os.environ[faults.WORKER] = str(k)
+    optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage, shared=True),
+                                  pruner=_pruner(sampler))
+        objective = pickle.loads(payload)
+        ready.release()
+        with threadpool_limits(limits=threads):
+            _claim_trials(study, objective, n_trials, storage, seed, sampler, None)
+    except Exception as exc:  # noqa: BLE001 - raised again by the first worker, in one line
+        errors.put((k, type(exc).__name__, first_line(exc, None)))
+        sys.exit(1)
+
+
+def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, sampler: str, on_trial) -> None:
+    """Claim and compute trials of ``study`` until it holds ``n_trials`` that finished, are running or wait.
+
+    The claim lock covers the count and the ask, so no two workers claim the last trial; a queued retry of a dead
+    worker's trial is asked first (Optuna asks WAITING trials before sampling). The sampler is seeded by the
+    number of trials claimed before, as one worker seeds by the number finished.
+    """
+    while True:
+        with claim_lock(storage, study.study_name) as release:
+            _fail_stale_trials(study, retry=True)
+            claimed = study.get_trials(deepcopy=False, states=_CLAIMED)
+            waiting = any(t.state == optuna.trial.TrialState.WAITING for t in claimed)
+            if len(claimed) >= n_trials and not waiting:
+                return
+            study.sampler = SAMPLERS[sampler](_trial_seed(seed, len(claimed) - waiting))
+
+            asked = []
+
+            def claimed_objective(trial: optuna.Trial) -> float:
+                release()  # the trial is asked and RUNNING: it counts; others may claim while this one computes
+                asked.append(trial.number)
+                return objective(trial)
+
+            study.optimize(claimed_objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
+        _check_scored(study, asked[0])
 
 
 def searches_path(space: str, fixed) -> bool:
@@ -275,17 +419,17 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
                 on_trial(study, study.trials[-1])
 
 
-def _open_study(storage: str, study_name: str) -> optuna.Study:
-    try:
-        return optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            direction="maximize",
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-            load_if_exists=True,
-        )
-    except Exception as exc:  # noqa: BLE001 - a malformed URL, unknown dialect or missing driver is the user's input
-        raise ConfigError(f"cannot open Optuna storage {storage!r}: {first_line(exc, None)}") from None
+def _open_study(storage: str, study_name: str, sampler: str, shared: bool = False) -> optuna.Study:
+    """Create or load the study; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`)."""
+    return optuna.create_study(study_name=study_name, storage=open_storage(storage, shared=shared),
+                               direction="maximize", pruner=_pruner(sampler), load_if_exists=True)
+
+
+def _pruner(sampler: str) -> optuna.pruners.BasePruner:
+    """The median pruner for TPE; none for the random sampler, whose trials must not depend on each other."""
+    if sampler == "random":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
 
 
 def _claim(study: optuna.Study, problem: dict, storage: str) -> None:
@@ -310,12 +454,20 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=states)
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """Mark FAIL the trials a dead process left RUNNING (killed mid-trial), so they neither count nor block."""
+def _fail_stale_trials(study: optuna.Study, retry: bool = False) -> None:
+    """Mark FAIL the trials a dead process of this machine left RUNNING (killed mid-trial), so they neither count
+    nor block; with ``retry`` (workers sharing the study), queue each again with the same parameters.
+
+    One worker alone also fails a RUNNING trial without an owner (its process died between asking and naming
+    itself); workers sharing a study leave those to the heartbeat, since another machine's may be alive.
+    """
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
-        if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
+        local = host == socket.gethostname() or (host == "" and not retry)
+        if local and not (pid.isdigit() and pid_alive(int(pid))):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            if retry:
+                requeue(study, trial)
 
 
 def _params_key(params: dict) -> tuple:

@@ -11,6 +11,8 @@ from embedstore.errors import ConfigError
 from embedstore.heads import DECISIONS, HEADS, coerce_params
 from embedstore.metrics import metric_functions
 from embedstore.runs.config import RunConfig
+from embedstore.studies import check_storage, is_journal
+from embedstore.tune import SAMPLERS
 
 #: Heads that read the metadata columns (and the patient context) beside the features.
 METADATA_HEADS = {"lgbm"}
@@ -55,8 +57,10 @@ class ProbeConfig(RunConfig):
     metric: str | None = None  # tuning metric; default balanced_accuracy (multiclass) or roc_auc (binary)
     decision: str = "argmax"  # predicted class: "argmax", or "balanced" (argmax of p / training class prior)
     params: dict = field(default_factory=dict)  # fixed head parameters, e.g. {logreg: {C: 1.0}}
-    storage: str | None = None  # Optuna storage URL; default a sqlite file beside the store
+    storage: str | None = None  # Optuna storage URL or .journal file; default a sqlite file beside the store
     study_name: str | None = None
+    tune_workers: int = 1  # processes computing each study's trials at once (embedstore.tune, embedstore.studies)
+    sampler: str = "tpe"  # SAMPLERS: tpe, or random (each trial independent of the others: N workers = one)
     tsne_max: int = 3000
     blas_threads: int | None = None  # threads for BLAS and the 2-D map; default: the BLAS's own (one per core)
     device: str = "auto"  # where the heads that can use a GPU fit (logreg): auto (CUDA when present), cpu, cuda[:N]
@@ -92,7 +96,7 @@ class ProbeConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         self._validate_heads()
-        self.check_whole_numbers("inner_folds", "trials", "tsne_max")
+        self.check_whole_numbers("inner_folds", "trials", "tsne_max", "tune_workers")
         if self.blas_threads is not None:
             self.check_whole_numbers("blas_threads")
         if self.inner_folds < 2:
@@ -101,6 +105,7 @@ class ProbeConfig(RunConfig):
             raise ConfigError("--trials must be 0 (no tuning) or more")
         if self.tsne_max < 2 or (self.blas_threads is not None and self.blas_threads < 1):
             raise ConfigError("tsne_max must be at least 2 and blas_threads at least 1")
+        self._validate_tuning()
         if self.decision not in DECISIONS:
             raise ConfigError(f"unknown decision {self.decision!r}: choose from {', '.join(DECISIONS)}")
         device_name(self.device)  # one line now for a device that is not there, not after the first folds
@@ -122,6 +127,19 @@ class ProbeConfig(RunConfig):
         if unknown:
             raise ConfigError(f"params are keyed by head name; {unknown} is not a head")
         self.params = {head: coerce_params(head, values) for head, values in self.params.items()}
+
+    def _validate_tuning(self) -> None:
+        if self.tune_workers < 1:
+            raise ConfigError(f"--tune-workers must be 1 or more, not {self.tune_workers}")
+        if self.tune_workers > 1 and not self.trials:
+            raise ConfigError("--tune-workers computes tuning trials at once: give --trials too (e.g. --trials 50)")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}: choose from {', '.join(SAMPLERS)}")
+        if self.storage is not None:
+            self.storage = str(self.storage)
+            check_storage(self.storage)
+            if is_journal(self.storage):  # a journal is a file: where the run was started from must not matter
+                self.storage = str(Path(self.storage).expanduser().absolute())
 
     def reads_metadata(self, head: str) -> bool:
         """Whether a model of ``head`` (a stack: through one of its bases) reads the metadata and patient context."""

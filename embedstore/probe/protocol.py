@@ -278,7 +278,7 @@ class Probe:
             local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
             fixed = frozenset(cfg.params.get(head, {}))
             problem = study_problem(head, self.data.y[rows], local, cfg.seed, fixed, n_trials=cfg.trials,
-                                    **self._problem(sets, head, rows, scope))
+                                    sampler=cfg.sampler, **self._problem(sets, head, rows, scope))
             part = f"{'+'.join(sets)}:{head}"
             name = (f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
                     f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
@@ -288,7 +288,7 @@ class Probe:
                 est, head, self.data.X, self.data.y, folds, self.metric, cfg.trials,
                 self.storage, name, cfg.seed,
                 prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
-                fixed=fixed, problem=problem,
+                fixed=fixed, problem=problem, workers=cfg.tune_workers, sampler=cfg.sampler,
             )
             self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
         return tuned

@@ -8,8 +8,9 @@ and leaks the author's folders. A path close to the report's folder is shown rel
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+
+from embedstore.studies import shown_url
 
 MAX_CLIMB = 2  # at most this many ``..`` in a path shown relative to the report
 
@@ -29,5 +30,5 @@ def shown_storage(storage: str, base: str | Path) -> str:
     if storage.startswith("sqlite:///"):
         return shown_path(storage[len("sqlite:///"):], base)
     if "://" in storage:
-        return re.sub(r"://[^/@]*@", "://", storage)
+        return shown_url(storage)
     return shown_path(storage, base)

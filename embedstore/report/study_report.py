@@ -31,6 +31,7 @@ from embedstore.report.study_figures import (
     slice_figure,
 )
 from embedstore.runs.comparison import pretty
+from embedstore.studies import is_journal, open_storage
 
 MAX_PARALLEL_PARAMS = 10
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -40,8 +41,14 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def storage_url(path_or_url: str | Path) -> str:
-    """An Optuna storage URL for a sqlite file path or URL; EmbedstoreError when it holds no Optuna data."""
+    """An Optuna storage (:func:`embedstore.studies.open_storage`) for a sqlite file, journal file or URL;
+    EmbedstoreError when it holds no Optuna data."""
     text = str(path_or_url)
+    if is_journal(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise EmbedstoreError(f"Optuna journal {path} does not exist")
+        return str(path.resolve())
     if "://" in text:
         if text.startswith("sqlite:///"):
             _check_sqlite(Path(text[len("sqlite:///"):]))
@@ -54,7 +61,7 @@ def storage_url(path_or_url: str | Path) -> str:
     if magic != _SQLITE_MAGIC:
         raise EmbedstoreError(
             f"{path} is neither a run folder nor an Optuna sqlite storage: pass a run folder, "
-            "a .db file written by Optuna, or a storage URL"
+            "a .db file written by Optuna, a .journal file, or a storage URL"
         )
     _check_sqlite(path)
     return f"sqlite:///{path.resolve()}"
@@ -79,7 +86,7 @@ def load_studies(path_or_url: str | Path, study: Optional[str] = None) -> list[o
     url = storage_url(path_or_url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.get_storage(url)
+        storage = optuna.storages.get_storage(open_storage(url))
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # SQLAlchemy and version errors come in many kinds; all mean "cannot read"
         raise EmbedstoreError(f"cannot open Optuna storage {url}: {exc}") from exc
