@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/embedstore demo
 
 test-deps: setup
-	bash tools/install_browser.sh
+	bash tools/install_system_deps.sh
 
 test: test-deps
 	$(VENV)/bin/pytest -q

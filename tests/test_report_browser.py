@@ -1,7 +1,7 @@
 """The HTML reports, opened in a real headless Chromium, render every figure with no console error,
 and every table, figure and heading fits the page's card (measured on the element boxes).
 
-Chromium comes from Debian (``tools/install_browser.sh``); without a chromium
+Chromium comes from Debian (``tools/install_system_deps.sh``); without a chromium
 binary this test is skipped with that reason. Screenshots of each page are left
 in the test's tmp folder (and copied to $EMBEDSTORE_SCREENSHOTS when set) so a
 person can look at them.
@@ -41,7 +41,7 @@ def inputs(tmp_path_factory) -> Path:
 def chromium() -> str:
     path = find_chromium()
     if path is None:
-        pytest.skip("no chromium binary on PATH: run tools/install_browser.sh (Debian's chromium package)")
+        pytest.skip("no chromium binary on PATH: run tools/install_system_deps.sh (Debian's chromium package)")
     return path
 
 
