@@ -23,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,10 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     results = []
-    with PostgresServer() as server, tempfile.TemporaryDirectory() as folder:
-        for kind in args.storages.split(","):
+    kinds = args.storages.split(",")
+    with (PostgresServer() if "postgresql" in kinds else nullcontext()) as server, \
+            tempfile.TemporaryDirectory() as folder:
+        for kind in kinds:
             for workers in map(int, args.workers.split(",")):
                 name = f"{kind}_{workers}"
                 storage = {"postgresql": lambda: server.database(name),

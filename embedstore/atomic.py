@@ -191,14 +191,19 @@ def remove_folder(folder: str | Path, beside: str | Path | None = None) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while process ``pid`` exists on this machine (whoever owns it)."""
+    """True while process ``pid`` runs on this machine (whoever owns it); a zombie (dead, not yet reaped by its
+    parent) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): existing is all that can be told
+    return state != "Z"
 
 
 def clean_stale(path: str | Path) -> list[Path]:

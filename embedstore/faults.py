@@ -17,7 +17,7 @@ import signal
 from collections import Counter
 
 ENV = "EMBEDSTORE_FAULT"
-#: Set by a forked tuning worker to its number (1, 2, ...), so a fault can name one worker of several.
+#: Set by a spawned tuning worker to its number (1, 2, ...), so a fault can name one worker of several.
 WORKER = "EMBEDSTORE_WORKER"
 
 #: Every crash point, with the step it interrupts (docs/RELIABILITY.md lists the same).

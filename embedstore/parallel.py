@@ -25,9 +25,26 @@ _blas_holders = 0
 _blas_limits = None
 
 
+_budget: int | None = None  # cores this process shares with others (core_budget), or None: all it may run on
+
+
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS tells it, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may run on (its affinity, where the OS tells it, not the machine's count), or
+    fewer inside :func:`core_budget`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, _budget) if _budget else cores
+
+
+@contextmanager
+def core_budget(cores: int):
+    """Within the block, :func:`usable_cores` is at most ``cores``: several processes (tuning workers) share the
+    machine, and each runs its side-by-side fits on its share."""
+    global _budget
+    before, _budget = _budget, cores
+    try:
+        yield
+    finally:
+        _budget = before
 
 
 def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

@@ -80,10 +80,29 @@ def check_storage(storage: str) -> None:
 
 
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a stale trial again with its parameters, at most :data:`MAX_RETRY` times in its line of retries."""
+    """Queue a stale trial again, WAITING with its parameters, at most :data:`MAX_RETRY` times in its line of
+    retries; the retry records ``failed_trial`` (the first of the line) and ``retry_history`` as Optuna's
+    :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` does, but not the dead worker's owner and fold
+    scores (the worker that takes it names itself)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        return
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history}))
+
+
+def fail_silent_trials(study: optuna.Study) -> None:
+    """Fail (and queue again, by the storage's callback :func:`requeue`) the RUNNING trials whose heartbeat has been
+    silent for the grace period; nothing on a storage without heartbeats."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+        optuna.storages.fail_stale_trials(study)
+
+
+def is_server(storage: str) -> bool:
+    """Whether ``storage`` is a database server (PostgreSQL, MySQL, ...), which other machines may share."""
+    return "://" in storage and not storage.startswith("sqlite")
 
 
 def storage_file(storage: str) -> Path | None:
@@ -102,8 +121,14 @@ def claim_lock(storage: str, study_name: str) -> Iterator:
     Yields a callable that releases the lock early (a worker releases it as soon as its trial is asked, before
     computing it); leaving the block releases it if still held.
     """
-    key = int.from_bytes(hashlib.sha256(f"{storage}\0{study_name}".encode()).digest()[:8], "big", signed=True)
-    release = _postgres_lock(storage, key) if storage.split(":", 1)[0].startswith("postgresql") else _file_lock(storage, key)
+    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)  # the URL may be
+    # spelled otherwise on another machine; an advisory lock is one database's already
+    try:
+        release = (_postgres_lock(storage, key) if storage.split(":", 1)[0].startswith("postgresql")
+                   else _file_lock(storage, key))
+    except Exception as exc:  # noqa: BLE001 - a lost server or an unwritable folder: one line
+        raise ConfigError(f"cannot take the claim lock of study {study_name!r} in {shown_url(storage)}: "
+                          f"{first_line(exc, None)}") from None
     held = [True]
 
     def release_once() -> None:
@@ -137,7 +162,7 @@ def _postgres_lock(storage: str, key: int):
 
 def _file_lock(storage: str, key: int):
     """Take an exclusive lock on a file beside the storage's file (or, for a server other than PostgreSQL, a file
-    of this machine's temporary folder for the study); return its release."""
+    of this machine's temporary folder for the study: exact on one machine only); return its release."""
     beside = storage_file(storage)  # one lock for all the file's studies: a claim takes milliseconds
     path = (beside.with_name(beside.name + ".claim.lock") if beside is not None
             else Path(tempfile.gettempdir()) / f"embedstore-claim-{key & 0xFFFFFFFFFFFF:012x}.lock")

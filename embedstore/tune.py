@@ -34,16 +34,18 @@ are not comparable trial for trial.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 
 import cloudpickle
 import numpy as np
@@ -51,14 +53,14 @@ import optuna
 from sklearn.base import clone
 from threadpoolctl import threadpool_limits
 
-from embedstore import faults
+from embedstore import faults, parallel, studies
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, EmbedstoreError, first_line
 from embedstore.heads.base import fit_paths, predict_rows, side_by_side
 from embedstore.heads.decision import decide
 from embedstore.parallel import in_order, usable_cores
 from embedstore.store import digest, fingerprint
-from embedstore.studies import claim_lock, open_storage, requeue
+from embedstore.studies import claim_lock, fail_silent_trials, is_server, open_storage, requeue, shown_url
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
@@ -201,27 +203,30 @@ def tune(
     the best of the study's first ``n_trials`` finished trials is returned, so
     ``n_trials=3`` gives the same answer after a longer run of the study as before it.
 
-    ``workers`` > 1 computes the trials of a sampled search in that many processes sharing the study (see the
-    module's docstring); a path search is one unit of work per combination of categorical parameters and runs
-    here alone. ``sampler`` names one of :data:`SAMPLERS`.
+    ``workers`` > 1, or a storage on a database server (which other machines may be tuning at once), computes
+    the trials of a sampled search in that many processes sharing the study (see the module's docstring); a
+    path search is swept by one process under the study's claim lock, and the others reuse its points.
+    ``sampler`` names one of :data:`SAMPLERS`.
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
     if sampler not in SAMPLERS:
         raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     optuna.logging.set_verbosity(logging.WARNING)
-    shared = workers > 1 and not searches_path(space, fixed)
+    shared = workers > 1 or is_server(storage)
     study = _open_study(storage, study_name, sampler, shared)
     if problem is not None:
         _claim(study, problem, storage)
-    _fail_stale_trials(study, retry=shared)
 
     if searches_path(space, fixed):
-        _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial)
+        with claim_lock(storage, study_name) if shared else nullcontext():  # one machine sweeps; the others reuse
+            _fail_stale_trials(study)
+            _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial)
         return _best(study, n_trials * len(_grid_choices(space, fixed)), fixed), study
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("owner", _owner())  # a rerun tells a dead owner's trial
+        if not shared:
+            trial.set_user_attr("owner", _owner())  # a rerun tells a dead owner's trial (shared: set at the claim)
         params = {f"{prefix}{k}": v for k, v in SEARCH_SPACES[space](trial).items() if k not in fixed}
         value = cv_score(clone(head).set_params(**params), X, y, folds, metric, trial)
         faults.point("trial-commit")
@@ -230,6 +235,7 @@ def tune(
     if shared:
         _tune_together(study, objective, n_trials, storage, seed, sampler, workers, on_trial)
         return _best(study, n_trials, fixed), study
+    _fail_stale_trials(study)
     while (n_done := len(_finished(study))) < n_trials:
         study.sampler = SAMPLERS[sampler](_trial_seed(seed, n_done))
         study.optimize(objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
@@ -250,39 +256,49 @@ _CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 
 def _tune_together(study, objective, n_trials: int, storage: str, seed: int, sampler: str, workers: int,
                    on_trial) -> None:
-    """Compute the study's missing trials in this process and ``workers - 1`` new ones, all sharing ``study``.
+    """Compute the study's missing trials in this process and up to ``workers - 1`` new ones, all sharing ``study``,
+    and return once it holds ``n_trials`` finished ones (some may be other machines').
 
     The workers are spawned, not forked: a fork would inherit this process's OpenMP state, and FAISS or LightGBM
     then hang in the child. The objective, with the features and folds it closes over, travels to them by
-    cloudpickle, in memory. Each worker, this one included, uses its share of the cores, and claims trials until
-    the study holds ``n_trials``; afterwards this process claims again, for trials queued again after a worker
-    died when the others had already stopped. A worker that ends with an error (or this one's) stops the tuning
-    with it, in one line.
+    cloudpickle, in memory: each worker holds its own copy of the features. Each worker, this one included,
+    gets its share of the cores. A worker's error (or this one's, or Ctrl-C) stops every worker, in one line.
     """
+    missing = n_trials - len(study.get_trials(deepcopy=False, states=_CLAIMED))
+    spawned = max(0, min(workers, missing) - 1)
+    cores = max(1, usable_cores() // (spawned + 1))
     context = multiprocessing.get_context("spawn")
-    payload = cloudpickle.dumps(objective)
-    threads = max(1, usable_cores() // workers)
     ready, errors = context.Semaphore(0), context.SimpleQueue()
+    heartbeat = (studies.HEARTBEAT_SECONDS, studies.GRACE_SECONDS)
+    payload = cloudpickle.dumps(objective) if spawned else b""
     children = [context.Process(target=_worker, args=(k, storage, study.study_name, payload, n_trials, seed, sampler,
-                                                       threads, ready, errors), daemon=True)
-                for k in range(1, workers)]
+                                                       cores, heartbeat, ready, errors), daemon=True)
+                for k in range(1, spawned + 1)]
     for child in children:
         child.start()
     try:
         _wait_ready(children, ready)
-        with threadpool_limits(limits=threads):
-            _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial)
-    except BaseException:
-        for child in children:  # this worker's error (or Ctrl-C) ends the tuning: the others stop too
-            child.terminate()
-        raise
-    finally:
+        with threadpool_limits(limits=cores), parallel.core_budget(cores):
+            _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial,
+                          stop=lambda: _raise_worker_error(errors))
         for child in children:
             child.join()
+        _raise_worker_error(errors)
+    except BaseException:
+        for child in children:  # this worker's error, a worker's error, or Ctrl-C: every worker stops
+            child.terminate()
+        for child in children:
+            child.join()
+        raise
+
+
+def _raise_worker_error(errors) -> None:
+    """Raise, in this process and in one line, the first error a spawned worker sent back; reap dead workers
+    (so that their pids are gone and their trials are seen as stale)."""
+    multiprocessing.active_children()
     if not errors.empty():
         k, kind, message = errors.get()
         raise (ConfigError if kind == "ConfigError" else EmbedstoreError)(f"tuning worker {k}: {message}")
-    _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial)
 
 
 #: How long the first worker waits for the spawned ones to be ready before it starts without them.
@@ -293,56 +309,94 @@ def _wait_ready(children, ready) -> None:
     """Wait until every spawned worker has opened the study (so the trials are spread over all of them from the
     first), or has died, or :data:`_READY_SECONDS` have passed."""
     deadline, waiting = time.monotonic() + _READY_SECONDS, len(children)
-    while waiting and time.monotonic() < deadline:
+    while waiting > sum(not child.is_alive() for child in children) and time.monotonic() < deadline:
         if ready.acquire(timeout=0.2):
             waiting -= 1
-        elif not any(child.is_alive() for child in children):
-            return
 
 
 def _worker(k: int, storage: str, study_name: str, payload: bytes, n_trials: int, seed: int, sampler: str,
-            threads: int, ready, errors) -> None:
-    """A spawned worker's life: open its own connection to the storage, say it is ready, and claim trials on
-    ``threads`` cores; an error goes back to the first worker as (k, kind, first line)."""
+            cores: int, heartbeat: tuple[int, int], ready, errors) -> None:
+    """A spawned worker's life: die with its parent, open its own connection to the storage, say it is ready, and
+    claim trials on ``cores`` cores; an error goes back to the first worker as (k, kind, first line)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the first worker, which stops this one
     os.environ[faults.WORKER] = str(k)
     optuna.logging.set_verbosity(logging.WARNING)
+    studies.HEARTBEAT_SECONDS, studies.GRACE_SECONDS = heartbeat
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage, shared=True),
                                   pruner=_pruner(sampler))
         objective = pickle.loads(payload)
         ready.release()
-        with threadpool_limits(limits=threads):
+        with threadpool_limits(limits=cores), parallel.core_budget(cores):
             _claim_trials(study, objective, n_trials, storage, seed, sampler, None)
     except Exception as exc:  # noqa: BLE001 - raised again by the first worker, in one line
         errors.put((k, type(exc).__name__, first_line(exc, None)))
         sys.exit(1)
 
 
-def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, sampler: str, on_trial) -> None:
-    """Claim and compute trials of ``study`` until it holds ``n_trials`` that finished, are running or wait.
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (``PR_SET_PDEATHSIG``), so that no worker goes on
+    claiming trials for a probe that was killed; elsewhere :func:`_claim_trials`'s parent check does it later."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
-    The claim lock covers the count and the ask, so no two workers claim the last trial; a queued retry of a dead
-    worker's trial is asked first (Optuna asks WAITING trials before sampling). The sampler is seeded by the
-    number of trials claimed before, as one worker seeds by the number finished.
+
+#: Seconds between looks at a study whose last trials other workers are computing.
+_POLL_SECONDS = 1.0
+
+
+def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, sampler: str, on_trial,
+                  stop=lambda: None) -> None:
+    """Claim and compute trials of ``study`` until it holds ``n_trials`` finished ones, waiting for those that
+    other workers are computing (and claiming again those queued after a worker died).
+
+    The claim lock covers the stale-trial check, the count, the ask and the naming of the trial's owner, so no
+    two workers claim the last trial and a RUNNING trial without an owner is one whose worker died while it
+    held the lock. A queued retry is asked first (Optuna asks WAITING trials before sampling). The sampler is
+    seeded by the number of trials claimed before, as one worker seeds by the number finished. ``stop`` is called
+    before each claim and raises to end the loop (a spawned worker's error).
     """
+    parent = os.getppid()
     while True:
+        stop()
+        if multiprocessing.parent_process() is not None and os.getppid() != parent:
+            return  # the first worker is gone: so is the probe this worker tuned for
         with claim_lock(storage, study.study_name) as release:
             _fail_stale_trials(study, retry=True)
             claimed = study.get_trials(deepcopy=False, states=_CLAIMED)
-            waiting = any(t.state == optuna.trial.TrialState.WAITING for t in claimed)
+            waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in claimed)
             if len(claimed) >= n_trials and not waiting:
-                return
+                if len(_finished(study)) >= n_trials:
+                    return
+                release()
+                time.sleep(_POLL_SECONDS)
+                continue
             study.sampler = SAMPLERS[sampler](_trial_seed(seed, len(claimed) - waiting))
-
             asked = []
 
             def claimed_objective(trial: optuna.Trial) -> float:
-                release()  # the trial is asked and RUNNING: it counts; others may claim while this one computes
+                trial.set_user_attr("owner", _owner())
+                release()  # the trial is RUNNING under its owner's name: others may claim while it computes
                 asked.append(trial.number)
                 return objective(trial)
 
-            study.optimize(claimed_objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
+            try:
+                study.optimize(claimed_objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
+            except Exception as exc:
+                if asked and _taken_back(study, asked[0]):
+                    continue  # failed as stale by another worker while it computed, and queued again: not an error
+                raise EmbedstoreError(f"tuning study {study.study_name!r}: {first_line(exc, None)}") from None
         _check_scored(study, asked[0])
+
+
+def _taken_back(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` was failed by another worker (its heartbeat had gone silent) and queued again."""
+    return study.trials[number].state == optuna.trial.TrialState.FAIL and any(
+        t.system_attrs.get("failed_trial") is not None and number in t.system_attrs.get("retry_history", [])
+        for t in study.get_trials(deepcopy=False))
 
 
 def searches_path(space: str, fixed) -> bool:
@@ -421,8 +475,12 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
 
 def _open_study(storage: str, study_name: str, sampler: str, shared: bool = False) -> optuna.Study:
     """Create or load the study; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`)."""
-    return optuna.create_study(study_name=study_name, storage=open_storage(storage, shared=shared),
-                               direction="maximize", pruner=_pruner(sampler), load_if_exists=True)
+    opened = open_storage(storage, shared=shared)
+    try:
+        return optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
+                                   pruner=_pruner(sampler), load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - a read-only file, a refused login, a full disk: the user's to fix
+        raise ConfigError(f"cannot open study {study_name!r} in {shown_url(storage)}: {first_line(exc, None)}") from None
 
 
 def _pruner(sampler: str) -> optuna.pruners.BasePruner:
@@ -437,10 +495,10 @@ def _claim(study: optuna.Study, problem: dict, storage: str) -> None:
     key = fingerprint(problem)
     stored = study.user_attrs.get("fingerprint")
     if stored is None and study.trials:
-        raise ConfigError(f"study {study.study_name!r} in {storage} has trials of an unknown problem (no fingerprint: "
+        raise ConfigError(f"study {study.study_name!r} in {shown_url(storage)} has trials of an unknown problem (no fingerprint: "
                           "an older embedstore or another tool made it); pass another --study-name or --storage")
     if stored is not None and stored != key:
-        raise ConfigError(f"study {study.study_name!r} in {storage} was tuned for another problem (fingerprint "
+        raise ConfigError(f"study {study.study_name!r} in {shown_url(storage)} was tuned for another problem (fingerprint "
                           f"{stored}, this one is {key}: other features, rows, folds, seed, head, parameters or "
                           "metric, or an earlier embedstore whose trials are computed otherwise); pass another "
                           "--study-name or --storage")
@@ -456,16 +514,18 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def _fail_stale_trials(study: optuna.Study, retry: bool = False) -> None:
     """Mark FAIL the trials a dead process of this machine left RUNNING (killed mid-trial), so they neither count
-    nor block; with ``retry`` (workers sharing the study), queue each again with the same parameters.
-
-    One worker alone also fails a RUNNING trial without an owner (its process died between asking and naming
-    itself); workers sharing a study leave those to the heartbeat, since another machine's may be alive.
+    nor block; with ``retry`` (workers sharing the study, under its claim lock), queue each again with the same
+    parameters, and treat a RUNNING trial without an owner as dead too (its worker died while holding the lock).
     """
+    if retry:
+        fail_silent_trials(study)  # other machines' trials, by their heartbeat (RDB storages)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
-        local = host == socket.gethostname() or (host == "" and not retry)
-        if local and not (pid.isdigit() and pid_alive(int(pid))):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        if (host in ("", socket.gethostname())) and not (pid.isdigit() and pid_alive(int(pid))):
+            try:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # finished meanwhile (a worker of another command, outside this lock)
             if retry:
                 requeue(study, trial)
 
