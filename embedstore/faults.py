@@ -29,6 +29,7 @@ POINTS = {
     "projected-set-replace": "after a new projected feature set is written, before the old one is removed",
     "index-save": "between writing a FAISS index file and its sidecar",
     "trial-commit": "after an Optuna trial is computed, before it is stored as complete",
+    "trial-claimed": "after a shared study's trial is asked, before its worker names itself its owner",
 }
 
 _passed: Counter = Counter()

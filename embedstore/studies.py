@@ -100,6 +100,12 @@ def fail_silent_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def lock_is_global(storage: str) -> bool:
+    """Whether every worker of a study, on any machine, takes the same claim lock: PostgreSQL's advisory lock, or
+    the lock file beside a sqlite or journal file; not for another server, whose lock is per machine."""
+    return storage.split(":", 1)[0].startswith("postgresql") or storage_file(storage) is not None
+
+
 def is_server(storage: str) -> bool:
     """Whether ``storage`` is a database server (PostgreSQL, MySQL, ...), which other machines may share."""
     return "://" in storage and not storage.startswith("sqlite")
@@ -146,7 +152,7 @@ def _postgres_lock(storage: str, key: int):
     """Take PostgreSQL's session advisory lock ``key`` on a connection of its own; return its release."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
     connection = engine.connect()
     connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
 
@@ -161,16 +167,18 @@ def _postgres_lock(storage: str, key: int):
 
 
 def _file_lock(storage: str, key: int):
-    """Take an exclusive lock on a file beside the storage's file (or, for a server other than PostgreSQL, a file
-    of this machine's temporary folder for the study: exact on one machine only); return its release."""
-    beside = storage_file(storage)  # one lock for all the file's studies: a claim takes milliseconds
+    """Take an exclusive POSIX record lock on the study's byte of a file beside the storage's file (or, for a server
+    other than PostgreSQL, of a file in this machine's temporary folder: exact on one machine only); return its
+    release. Record locks belong to the process, and one process holds one claim lock at a time."""
+    beside = storage_file(storage)  # one file for all the file's studies, a byte-range lock per study
     path = (beside.with_name(beside.name + ".claim.lock") if beside is not None
             else Path(tempfile.gettempdir()) / f"embedstore-claim-{key & 0xFFFFFFFFFFFF:012x}.lock")
     handle = open(path, "a")
-    fcntl.flock(handle, fcntl.LOCK_EX)
+    offset = key & 0x7FFFFFFF  # one byte of the file per study: a long claim (a C path) holds its study's only
+    fcntl.lockf(handle, fcntl.LOCK_EX, 1, offset)
 
     def release() -> None:
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.lockf(handle, fcntl.LOCK_UN, 1, offset)
         handle.close()
 
     return release

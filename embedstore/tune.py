@@ -45,7 +45,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing, nullcontext
+from contextlib import closing, nullcontext, suppress
 
 import cloudpickle
 import numpy as np
@@ -60,7 +60,8 @@ from embedstore.heads.base import fit_paths, predict_rows, side_by_side
 from embedstore.heads.decision import decide
 from embedstore.parallel import in_order, usable_cores
 from embedstore.store import digest, fingerprint
-from embedstore.studies import claim_lock, fail_silent_trials, is_server, open_storage, requeue, shown_url
+from embedstore.studies import (claim_lock, fail_silent_trials, is_server, lock_is_global, open_storage, requeue,
+                                shown_url)
 
 SpaceFn = Callable[[optuna.Trial], dict]
 
@@ -206,7 +207,8 @@ def tune(
     ``workers`` > 1, or a storage on a database server (which other machines may be tuning at once), computes
     the trials of a sampled search in that many processes sharing the study (see the module's docstring); a
     path search is swept by one process under the study's claim lock, and the others reuse its points.
-    ``sampler`` names one of :data:`SAMPLERS`.
+    ``sampler`` names one of :data:`SAMPLERS`. The workers are spawned, so a script that calls this with
+    ``workers`` > 1 needs Python's ``if __name__ == "__main__":`` guard, as any multiprocessing spawn does.
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
@@ -260,45 +262,58 @@ def _tune_together(study, objective, n_trials: int, storage: str, seed: int, sam
     and return once it holds ``n_trials`` finished ones (some may be other machines').
 
     The workers are spawned, not forked: a fork would inherit this process's OpenMP state, and FAISS or LightGBM
-    then hang in the child. The objective, with the features and folds it closes over, travels to them by
-    cloudpickle, in memory: each worker holds its own copy of the features. Each worker, this one included,
-    gets its share of the cores. A worker's error (or this one's, or Ctrl-C) stops every worker, in one line.
+    then hang in the child. The objective, with the features and folds it closes over, is sent to each worker by
+    cloudpickle through a pipe, so each worker holds one copy of the features. Each worker, this one included,
+    gets its share of the cores. A worker's error (or this one's, or Ctrl-C) stops every worker after its current
+    trial, and is raised here in one line.
     """
-    missing = n_trials - len(study.get_trials(deepcopy=False, states=_CLAIMED))
-    spawned = max(0, min(workers, missing) - 1)
+    spawned = max(0, min(workers, n_trials - len(_finished(study))) - 1)
+    if not spawned:  # one worker on a server storage: this process claims alone, on the threads it has
+        _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial)
+        return
     cores = max(1, usable_cores() // (spawned + 1))
     context = multiprocessing.get_context("spawn")
-    ready, errors = context.Semaphore(0), context.SimpleQueue()
+    ready, stopping, errors = context.Semaphore(0), context.Event(), context.SimpleQueue()
     heartbeat = (studies.HEARTBEAT_SECONDS, studies.GRACE_SECONDS)
-    payload = cloudpickle.dumps(objective) if spawned else b""
-    children = [context.Process(target=_worker, args=(k, storage, study.study_name, payload, n_trials, seed, sampler,
-                                                       cores, heartbeat, ready, errors), daemon=True)
-                for k in range(1, spawned + 1)]
-    for child in children:
-        child.start()
+    children, pipes = [], []
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: Ctrl-C reaches this process alone
     try:
+        for k in range(1, spawned + 1):
+            receive, send = context.Pipe(duplex=False)
+            children.append(context.Process(target=_worker, daemon=True, args=(
+                k, os.getpid(), storage, study.study_name, receive, n_trials, seed, sampler, cores, heartbeat,
+                ready, stopping, errors)))
+            children[-1].start()
+            pipes.append(send)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+
+    def stop() -> None:
+        multiprocessing.active_children()  # reap dead workers: their pids go, and their trials are seen as stale
+        if not errors.empty():
+            k, kind, message = errors.get()
+            raise (ConfigError if kind == "ConfigError" else EmbedstoreError)(f"tuning worker {k}: {message}")
+
+    try:
+        payload = cloudpickle.dumps(objective)
+        for send in pipes:
+            with suppress(BrokenPipeError):  # a worker that died starting: its error, if any, is raised by stop()
+                send.send_bytes(payload)
+            send.close()
+        del payload
         _wait_ready(children, ready)
         with threadpool_limits(limits=cores), parallel.core_budget(cores):
-            _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial,
-                          stop=lambda: _raise_worker_error(errors))
+            _claim_trials(study, objective, n_trials, storage, seed, sampler, on_trial, stop=stop)
         for child in children:
             child.join()
-        _raise_worker_error(errors)
+        stop()
     except BaseException:
-        for child in children:  # this worker's error, a worker's error, or Ctrl-C: every worker stops
+        stopping.set()  # this worker's error, a worker's error, or Ctrl-C: every worker stops
+        for child in children:
             child.terminate()
         for child in children:
             child.join()
         raise
-
-
-def _raise_worker_error(errors) -> None:
-    """Raise, in this process and in one line, the first error a spawned worker sent back; reap dead workers
-    (so that their pids are gone and their trials are seen as stale)."""
-    multiprocessing.active_children()
-    if not errors.empty():
-        k, kind, message = errors.get()
-        raise (ConfigError if kind == "ConfigError" else EmbedstoreError)(f"tuning worker {k}: {message}")
 
 
 #: How long the first worker waits for the spawned ones to be ready before it starts without them.
@@ -314,89 +329,113 @@ def _wait_ready(children, ready) -> None:
             waiting -= 1
 
 
-def _worker(k: int, storage: str, study_name: str, payload: bytes, n_trials: int, seed: int, sampler: str,
-            cores: int, heartbeat: tuple[int, int], ready, errors) -> None:
-    """A spawned worker's life: die with its parent, open its own connection to the storage, say it is ready, and
-    claim trials on ``cores`` cores; an error goes back to the first worker as (k, kind, first line)."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the first worker, which stops this one
+def _worker(k: int, parent: int, storage: str, study_name: str, receive, n_trials: int, seed: int, sampler: str,
+            cores: int, heartbeat: tuple[int, int], ready, stopping, errors) -> None:
+    """A spawned worker's life: die with its parent, open its own connection to the storage, receive the
+    objective, say it is ready, and claim trials on ``cores`` cores until the study is done or ``stopping`` is
+    set; its error goes back to the first worker as (k, kind, first line), and sets ``stopping`` for the others."""
+    _die_with_parent(parent)
     os.environ[faults.WORKER] = str(k)
     optuna.logging.set_verbosity(logging.WARNING)
     studies.HEARTBEAT_SECONDS, studies.GRACE_SECONDS = heartbeat
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage, shared=True),
                                   pruner=_pruner(sampler))
-        objective = pickle.loads(payload)
+        objective = pickle.loads(receive.recv_bytes())
+        receive.close()
         ready.release()
         with threadpool_limits(limits=cores), parallel.core_budget(cores):
-            _claim_trials(study, objective, n_trials, storage, seed, sampler, None)
+            _claim_trials(study, objective, n_trials, storage, seed, sampler, None, stop=stopping.is_set)
     except Exception as exc:  # noqa: BLE001 - raised again by the first worker, in one line
         errors.put((k, type(exc).__name__, first_line(exc, None)))
+        stopping.set()
         sys.exit(1)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies (``PR_SET_PDEATHSIG``), so that no worker goes on
-    claiming trials for a probe that was killed; elsewhere :func:`_claim_trials`'s parent check does it later."""
+def _die_with_parent(parent: int) -> None:
+    """Make Linux kill this process when its parent dies (``PR_SET_PDEATHSIG``), so that no worker goes on
+    claiming trials for a probe that was killed; and leave now if the parent died already."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
-        pass
+        pass  # elsewhere: _claim_trials checks the parent before each claim
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-#: Seconds between looks at a study whose last trials other workers are computing.
+#: Seconds between looks at a study whose last trials other workers are computing, and between the lines that
+#: say which trials it waits for.
 _POLL_SECONDS = 1.0
+_WAITING_NOTE_SECONDS = 60.0
 
 
 def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, sampler: str, on_trial,
-                  stop=lambda: None) -> None:
+                  stop=lambda: False) -> None:
     """Claim and compute trials of ``study`` until it holds ``n_trials`` finished ones, waiting for those that
     other workers are computing (and claiming again those queued after a worker died).
 
     The claim lock covers the stale-trial check, the count, the ask and the naming of the trial's owner, so no
-    two workers claim the last trial and a RUNNING trial without an owner is one whose worker died while it
-    held the lock. A queued retry is asked first (Optuna asks WAITING trials before sampling). The sampler is
-    seeded by the number of trials claimed before, as one worker seeds by the number finished. ``stop`` is called
-    before each claim and raises to end the loop (a spawned worker's error).
+    two workers claim the last trial and, under a lock every worker shares, a RUNNING trial without an owner is
+    one whose worker died while it held the lock. A queued retry is asked first (Optuna asks WAITING trials
+    before sampling). The sampler is seeded by the number of trials claimed before, as one worker seeds by the
+    number finished. ``stop`` is called before each claim: it raises, or returns True, to end the loop.
     """
-    parent = os.getppid()
+    parent, waited = os.getppid(), time.monotonic()
     while True:
-        stop()
-        if multiprocessing.parent_process() is not None and os.getppid() != parent:
-            return  # the first worker is gone: so is the probe this worker tuned for
+        if stop() or (multiprocessing.parent_process() is not None and os.getppid() != parent):
+            return  # stopped, or the first worker is gone and so is the probe this worker tuned for
         with claim_lock(storage, study.study_name) as release:
-            _fail_stale_trials(study, retry=True)
+            _fail_stale_trials(study, retry=True, ownerless_dead=lock_is_global(storage))
+            if len(_finished(study)) >= n_trials:
+                return
             claimed = study.get_trials(deepcopy=False, states=_CLAIMED)
             waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in claimed)
             if len(claimed) >= n_trials and not waiting:
-                if len(_finished(study)) >= n_trials:
-                    return
                 release()
+                if time.monotonic() - waited > _WAITING_NOTE_SECONDS:
+                    _note_waiting(study)
+                    waited = time.monotonic()
                 time.sleep(_POLL_SECONDS)
                 continue
-            study.sampler = SAMPLERS[sampler](_trial_seed(seed, len(claimed) - waiting))
-            asked = []
+            study.sampler = SAMPLERS[sampler](_trial_seed(seed, _slot(study, len(claimed) - waiting)))
+            asked, taken = [], []
 
             def claimed_objective(trial: optuna.Trial) -> float:
+                faults.point("trial-claimed")
                 trial.set_user_attr("owner", _owner())
                 release()  # the trial is RUNNING under its owner's name: others may claim while it computes
                 asked.append(trial.number)
-                return objective(trial)
+                try:
+                    return objective(trial)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    taken.append(True)  # failed as stale by another worker while it computed
+                    raise
 
             try:
                 study.optimize(claimed_objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
             except Exception as exc:
-                if asked and _taken_back(study, asked[0]):
-                    continue  # failed as stale by another worker while it computed, and queued again: not an error
+                if taken or (asked and isinstance(exc, ValueError) and study.trials[asked[0]].state.is_finished()):
+                    continue  # taken back as stale (and queued again, unless retried enough): not this worker's error
                 raise EmbedstoreError(f"tuning study {study.study_name!r}: {first_line(exc, None)}") from None
         _check_scored(study, asked[0])
 
 
-def _taken_back(study: optuna.Study, number: int) -> bool:
-    """Whether trial ``number`` was failed by another worker (its heartbeat had gone silent) and queued again."""
-    return study.trials[number].state == optuna.trial.TrialState.FAIL and any(
-        t.system_attrs.get("failed_trial") is not None and number in t.system_attrs.get("retry_history", [])
-        for t in study.get_trials(deepcopy=False))
+def _slot(study: optuna.Study, place: int) -> int | str:
+    """What seeds the sampler for the trial at ``place`` among the claimed ones: the place, or, once some trials
+    were given up after :data:`embedstore.studies.MAX_RETRY` retries, the place and how many (so a configuration
+    that kills its worker every time is not sampled again for ever)."""
+    given_up = sum(len(t.system_attrs.get("retry_history", [])) >= studies.MAX_RETRY
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+    return f"{place}:{given_up}" if given_up else place
+
+
+def _note_waiting(study: optuna.Study) -> None:
+    """Say, on stderr, which running trials a worker with nothing left to claim is waiting for."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    names = ", ".join(f"{t.number} ({t.user_attrs.get('owner', 'no owner')}, since {t.datetime_start:%H:%M:%S})"
+                      for t in running[:5])
+    print(f"embedstore: study {study.study_name!r} waits for trial(s) {names} of other workers; a worker lost on "
+          "another machine is noticed by the heartbeat of a database storage only", file=sys.stderr, flush=True)
 
 
 def searches_path(space: str, fixed) -> bool:
@@ -512,16 +551,19 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=states)
 
 
-def _fail_stale_trials(study: optuna.Study, retry: bool = False) -> None:
+def _fail_stale_trials(study: optuna.Study, retry: bool = False, ownerless_dead: bool = True) -> None:
     """Mark FAIL the trials a dead process of this machine left RUNNING (killed mid-trial), so they neither count
     nor block; with ``retry`` (workers sharing the study, under its claim lock), queue each again with the same
-    parameters, and treat a RUNNING trial without an owner as dead too (its worker died while holding the lock).
+    parameters, and fail those of other machines whose heartbeat went silent. A RUNNING trial without an owner
+    counts as dead when ``ownerless_dead``: one worker alone, or workers under a lock they all share (a worker names
+    itself before it lets go of the lock, so an owner-less trial's worker died holding it).
     """
     if retry:
         fail_silent_trials(study)  # other machines' trials, by their heartbeat (RDB storages)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
-        if (host in ("", socket.gethostname())) and not (pid.isdigit() and pid_alive(int(pid))):
+        local = host == socket.gethostname() or (host == "" and ownerless_dead)
+        if local and not (pid.isdigit() and pid_alive(int(pid))):
             try:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import optuna
 import pytest
 
+from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError
 from embedstore.heads import KNNHead
 from embedstore.metrics import metric_functions
@@ -96,7 +98,7 @@ def test_a_silent_trial_of_another_machine_is_retried_after_the_heartbeat_grace(
     X, y, folds = ham
     url = postgres.database("heartbeat")
     monkeypatch.setattr(studies, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(studies, "GRACE_SECONDS", 2)
+    monkeypatch.setattr(studies, "GRACE_SECONDS", 8)
     tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 2, url, "beat", workers=2)
     storage = studies.open_storage(url, shared=True)
     study = optuna.load_study(study_name="beat", storage=storage)
@@ -105,22 +107,24 @@ def test_a_silent_trial_of_another_machine_is_retried_after_the_heartbeat_grace(
     lost.set_user_attr("owner", "another-machine:4242")
     storage.record_heartbeat(lost._trial_id)  # one beat, then silence: the machine was lost mid-trial
     time.sleep(studies.GRACE_SECONDS + 0.5)
-    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 4, url, "beat", workers=2)
+    # 2 finished + the lost one = 3 claimed: nothing is left to claim, so only the wait for the lost trial,
+    # which checks the heartbeats, can free it
+    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 3, url, "beat", workers=2)
     assert study.trials[lost.number].state == optuna.trial.TrialState.FAIL
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
     assert len(retried) == 1 and retried[0].params["k"] == lost.params["k"]
-    assert len(study.get_trials(states=FINISHED)) == 4
+    assert len(study.get_trials(states=FINISHED)) == 3
 
 
-def test_with_the_random_sampler_three_workers_find_what_one_finds(postgres, ham):
+def test_with_the_random_sampler_three_workers_find_what_one_finds(postgres, ham, tmp_path):
     X, y, folds = ham
-    url = postgres.database("random_sampler")
-    alone, one = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 9, url, "one", seed=3, sampler="random")
-    shared, three = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 9, url, "three", seed=3, sampler="random",
-                         workers=3)
-    assert shared == alone
+    alone, one = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 9, f"sqlite:///{tmp_path / 'one.db'}", "one",
+                      seed=3, sampler="random")  # one worker, one trial after another: the sequential loop
+    shared, three = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 9, postgres.database("random_sampler"),
+                         "three", seed=3, sampler="random", workers=3)
     trials = {tuple(sorted(t.params.items())): t.value for t in one.trials}
     assert {tuple(sorted(t.params.items())): t.value for t in three.trials} == trials
+    assert max(trials.values()) == max(t.value for t in three.trials)
     assert len(_owners(three)) == 3
 
 
@@ -140,11 +144,28 @@ def test_a_probe_tunes_with_two_workers_on_a_journal_file_and_reports_it(ham_sto
     assert all(s.study_name in page for s in studies)
 
 
-def test_a_trial_without_a_score_stops_every_worker_in_one_line(ham, tmp_path):
+def test_a_worker_killed_while_claiming_leaves_no_trial_running(ham, tmp_path, monkeypatch):
     X, y, folds = ham
-    with pytest.raises(ConfigError, match="scored no number"):
-        tune(SlowKNN(), "knn", X, y, folds, lambda *_: float("nan"), 6, str(tmp_path / "s.journal"), "nan",
+    monkeypatch.setenv("EMBEDSTORE_FAULT", "trial-claimed:1@1")  # worker 1 dies holding the lock, trial unnamed
+    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 8, str(tmp_path / "s.journal"), "claimed",
+                    workers=3)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1 and "owner" not in failed[0].user_attrs
+    assert [t.system_attrs.get("failed_trial") for t in study.trials].count(failed[0].number) == 1
+    assert len(study.get_trials(states=FINISHED)) == 8 and _states(study).get("RUNNING", 0) == 0
+
+
+def test_a_spawned_workers_error_stops_every_worker_in_one_line(ham, tmp_path):
+    X, y, folds = ham
+
+    def undefined_in_worker_1(y_true, proba, pred):  # the metric fails in one worker only
+        return float("nan") if os.environ.get("EMBEDSTORE_WORKER") == "1" else balanced_accuracy(y_true, proba, pred)
+
+    with pytest.raises(ConfigError) as error:
+        tune(SlowKNN(), "knn", X, y, folds, undefined_in_worker_1, 40, str(tmp_path / "s.journal"), "nan",
              workers=3, sampler="random")
+    assert str(error.value).startswith("tuning worker 1: trial ") and "scored no number" in str(error.value)
+    assert "\n" not in str(error.value)
     assert multiprocessing.active_children() == []
 
 
@@ -161,3 +182,38 @@ def test_tuning_mistakes_are_one_line_with_exit_2_and_nothing_written(ham_store,
     assert code == 2
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_probe_takes_its_tuning_workers_with_it(ham_store, tmp_path):
+    """SIGKILL of the first worker (the probe itself): the spawned workers die too, claiming nothing more."""
+    script = tmp_path / "tune_forever.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_tune_workers import SlowKNN, balanced_accuracy
+import numpy as np
+from embedstore.splits import group_kfold
+from embedstore.store import FeatureStore
+from embedstore.tune import tune
+if __name__ == "__main__":  # spawned workers import the main module again, as with any multiprocessing spawn
+    X, table = FeatureStore.open({str(ham_store)!r}).load("mobilenet_v2")
+    y = np.unique(table["dx"], return_inverse=True)[1]
+    folds = group_kfold(y, table["lesion_id"].to_numpy(), n_splits=3, seed=0)
+    tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 1000, {str(tmp_path / "s.journal")!r}, "forever",
+         workers=3)
+""")
+    probe = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, children = time.monotonic() + 120, []
+        while len(children) < 2 and time.monotonic() < deadline and probe.poll() is None:
+            time.sleep(0.5)
+            listed = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(probe.pid)], capture_output=True,
+                                    text=True)
+            children = [int(line.split()[0]) for line in listed.stdout.splitlines() if "spawn_main" in line]
+        assert len(children) == 2, probe.stderr.read() if probe.poll() is not None else children
+        time.sleep(3)  # they are claiming trials by now
+    finally:
+        probe.kill()
+        probe.wait()
+    time.sleep(2)
+    assert not any(pid_alive(pid) for pid in children)
