@@ -380,7 +380,7 @@ def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, samp
     before sampling). The sampler is seeded by the number of trials claimed before, as one worker seeds by the
     number finished. ``stop`` is called before each claim: it raises, or returns True, to end the loop.
     """
-    parent, waited = os.getppid(), time.monotonic()
+    parent, waited = os.getppid(), None  # when this worker began waiting for others' trials
     while True:
         if stop() or (multiprocessing.parent_process() is not None and os.getppid() != parent):
             return  # stopped, or the first worker is gone and so is the probe this worker tuned for
@@ -392,13 +392,14 @@ def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, samp
             waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in claimed)
             if len(claimed) >= n_trials and not waiting:
                 release()
+                waited = waited or time.monotonic()
                 if time.monotonic() - waited > _WAITING_NOTE_SECONDS:
                     _note_waiting(study)
                     waited = time.monotonic()
                 time.sleep(_POLL_SECONDS)
                 continue
             study.sampler = SAMPLERS[sampler](_trial_seed(seed, _slot(study, len(claimed) - waiting)))
-            asked, taken = [], []
+            asked, taken, waited = [], [], None
 
             def claimed_objective(trial: optuna.Trial) -> float:
                 faults.point("trial-claimed")
