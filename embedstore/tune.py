@@ -399,7 +399,7 @@ def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, samp
                 time.sleep(_POLL_SECONDS)
                 continue
             study.sampler = SAMPLERS[sampler](_trial_seed(seed, _slot(study, len(claimed) - waiting)))
-            asked, taken, waited = [], [], None
+            asked, ended, waited = [], [], None  # ended: "taken" (failed as stale by another worker) or "returned"
 
             def claimed_objective(trial: optuna.Trial) -> float:
                 faults.point("trial-claimed")
@@ -407,15 +407,19 @@ def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, samp
                 release()  # the trial is RUNNING under its owner's name: others may claim while it computes
                 asked.append(trial.number)
                 try:
-                    return objective(trial)
+                    value = objective(trial)
                 except optuna.exceptions.UpdateFinishedTrialError:
-                    taken.append(True)  # failed as stale by another worker while it computed
+                    ended.append("taken")  # its fold scores could not be stored: another worker failed it
                     raise
+                ended.append("returned")
+                return value
 
             try:
                 study.optimize(claimed_objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
             except Exception as exc:
-                if taken or (asked and isinstance(exc, ValueError) and study.trials[asked[0]].state.is_finished()):
+                told_too_late = ended == ["returned"] and isinstance(exc, ValueError) and \
+                    study.trials[asked[0]].state == optuna.trial.TrialState.FAIL  # "Cannot tell a FAIL trial."
+                if ended == ["taken"] or told_too_late:
                     continue  # taken back as stale (and queued again, unless retried enough): not this worker's error
                 raise EmbedstoreError(f"tuning study {study.study_name!r}: {first_line(exc, None)}") from None
         _check_scored(study, asked[0])

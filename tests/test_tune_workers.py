@@ -18,11 +18,12 @@ import optuna
 import pytest
 
 from embedstore.atomic import pid_alive
-from embedstore.errors import ConfigError
+from embedstore.errors import ConfigError, EmbedstoreError
 from embedstore.heads import KNNHead
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
+from embedstore.studies import open_storage
 from embedstore.tune import tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -169,6 +170,22 @@ def test_a_spawned_workers_error_stops_every_worker_in_one_line(ham, tmp_path):
     assert multiprocessing.active_children() == []
 
 
+class BrokenKNN(KNNHead):
+    """A head whose every fit fails, as a head given impossible parameters would."""
+
+    def fit(self, X, y, sample_weight=None):
+        raise ValueError("this head cannot be fitted")
+
+
+def test_a_trial_that_raises_stops_the_tuning_instead_of_being_claimed_again(ham, tmp_path):
+    X, y, folds = ham
+    with pytest.raises(EmbedstoreError, match="this head cannot be fitted"):
+        tune(BrokenKNN(), "knn", X, y, folds, balanced_accuracy, 20, str(tmp_path / "s.journal"), "broken", workers=2)
+    study = optuna.load_study(study_name="broken", storage=open_storage(str(tmp_path / "s.journal")))
+    assert len(study.trials) <= 3  # each worker stopped at its first failed trial (one more may have been asked)
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("args, says", [
     (["--tune-workers", "0", "--trials", "2"], "--tune-workers must be 1 or more"),
     (["--tune-workers", "2"], "give --trials too"),
@@ -194,6 +211,7 @@ from test_tune_workers import SlowKNN, balanced_accuracy
 import numpy as np
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
+from embedstore.studies import open_storage
 from embedstore.tune import tune
 if __name__ == "__main__":  # spawned workers import the main module again, as with any multiprocessing spawn
     X, table = FeatureStore.open({str(ham_store)!r}).load("mobilenet_v2")
