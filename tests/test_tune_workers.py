@@ -82,7 +82,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(postgres, ham, monkey
     X, y, folds = ham
     url = postgres.database("killed_worker")
     monkeypatch.setenv("EMBEDSTORE_FAULT", "trial-commit:1@2")  # worker 2 dies with its first trial computed
-    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 12, url, "killed", workers=3)
+    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 12, url, "killed", workers=3,
+                    sampler="random")  # no pruning: worker 2's first trial reaches its commit
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == 1
     assert len(study.get_trials(states=FINISHED)) == 12
