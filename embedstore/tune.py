@@ -264,8 +264,9 @@ def _tune_together(study, objective, n_trials: int, storage: str, seed: int, sam
     The workers are spawned, not forked: a fork would inherit this process's OpenMP state, and FAISS or LightGBM
     then hang in the child. The objective, with the features and folds it closes over, is sent to each worker by
     cloudpickle through a pipe, so each worker holds one copy of the features. Each worker, this one included,
-    gets its share of the cores. A worker's error (or this one's, or Ctrl-C) stops every worker after its current
-    trial, and is raised here in one line.
+    gets its share of the cores. A spawned worker's error is raised here in one line once this process's current
+    trial is done; then, as on this process's own error or Ctrl-C, the spawned workers are stopped at once, and
+    their unfinished trials run again in the next run.
     """
     spawned = max(0, min(workers, n_trials - len(_finished(study))) - 1)
     if not spawned:  # one worker on a server storage: this process claims alone, on the threads it has
@@ -410,6 +411,9 @@ def _claim_trials(study, objective, n_trials: int, storage: str, seed: int, samp
                     value = objective(trial)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     ended.append("taken")  # its fold scores could not be stored: another worker failed it
+                    raise
+                except optuna.TrialPruned:
+                    ended.append("returned")  # pruned: Optuna tells it, and may find it taken back meanwhile
                     raise
                 ended.append("returned")
                 return value
@@ -568,7 +572,8 @@ def _fail_stale_trials(study: optuna.Study, retry: bool = False, ownerless_dead:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("owner", ":")).rpartition(":")
         local = host == socket.gethostname() or (host == "" and ownerless_dead)
-        if local and not (pid.isdigit() and pid_alive(int(pid))):
+        mine = pid == str(os.getpid())  # this process computes no trial while it checks: the pid was a killed run's
+        if local and (mine or not (pid.isdigit() and pid_alive(int(pid)))):
             try:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):

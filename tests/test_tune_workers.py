@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,22 @@ def test_a_spawned_workers_error_stops_every_worker_in_one_line(ham, tmp_path):
     assert str(error.value).startswith("tuning worker 1: trial ") and "scored no number" in str(error.value)
     assert "\n" not in str(error.value)
     assert multiprocessing.active_children() == []
+
+
+def test_a_running_trial_under_this_process_pid_is_a_killed_runs(ham, tmp_path):
+    """A container restarted after a kill gets its old host name and pids back: the old run's RUNNING trial names
+    this very process, which computes no trial while it checks, so the trial is stale and runs again."""
+    X, y, folds = ham
+    journal = str(tmp_path / "s.journal")
+    tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 1, journal, "restarted", workers=2, sampler="random")
+    study = optuna.load_study(study_name="restarted", storage=open_storage(journal))
+    old = study.ask({"k": optuna.distributions.IntDistribution(5, 100, log=True)})
+    old.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
+    _, study = tune(SlowKNN(), "knn", X, y, folds, balanced_accuracy, 2, journal, "restarted", workers=2,
+                    sampler="random")
+    assert study.trials[old.number].state == optuna.trial.TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in study.trials].count(old.number) == 1
+    assert len(study.get_trials(states=FINISHED)) == 2
 
 
 class BrokenKNN(KNNHead):
