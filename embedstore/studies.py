@@ -103,7 +103,12 @@ def fail_silent_trials(study: optuna.Study) -> None:
 def lock_is_global(storage: str) -> bool:
     """Whether every worker of a study, on any machine, takes the same claim lock: PostgreSQL's advisory lock, or
     the lock file beside a sqlite or journal file; not for another server, whose lock is per machine."""
-    return storage.split(":", 1)[0].startswith("postgresql") or storage_file(storage) is not None
+    return _is_postgres(storage) or storage_file(storage) is not None
+
+
+def _is_postgres(storage: str) -> bool:
+    """Whether ``storage`` is a PostgreSQL URL (``postgresql://``, ``postgresql+psycopg://``, ...)."""
+    return storage.split(":", 1)[0].startswith("postgresql")
 
 
 def is_server(storage: str) -> bool:
@@ -130,8 +135,7 @@ def claim_lock(storage: str, study_name: str) -> Iterator:
     key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)  # the URL may be
     # spelled otherwise on another machine; an advisory lock is one database's already
     try:
-        release = (_postgres_lock(storage, key) if storage.split(":", 1)[0].startswith("postgresql")
-                   else _file_lock(storage, key))
+        release = _postgres_lock(storage, key) if _is_postgres(storage) else _file_lock(storage, key)
     except Exception as exc:  # noqa: BLE001 - a lost server or an unwritable folder: one line
         raise ConfigError(f"cannot take the claim lock of study {study_name!r} in {shown_url(storage)}: "
                           f"{first_line(exc, None)}") from None
