@@ -52,12 +52,23 @@ def parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
 
 def check_options(*, device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                   dtype: str = "float16", rows_per_chunk: int = 1024,
-                  shard: str | tuple[int, int] = (0, 1)) -> tuple[torch.device, int, tuple[int, int]]:
+                  shard: str | tuple[int, int] = (0, 1), ray: str | None = None,
+                  ray_workers: int | None = None) -> tuple[torch.device | None, int | None, tuple[int, int]]:
     """Refuse a bad extraction option in one line before any work (no model loaded, nothing hashed or
-    written); returns the device, the batch size and the shard (index, count)."""
-    dev = resolve_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    if batch_size < 1:
+    written); returns the device, the batch size and the shard (index, count).
+
+    With ``ray`` the workers' device is the cluster's to say (:func:`embedstore.ray_extraction.ray_session`):
+    the device is checked for its spelling only, and it and a default batch size come back as None.
+    """
+    if ray is not None:
+        check_ray(ray, ray_workers, shard, device)
+        dev = None
+    elif ray_workers is not None:
+        raise ConfigError("ray_workers needs ray (the Ray cluster to run them on)")
+    else:
+        dev = resolve_device(device)
+        batch_size = default_batch_size(dev) if batch_size is None else batch_size
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
     if rows_per_chunk < 1:
         raise ConfigError(f"rows_per_chunk must be at least 1, not {rows_per_chunk}")
@@ -66,6 +77,24 @@ def check_options(*, device: str = "auto", batch_size: int | None = None, num_wo
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     return dev, batch_size, parse_shard(shard)
+
+
+def check_ray(address: str, workers: int | None, shard: str | tuple[int, int], device: str) -> None:
+    """Refuse a bad Ray address, worker count or device name, a shard beside Ray (which drives every chunk),
+    and a missing Ray."""
+    from embedstore.ray_extraction import check_address, import_ray
+
+    check_address(address)
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if workers is not None and workers < 1:
+        raise ConfigError(f"ray_workers must be at least 1, not {workers}")
+    if parse_shard(shard) != (0, 1):
+        raise ConfigError("ray drives every row chunk itself; drop shard")
+    import_ray()
 
 
 def check_shard_gets_chunks(existing: FeatureStore | None, table, key: str, rows_per_chunk: int, index: int,

@@ -49,8 +49,9 @@ from embedstore.devices import resolve_device
 from embedstore.encoders import Encoder, create_encoder
 from embedstore.errors import ConfigError, EncoderError, StoreError
 from embedstore.extract_options import (check_options, check_shard_gets_chunks, check_some_readable,
-                                        default_workers)
+                                        default_batch_size, default_workers)
 from embedstore.progress import progress_bar
+from embedstore.ray_extraction import ray_session, run_blocks
 from embedstore.sources import Source
 from embedstore.store import DONE, FAILED, FeatureStore, fingerprint, storage_errors
 
@@ -171,6 +172,8 @@ def extract(
     rows_per_chunk: int = 1024,
     shard: str | tuple[int, int] = (0, 1),
     retry_failed: bool = False,
+    ray: str | None = None,
+    ray_workers: int | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Extract ``encoder`` features of every image of ``source`` that the store lacks or holds stale.
@@ -180,80 +183,117 @@ def extract(
     encoder from the encoder itself (its weights file included, see
     :meth:`Encoder.spec`), so ``create_encoder(name, weights=FILE)`` is all a
     notebook passes. ``shard="i/n"`` processes only every n-th row
-    chunk, so n processes (or machines sharing the store) can split the work.
+    chunk, so n processes (or machines sharing the store) can split the work. ``ray`` (``local``, ``auto``,
+    ``ray://HOST:PORT`` or a head's ``HOST:PORT``) runs the encoding on ``ray_workers`` Ray workers instead
+    (:mod:`embedstore.ray_extraction`; default: one per GPU of the cluster, else one per CPU), each decoding
+    in its own process unless ``num_workers`` is given.
     """
     t0 = time.perf_counter()
     dev, batch_size, (shard_index, shard_count) = check_options(
         device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, rows_per_chunk=rows_per_chunk,
-        shard=shard)
-    if isinstance(encoder, str):
-        encoder = create_encoder(encoder)
-    table = source.table  # validates the source before anything is written
-    config = feature_set_config(encoder, tta, dtype)
-    key = fingerprint(config)
-    name = name or default_name(encoder, tta, dtype)
-    existing = store if isinstance(store, FeatureStore) else _existing_store(store)
-    check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
+        shard=shard, ray=ray, ray_workers=ray_workers)
+    with ray_session(ray, device, ray_workers) as cluster:  # connected first: a bad address costs nothing
+        if cluster is not None:  # the workers' device, and its default batch size
+            dev, batch_size = cluster.device, batch_size or default_batch_size(cluster.device)
+        if isinstance(encoder, str):
+            encoder = create_encoder(encoder)
+        table = source.table  # validates the source before anything is written
+        config = feature_set_config(encoder, tta, dtype)
+        key = fingerprint(config)
+        name = name or default_name(encoder, tta, dtype)
+        existing = store if isinstance(store, FeatureStore) else _existing_store(store)
+        check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
 
-    with progress_bar("hashing", len(table), enabled=progress) as advance:  # unchanged images: a stat each
-        recorded = existing.recorded_images(table, source.describe()) if existing else None
-        state = source.content_hashes(recorded=recorded, progress=advance)
-    hashes = state["sha256"].tolist()
-    check_some_readable(source, table, hashes)
-    store = existing or FeatureStore.create_or_open(store)
-    attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": encoder.weights_file,
-             "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
-             "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
-             "config": config, "rows_per_chunk": rows_per_chunk}
-    with store.preparing():
-        update = store.update_manifest(table, state, source.describe())
-        fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
-    result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
-                           new=update.new, changed=update.changed, removed=update.removed)
+        with progress_bar("hashing", len(table), enabled=progress) as advance:  # unchanged images: a stat each
+            recorded = existing.recorded_images(table, source.describe()) if existing else None
+            state = source.content_hashes(recorded=recorded, progress=advance)
+        hashes = state["sha256"].tolist()
+        check_some_readable(source, table, hashes)
+        store = existing or FeatureStore.create_or_open(store)
+        attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": encoder.weights_file,
+                 "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
+                 "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
+                 "config": config, "rows_per_chunk": rows_per_chunk}
+        with store.preparing():
+            update = store.update_manifest(table, state, source.describe())
+            fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
+        result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
+                               new=update.new, changed=update.changed, removed=update.removed)
 
-    with store.lock(key, (shard_index, shard_count)):
-        rows = update.rows
-        rpc, n_set = fs.rows_per_chunk, fs.n_rows
+        with store.lock(key, (shard_index, shard_count)):
+            rows = update.rows
+            rpc, n_set = fs.rows_per_chunk, fs.n_rows
 
-        def final_rows(start: int, stop: int) -> np.ndarray:  # before the repair; unreadable status: final
-            try:
-                return np.isin(fs.read("status", slice(start, stop)), (DONE, FAILED))
-            except StoreError:  # what FeatureSet.read raises for a damaged chunk
-                if stop - start <= rpc:
-                    return np.ones(stop - start, dtype=bool)
-                return np.concatenate([final_rows(c, min(stop, c + rpc)) for c in range(start, stop, rpc)])
+            def final_rows(start: int, stop: int) -> np.ndarray:  # before the repair; unreadable status: final
+                try:
+                    return np.isin(fs.read("status", slice(start, stop)), (DONE, FAILED))
+                except StoreError:  # what FeatureSet.read raises for a damaged chunk
+                    if stop - start <= rpc:
+                        return np.ones(stop - start, dtype=bool)
+                    return np.concatenate([final_rows(c, min(stop, c + rpc)) for c in range(start, stop, rpc)])
 
-        was_final = final_rows(0, n_set)  # one read; chunk by chunk only when a status chunk is damaged
-        with storage_errors(store.path, f"repairing feature set {name}"):
-            repaired = fs.repair_chunks((shard_index, shard_count))  # their rows become pending
-        result.n_repaired = len(repaired)
-        if repaired:  # this run recomputes only this source's rows of them; the others stay pending
-            left = np.zeros(n_set, dtype=bool)
-            for c in repaired:
-                left[c * rpc:(c + 1) * rpc] = was_final[c * rpc:(c + 1) * rpc]
-            left[rows[rows < n_set]] = False
-            result.n_left_pending = int(left.sum())
-        status = fs.read("status", rows)
-        same = fs.read("sha256", rows) == np.asarray(hashes, dtype=object)
-        final = same & ((status == DONE) | ((status == FAILED) & (not retry_failed)))
-        rpc = fs.rows_per_chunk
-        todo = np.flatnonzero(~final & ((rows // rpc) % shard_count == shard_index))
-        result.n_skipped = int(final.sum())
-        todo = todo[np.argsort(rows[todo], kind="stable")]  # store order: chunk-aligned blocks
-        blocks = np.split(todo, np.flatnonzero(np.diff(rows[todo] // rpc)) + 1) if len(todo) else []
-        with storage_errors(store.path, f"writing feature set {name} to {store.path}",
-                            kept=lambda: f"{fs.n_final():,} rows are final and kept"):
-            _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
-                        default_workers(dev) if num_workers is None else num_workers, progress, result)
+            was_final = final_rows(0, n_set)  # one read; chunk by chunk only when a status chunk is damaged
+            with storage_errors(store.path, f"repairing feature set {name}"):
+                repaired = fs.repair_chunks((shard_index, shard_count))  # their rows become pending
+            result.n_repaired = len(repaired)
+            if repaired:  # this run recomputes only this source's rows of them; the others stay pending
+                left = np.zeros(n_set, dtype=bool)
+                for c in repaired:
+                    left[c * rpc:(c + 1) * rpc] = was_final[c * rpc:(c + 1) * rpc]
+                left[rows[rows < n_set]] = False
+                result.n_left_pending = int(left.sum())
+            status = fs.read("status", rows)
+            same = fs.read("sha256", rows) == np.asarray(hashes, dtype=object)
+            final = same & ((status == DONE) | ((status == FAILED) & (not retry_failed)))
+            rpc = fs.rows_per_chunk
+            todo = np.flatnonzero(~final & ((rows // rpc) % shard_count == shard_index))
+            result.n_skipped = int(final.sum())
+            todo = todo[np.argsort(rows[todo], kind="stable")]  # store order: chunk-aligned blocks
+            blocks = np.split(todo, np.flatnonzero(np.diff(rows[todo] // rpc)) + 1) if len(todo) else []
+            with storage_errors(store.path, f"writing feature set {name} to {store.path}",
+                                kept=lambda: f"{fs.n_final():,} rows are final and kept"):
+                if ray and blocks:
+                    with progress_bar(f"extracting {name} on Ray", sum(map(len, blocks)), enabled=progress) as advance:
+                        workers = run_blocks(cluster, store.path, key, source, encoder, blocks, rows, hashes, tta,
+                                             batch_size, num_workers or 0, advance, result)
+                else:
+                    _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
+                                default_workers(dev) if num_workers is None else num_workers, progress, result)
 
-    result.wall_s = time.perf_counter() - t0
-    if result.n_written:
-        store.append_run(key, {"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
-                               "batch_size": batch_size, "num_workers": num_workers,
-                               "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
-                               "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
-                               "images_per_s": round(result.images_per_s, 2), "versions": _versions()})
-    return result
+        result.wall_s = time.perf_counter() - t0
+        if result.n_written:
+            store.append_run(key, {"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
+                                   "batch_size": batch_size, "num_workers": num_workers,
+                                   "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
+                                   "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
+                                   "images_per_s": round(result.images_per_s, 2), "versions": _versions(),
+                                   **({"ray": {"address": ray, "workers": workers}} if ray else {})})
+        return result
+
+
+class BlockBuffer:
+    """The features and failure reasons of one chunk-aligned block while its batches come in, then its write.
+
+    Shared by the single-process loop (:func:`_run_blocks`) and the Ray workers
+    (:mod:`embedstore.ray_extraction`), so both write a block the same way: data first, status last.
+    """
+
+    def __init__(self, n: int, dim: int) -> None:
+        self.features = np.zeros((n, dim), dtype=np.float32)
+        self.reasons = [""] * n
+
+    def add(self, positions: np.ndarray, features: np.ndarray | None, failed: list[tuple[int, str]]) -> None:
+        """One batch: ``features`` of the block positions ``positions``, ``(position, reason)`` of its failures."""
+        if features is not None:
+            self.features[positions] = features
+        for pos, reason in failed:
+            self.reasons[pos] = reason
+
+    def write(self, fs, rows: np.ndarray, hashes: list[str]) -> int:
+        """Write the block to store rows ``rows`` (image hashes ``hashes``); returns the rows written as done."""
+        status = np.where([r == "" for r in self.reasons], DONE, FAILED)
+        fs.write_rows(rows, self.features, hashes, self.reasons, status)
+        return int((status == DONE).sum())
 
 
 def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size, num_workers, progress, result) -> None:
@@ -274,26 +314,21 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
     runner = _Runner(encoder, dev, tta)
     ids = source.table["id"].to_numpy()
     starts = np.cumsum([0] + [len(b) for b in blocks])
-    buffer = reasons = None
+    buffer = None
     t_model = time.perf_counter()
     with progress_bar(f"extracting {result.name}", len(order), enabled=progress) as advance:
         for n, (positions, images, failed) in enumerate(loader):
             b = block_of_batch[n]
             if buffer is None:
-                buffer = np.zeros((len(blocks[b]), encoder.dim), dtype=np.float32)
-                reasons = [""] * len(blocks[b])
-            if images is not None:
-                buffer[positions.numpy() - starts[b]] = runner(images)
-            for pos, reason in failed:
-                reasons[pos - starts[b]] = reason
+                buffer = BlockBuffer(len(blocks[b]), encoder.dim)
+            buffer.add(positions.numpy() - starts[b], None if images is None else runner(images),
+                       [(pos - starts[b], reason) for pos, reason in failed])
             advance(len(batches[n]))
             if n + 1 == len(batches) or block_of_batch[n + 1] != b:
                 block = blocks[b]
-                status = np.where([r == "" for r in reasons], DONE, FAILED)
-                fs.write_rows(rows[block], buffer, [hashes[i] for i in block], reasons, status)
-                result.n_written += int((status == DONE).sum())
-                result.failures += [(str(ids[i]), r) for i, r in zip(block, reasons) if r]
-                buffer = reasons = None
+                result.n_written += buffer.write(fs, rows[block], [hashes[i] for i in block])
+                result.failures += [(str(ids[i]), r) for i, r in zip(block, buffer.reasons) if r]
+                buffer = None
     result.n_failed = len(result.failures)
     result.images_per_s = len(order) / max(time.perf_counter() - t_model, 1e-9)
 

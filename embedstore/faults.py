@@ -5,7 +5,9 @@ folder replace, ...) calls :func:`point` with its name. Normally that is one
 dictionary lookup and nothing else. When the environment variable
 ``EMBEDSTORE_FAULT`` names the point (``name``, or ``name:N`` for its N-th
 passage; ``name:N@K`` only in tuning worker K, :mod:`embedstore.tune`), the process kills itself with SIGKILL there: no cleanup, no
-``finally``, exactly as a power cut or the out-of-memory killer would.
+``finally``, exactly as a power cut or the out-of-memory killer would. With ``EMBEDSTORE_FAULT_ONCE=FILE``
+only the first process to get there dies (it creates FILE), so a worker that is restarted (a Ray worker,
+:mod:`embedstore.ray_extraction`) passes the point the second time.
 ``tests/test_faults.py`` uses it to check that a rerun after each such kill
 loses nothing and equals an uninterrupted run (docs/RELIABILITY.md).
 """
@@ -19,6 +21,8 @@ from collections import Counter
 ENV = "EMBEDSTORE_FAULT"
 #: Set by a spawned tuning worker to its number (1, 2, ...), so a fault can name one worker of several.
 WORKER = "EMBEDSTORE_WORKER"
+#: A file: only the process that creates it dies at the point (the first to get there).
+ONCE = "EMBEDSTORE_FAULT_ONCE"
 
 #: Every crash point, with the step it interrupts (docs/RELIABILITY.md lists the same).
 POINTS = {
@@ -30,6 +34,7 @@ POINTS = {
     "index-save": "between writing a FAISS index file and its sidecar",
     "trial-commit": "after an Optuna trial is computed, before it is stored as complete",
     "trial-claimed": "after a shared study's trial is asked, before its worker names itself its owner",
+    "ray-collect": "after a Ray worker's block is final in the store, before the driver counts it",
 }
 
 _passed: Counter = Counter()
@@ -45,5 +50,17 @@ def point(name: str) -> None:
     if target != name or (worker and os.environ.get(WORKER) != worker):
         return
     _passed[name] += 1
-    if _passed[name] >= int(nth or 1):
+    if _passed[name] >= int(nth or 1) and _first_to_die():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_to_die() -> bool:
+    """True without ``EMBEDSTORE_FAULT_ONCE``; with it, True only for the process that creates its file."""
+    once = os.environ.get(ONCE)
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

@@ -240,7 +240,8 @@ def test_query_killed_while_saving_its_index_answers_after_a_rerun(store_copy):
 
 def test_every_crash_point_is_placed_in_the_code_and_killed_at_here():
     """Each point of faults.POINTS is called in the package, and a test of this module (or, for the points inside
-    one of several tuning workers, of tests/test_tune_workers.py) kills a process there."""
+    one of several tuning workers, of tests/test_tune_workers.py; for the Ray driver's, of tests/test_ray_extract.py)
+    kills a process there."""
     import re
 
     package = Path(__file__).resolve().parents[1] / "embedstore"
@@ -250,5 +251,6 @@ def test_every_crash_point_is_placed_in_the_code_and_killed_at_here():
     killed_at |= set(re.findall(r'"(status-write|resize|manifest-replace)(?::\d)?"', here))
     workers = Path(__file__).with_name("test_tune_workers.py").read_text()
     killed_at |= set(re.findall(r'setenv\("EMBEDSTORE_FAULT", "([a-z-]+):\d+@\d+"\)', workers))
+    killed_at |= set(re.findall(r'fault="([a-z-]+)', Path(__file__).with_name("test_ray_extract.py").read_text()))
     assert set(POINTS) == placed, f"points declared vs placed in the code: {sorted(set(POINTS) ^ placed)}"
     assert set(POINTS) <= killed_at, f"crash points without a fault-injection test: {sorted(set(POINTS) - killed_at)}"

@@ -39,6 +39,8 @@ def extract(
     rows_per_chunk: int = typer.Option(1024, "--rows-per-chunk", help="Rows per zarr chunk: the unit of resume and of parallel writers."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: process only every N-th row chunk, so N processes can share the work."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the images that failed before (by default they are skipped until their bytes change)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Encode on a Ray cluster: local (start one on this machine), auto (the cluster RAY_ADDRESS or a running head names), ray://HOST:PORT, or a head's HOST:PORT. The store must be on a filesystem every node mounts at the same path. Needs pip install 'embedstore[ray]'."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray workers (default: one per GPU of the cluster, else one per CPU)."),
     quiet: QuietOpt = False,
 ) -> None:
     """Extract frozen embeddings of every new or changed image into a zarr feature store.
@@ -54,14 +56,14 @@ def extract(
     from embedstore.sources import open_source
 
     check_options(device=device, batch_size=batch_size, num_workers=workers, dtype=dtype,
-                  rows_per_chunk=rows_per_chunk, shard=shard)  # before the model is loaded or anything read
+                  rows_per_chunk=rows_per_chunk, shard=shard, ray=ray, ray_workers=ray_workers)  # before any work
     src = open_source(source, images=images, metadata=metadata, id_col=id_col, path_col=path_col, template=template)
     store = store or Path("stores") / f"{source.stem}.zarr"
     enc = create_encoder(encoder, weights=weights, pooling=pooling,
                          image_size=image_size, crop_pct=crop_pct, crop_mode=crop_mode)
     result = run_extract(src, enc, store, name=name, batch_size=batch_size,
                          num_workers=workers, device=device, dtype=dtype, tta=tta, rows_per_chunk=rows_per_chunk,
-                         shard=shard, retry_failed=retry_failed, progress=not quiet)
+                         shard=shard, retry_failed=retry_failed, ray=ray, ray_workers=ray_workers, progress=not quiet)
     typer.echo(result.summary())
     if result.n_failed and not result.n_written and not result.n_skipped:
         first, reason = result.failures[0]
