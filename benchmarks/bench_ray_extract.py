@@ -5,7 +5,8 @@
 On the first ``--limit`` real HAM10000 images with the offline MobileNetV2, each round extracts into a new store:
 once with the single-process engine (its defaults: the model on every core, decoding in worker processes), then
 on a local Ray instance (started once, before the rounds; its start is timed apart) with 1, 2 and 4 workers (each
-worker decodes its own blocks and gets an equal share of the cores: 2, 1 and 1/2 CPU, as torch threads 2, 1, 1).
+worker decodes its own blocks and gets an equal share of the cores: 2, 1 and 1/2 CPU, as torch threads 2, 1, 1),
+and with 2 workers that each decode in a process of their own (``num_workers=1``), to choose where decoding goes.
 Rounds alternate the engines, so drift of this shared machine falls on all of them; the figure of each engine is
 its median over the rounds. Wall time counts from the call to the store being final, hashing included.
 
@@ -57,6 +58,7 @@ def main() -> None:
 
     engines = {"single process": {}} | {f"ray, {w} worker(s)": {"ray": "local", "ray_workers": int(w)}
                                         for w in args.workers.split(",")}
+    engines["ray, 2 workers, 1 decoder each"] = {"ray": "local", "ray_workers": 2, "num_workers": 1}
     walls = {name: [] for name in engines}
     for r in range(args.rounds):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
@@ -76,9 +78,9 @@ def main() -> None:
     rows = {name: {"wall_s": [round(w, 2) for w in ws], "median_s": round(statistics.median(ws), 2),
                    "images_per_s": round(args.limit / statistics.median(ws), 1),
                    "vs_single_process": round(statistics.median(ws) / base, 3)} for name, ws in walls.items()}
-    print(f"\n{'engine':<22} {'median s':>9} {'images/s':>9} {'x single':>9}")
+    print(f"\n{'engine':<32} {'median s':>9} {'images/s':>9} {'x single':>9}")
     for name, row in rows.items():
-        print(f"{name:<22} {row['median_s']:>9.1f} {row['images_per_s']:>9.1f} {row['vs_single_process']:>9.3f}")
+        print(f"{name:<32} {row['median_s']:>9.1f} {row['images_per_s']:>9.1f} {row['vs_single_process']:>9.3f}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"images": args.limit, "cpus": cpus, "rounds": args.rounds,
                                                   "ray_start_s": round(start_s, 2), "engines": rows}, indent=2))

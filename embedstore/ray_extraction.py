@@ -142,24 +142,33 @@ def cpus_per_worker(node_cpus: list[int], workers: int) -> float:
 class _Worker:
     """One Ray worker (a Ray actor): the encoder on its device, writing whole blocks into the store.
 
-    The encoder and the source come by reference with each block and are fetched once per process, not as
-    constructor arguments, which a restarted worker could not get back once the object store dropped them.
+    Everything that can fail is done by its methods (:meth:`where` first), not by its constructor: Ray reports a
+    method's error as itself, a constructor's only as text. The encoder and the source come by reference with
+    each block and are fetched once per process, not as constructor arguments, which a restarted worker could
+    not get back once the object store dropped them.
     """
 
     def __init__(self, store: str, key: str, token: str, device: str, tta: bool, batch_size: int, num_workers: int,
                  threads: int) -> None:
+        self.store, self.key, self.token, self.device, self.tta = store, key, token, device, tta
+        self.batch_size, self.num_workers, self.threads = batch_size, num_workers, threads
+        self.fs = self.encoder = self.source = self.runner = None
+
+    def _open(self) -> None:
+        """Check that this node sees the driver's store, then open it and take the device (once per process)."""
+        if self.fs is not None:
+            return
         from embedstore.devices import resolve_device
         from embedstore.store import FeatureStore
 
-        check_token(Path(store), key, token)
-        torch.set_num_threads(threads)
-        self.fs = FeatureStore.open(store).feature_set(key)
-        self.device, self.tta = resolve_device(device), tta
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.encoder = self.source = self.runner = None
+        check_token(Path(self.store), self.key, self.token)
+        torch.set_num_threads(self.threads)
+        self.device = resolve_device(self.device)
+        self.fs = FeatureStore.open(self.store).feature_set(self.key)
 
     def where(self) -> dict:
-        """This worker's node, process and device, for the provenance record."""
+        """This worker's node, process and device, for the provenance record (refusing a node without the store)."""
+        self._open()
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
 
     def encode(self, shared: list, index: int, rows: np.ndarray, paths: list[str], hashes: list[str]) -> dict:
@@ -171,6 +180,7 @@ class _Worker:
         from embedstore.decoding import DecodedImages, collate_decoded
         from embedstore.extraction import BlockBuffer, _Runner
 
+        self._open()
         if self.runner is None:
             import ray
 
@@ -256,13 +266,10 @@ def _gather(ray, refs) -> list:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        if isinstance(cause, EmbedstoreError):
-            raise type(cause)(first_line(cause, 300)) from None
+        if isinstance(exc.cause, EmbedstoreError):  # the worker's own exception, without Ray's traceback
+            raise type(exc.cause)(first_line(exc.cause, 300)) from None
         raise StoreError(f"a Ray extraction worker failed: {first_line(exc.cause or exc, 200)}") from None
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-        if isinstance(getattr(exc, "cause", None), EmbedstoreError):  # the worker's set-up refused
-            raise type(exc.cause)(first_line(exc.cause, 300)) from None
         raise StoreError(f"a Ray extraction worker died {RETRIES + 1} times ({first_line(exc, 160)}); the blocks "
                          "written so far are kept: rerun the same command to finish") from None
 

@@ -18,7 +18,7 @@ import torch
 from embedstore import extract, open_source
 from embedstore.errors import StoreError
 from embedstore.faults import ENV, ONCE
-from embedstore.ray_extraction import check_token, token_file
+from embedstore.ray_extraction import RETRIES, _gather, _Worker, check_token, cpus_per_worker, token_file
 from embedstore.store import DONE, FeatureStore
 from processes import run_embedstore
 from test_faults import assert_same_store
@@ -146,3 +146,22 @@ def test_bad_ray_options_are_one_line_before_any_work(cli, images, ham_root, tmp
                        *args, "-q")
     assert code == 2 and message in err and err.count("\n") == 1
     assert not store.exists()  # nothing written, not even an empty store
+
+
+def test_a_worker_that_does_not_see_the_store_stops_the_driver_in_one_line(cluster, tmp_path):
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    try:
+        worker = ray.remote(max_restarts=RETRIES, num_cpus=1)(_Worker)
+        actor = worker.remote(str(tmp_path / "elsewhere.zarr"), "abc", "token-of-the-driver", "cpu", False, 8, 0, 1)
+        with pytest.raises(StoreError, match="cannot reach the store") as info:
+            _gather(ray, [actor.where.remote()])
+        assert "\n" not in str(info.value)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("nodes, workers, each", [
+    ([2], 1, 2.0), ([2], 2, 1.0), ([2], 4, 0.5), ([1, 1], 3, 0.5), ([8, 8], 3, 4.0), ([0, 1, 1], 2, 1.0)])
+def test_each_worker_gets_the_most_cpus_that_still_place_every_worker(nodes, workers, each):
+    assert cpus_per_worker(nodes, workers) == each
+    assert sum(int(c // each) if each >= 1 else int(c / each + 1e-9) for c in nodes) >= workers
