@@ -144,8 +144,8 @@ class FeatureSet:
             missing = [c for c in np.unique(rows // self.rows_per_chunk) if not self._chunk_file("emb", c).is_file()]
             if missing:
                 raise self._damaged(FileNotFoundError(f"chunk file {self._chunk_file('emb', missing[0])} is missing"))
-        if rows[0] == 0 and rows[-1] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-            return self.read("emb", slice(0, len(rows)))  # one contiguous read
+        if rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+            return self.read("emb", slice(int(rows[0]), int(rows[-1]) + 1))  # one contiguous read
         return self.read("emb", rows)
 
     def read_intact(self, name: str, n: int, corrupt: list[int]) -> np.ndarray:
@@ -160,13 +160,22 @@ class FeatureSet:
                 out[c * rpc:min(n, (c + 1) * rpc)] = self.read(name, slice(c * rpc, min(n, (c + 1) * rpc)))
         return out
 
-    def done_and_fresh(self, manifest_sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks over manifest rows: features done, and done from the current image (fresh)."""
+    def done_and_fresh(self, manifest_sha, block_chunks: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks over manifest rows: features done, and done from the current image (fresh).
+
+        ``manifest_sha`` is the manifest's sha256 column (an array or a pandas string array). The stored hashes
+        are compared ``block_chunks`` chunks at a time, so only a block of hash strings is held at once (at 10
+        million rows the whole column as Python strings would take over a gigabyte).
+        """
         n = min(self.n_rows, len(manifest_sha))
         done = np.zeros(len(manifest_sha), dtype=bool)
         done[:n] = self.read("status", slice(0, n)) == DONE
         fresh = done.copy()
-        fresh[:n] &= self.read("sha256", slice(0, n)) == manifest_sha[:n]
+        block = self.rows_per_chunk * block_chunks
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            fresh[start:stop] &= self.read("sha256", slice(start, stop)) == np.asarray(manifest_sha[start:stop],
+                                                                                       dtype=object)
         return done, fresh
 
     def _damaged(self, exc: Exception) -> StoreError:

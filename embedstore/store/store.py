@@ -281,12 +281,31 @@ class FeatureStore:
         :class:`StoreError`, whatever is asked: features are never silently stale.
         Besides the manifest's hashes, the images of the returned rows are
         checked on disk (:meth:`changed_images`: a stat each, a hash where it
-        changed).
+        changed). The rows are those of :meth:`usable_rows`.
+        """
+        fs, rows = self.usable_rows(features, ids=ids)
+        manifest = self.manifest
+        X = fs.read_rows(rows)  # damaged chunks raise StoreError: never garbage
+        table = manifest.iloc[rows]
+        if columns is not None:
+            missing = [c for c in columns if c not in manifest.columns]
+            if missing:
+                raise StoreError(f"column {missing[0]!r} not in the manifest of {self.path}; it has: "
+                                 f"{', '.join(c for c in manifest.columns if not c.startswith('_'))}")
+            table = table[["id", *[c for c in columns if c != "id"]]]
+        return np.asarray(X, dtype=np.float32), table.reset_index(drop=True)
+
+    def usable_rows(self, features: str, *, ids=None) -> tuple[FeatureSet, np.ndarray]:
+        """The feature set and the manifest rows :meth:`load` reads, without reading any features.
+
+        Without ``ids``: every row whose features are final and fresh, in row order; with ``ids``: exactly
+        those rows in that order (:class:`StoreError` if one has no features). Stale rows raise as in
+        :meth:`load`. For readers that go through a set a block at a time (FAISS indices built from the
+        store, :mod:`embedstore.match.index`), so the rows they use are the rows ``load`` would return.
         """
         fs = self.feature_set(features)
         manifest = self.manifest
-        man_sha = manifest["sha256"].to_numpy()
-        done, fresh = fs.done_and_fresh(man_sha)
+        done, fresh = fs.done_and_fresh(manifest["sha256"].array)
         stale = done & ~fresh
         if stale.any():
             raise stale_error(self.path, fs.attrs, manifest["id"].to_numpy()[stale])
@@ -303,15 +322,7 @@ class FeatureStore:
         changed = self.changed_images(rows)
         if changed.any():
             raise stale_error(self.path, fs.attrs, manifest["id"].to_numpy()[rows[changed]])
-        X = fs.read_rows(rows)  # damaged chunks raise StoreError: never garbage
-        table = manifest.iloc[rows]
-        if columns is not None:
-            missing = [c for c in columns if c not in manifest.columns]
-            if missing:
-                raise StoreError(f"column {missing[0]!r} not in the manifest of {self.path}; it has: "
-                                 f"{', '.join(c for c in manifest.columns if not c.startswith('_'))}")
-            table = table[["id", *[c for c in columns if c != "id"]]]
-        return np.asarray(X, dtype=np.float32), table.reset_index(drop=True)
+        return fs, rows
 
     def put_features(self, name: str, X: np.ndarray, ids, *, parent: str, config: dict, overwrite: bool = False,
                      before_commit: Callable[[str], None] | None = None) -> str:
