@@ -81,9 +81,10 @@ def _index_and_sidecar_of_another_set(path, other):
 def _sidecar_of_another_build(path, other):
     """The index file of an exact build beside the sidecar of an IVF build over the same ids."""
     side = json.loads(path.with_suffix(".json").read_text())
-    X = np.random.default_rng(0).normal(size=(len(side["ids"]), side["dim"]))
-    FeatureIndex.build(X, side["ids"], key=side["key"], kind="ivf").save(path.parent / "ivf.faiss")
-    shutil.copy(path.parent / "ivf.json", path.with_suffix(".json"))
+    X = np.random.default_rng(0).normal(size=(side["n"], side["dim"]))
+    FeatureIndex.build(X, np.arange(side["n"]), key=side["key"], kind="ivf").save(path.parent / "ivf.faiss")
+    ivf_side = json.loads((path.parent / "ivf.json").read_text())
+    path.with_suffix(".json").write_text(json.dumps(ivf_side | {"ids_sha256": side["ids_sha256"]}))  # same ids
 
 
 @pytest.mark.parametrize("damage", [_truncate, _garbage_sidecar, _sidecar_of_another_set,

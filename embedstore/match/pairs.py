@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from embedstore.match.index import FeatureIndex
+from embedstore.match.index import FeatureIndex, Rows
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,28 @@ class Pairs:
         return Pairs(self.n, self.i[keep], self.j[keep], self.sim[keep])
 
 
-def knn_graph(index: FeatureIndex, X: np.ndarray, k: int, advance=None) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(index: FeatureIndex, X: np.ndarray | Rows, k: int, advance=None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` nearest other rows of the index (self-matches removed).
 
-    ``X`` must be the rows the index was built on, in the same order; ``advance(n)`` counts rows searched.
+    ``X`` must be the rows the index was built on, in the same order: an array, or :class:`Rows` (e.g. a feature
+    set on disk), searched one block of queries at a time, so only a block of vectors and the [N, k] graph
+    are held. ``advance(n)`` counts rows searched.
     """
-    sims, rows = index.search(X, k + 1, advance=advance)
-    own = np.arange(len(X))[:, None]
+    rows_in = X if isinstance(X, Rows) else Rows.of_array(X)
+    k_eff = int(min(k + 1, index.meta.n)) - 1
+    sims = np.empty((rows_in.n, k_eff), dtype=np.float32)
+    nbrs = np.empty((rows_in.n, k_eff), dtype=np.int64)
+    for start, block in rows_in.blocks():
+        s, r = index.search(block, k_eff + 1, advance=advance)
+        sims[start:start + len(r)], nbrs[start:start + len(r)] = without_self(s, r, start)
+    return sims, nbrs
+
+
+def without_self(sims: np.ndarray, rows: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each query's own row (query ``i`` is row ``first + i``) from its neighbours, or, when an exact
+    duplicate ranked before it pushed it out, the last neighbour."""
+    own = first + np.arange(len(rows))[:, None]
     is_self = rows == own
-    # Drop the self-match (or, for exact duplicates ranked after it, the last column).
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), rows.shape[1] - 1)
     keep = np.ones_like(rows, dtype=bool)
     keep[np.arange(len(rows)), drop] = False

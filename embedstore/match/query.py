@@ -19,31 +19,43 @@ import pandas as pd
 from embedstore.atomic import clean_stale
 from embedstore.errors import ConfigError, StoreError
 from embedstore.layout import index_file, index_sidecar, projection_head_folder
-from embedstore.match.index import FeatureIndex
+from embedstore.match.index import FeatureIndex, Rows
 from embedstore.match.projection import ProjectionHead
+from embedstore.progress import progress_bar
 
 
-def load_index(store, key: str, kind: str = "auto", rebuild: bool = False) -> tuple[FeatureIndex, np.ndarray, pd.DataFrame]:
-    """The saved index of feature set ``key`` with the features and rows it covers.
+def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
+               progress: bool = False) -> tuple[FeatureIndex, pd.DataFrame]:
+    """The saved index of feature set ``key`` and the manifest rows it covers (row ``i`` of the index is row
+    ``i`` of the table).
 
     The index is a cache: it is built and saved when missing or asked to, and rebuilt whenever the
-    saved one cannot serve these rows (damaged, of another feature set, built on other rows).
+    saved one cannot serve these rows (damaged, of another feature set, built on other rows). It is built
+    from the store a block of rows at a time (:meth:`FeatureIndex.build_from`), never from all rows in
+    memory; an ``ivfpq`` index re-ranks its candidates with their vectors read back from the store.
+    With ``progress``, a bar counts the rows added.
     """
-    X, table = store.load(key)
-    ids = table["id"].astype(str).to_numpy()
+    fs, store_rows = store.usable_rows(key)
+    manifest = store.manifest
+    # every row usable (the rule at scale): the manifest itself, not a copy (1.2 GB at 10M rows)
+    table = manifest if len(store_rows) == len(manifest) else manifest.iloc[store_rows].reset_index(drop=True)
+    rows = Rows.of_feature_set(fs, store_rows)
+    ids = table["id"]
     path = index_file(store.path, key)
     if path.exists() and not rebuild:
         try:
-            index = FeatureIndex.load(path, key=key)
+            index = FeatureIndex.load(path, key=key, exact=rows.read)
             index.check(key, ids)
-            return index, X, table
+            return index, table
         except StoreError:
             pass  # whatever is wrong with a cache, the cure is to rebuild it
-    index = FeatureIndex.build(X, ids, key=key, kind=kind)
+    with progress_bar(f"index {fs.attrs.get('name', key)}: adding rows", rows.n, enabled=progress,
+                      unit="rows") as advance:
+        index = FeatureIndex.build_from(rows, ids, key=key, kind=kind, advance=advance)
     for leftover in (path, index_sidecar(path)):
         clean_stale(leftover)
     index.save(path)
-    return index, X, table
+    return index, table
 
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:
@@ -73,19 +85,20 @@ def require_column(table: pd.DataFrame, column: str, purpose: str) -> None:
 
 
 def query(store, items: list[str], features: str, top_k: int = 5, groups: str | None = None,
-          kind: str = "auto", rebuild: bool = False, device: str = "auto", show: tuple[str, ...] = ()) -> pd.DataFrame:
+          kind: str = "auto", rebuild: bool = False, device: str = "auto", show: tuple[str, ...] = (),
+          progress: bool = False) -> pd.DataFrame:
     """Top-``k`` nearest groups (e.g. lesions) for each query item, by the best image similarity.
 
     ``items`` are ids in the store or paths of image files. Returns one row per (query, rank):
     ``query, rank, group, similarity, image`` and the group's size ``n_images``, then the store
     columns named in ``show`` (e.g. a diagnosis) of the image found. ``groups`` names the column
     whose values are ranked (it must exist); with ``groups=None`` (the default), and for images
-    without a group value, single images are ranked.
+    without a group value, single images are ranked. With ``progress``, building the index shows a bar.
     """
     for column in ([groups] if groups is not None else []) + list(show):
         require_column(store.manifest, column, "rank by" if column == groups else "show")
     key = store.resolve(features)
-    index, X, table = load_index(store, key, kind=kind, rebuild=rebuild)
+    index, table = load_index(store, key, kind=kind, rebuild=rebuild, progress=progress)
     ids = table["id"].astype(str).to_numpy()
     row_of = pd.Series(np.arange(len(ids)), index=ids)
     known = [str(i) for i in items if str(i) in row_of.index]
@@ -93,7 +106,7 @@ def query(store, items: list[str], features: str, top_k: int = 5, groups: str | 
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise StoreError(f"{missing[0]!r} is neither an image id in {store.path} nor an image file")
-    vectors = {i: X[row_of[i]] for i in known}
+    vectors = dict(zip(known, store.load(key, ids=known)[0])) if known else {}
     if files:
         for f, v in zip(files, embed_files(store, key, files, device=device)):
             vectors[str(f)] = v
