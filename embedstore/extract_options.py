@@ -85,6 +85,8 @@ def check_ray(address: str, workers: int | None, shard: str | tuple[int, int], d
     from embedstore.ray_extraction import check_address, import_ray
 
     check_address(address)
+    if device.startswith("cuda:"):
+        raise ConfigError(f"device {device!r}: Ray gives each worker a GPU of its own; use cuda or auto")
     if device != "auto":
         try:
             torch.device(device)

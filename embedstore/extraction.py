@@ -254,8 +254,8 @@ def extract(
                                 kept=lambda: f"{fs.n_final():,} rows are final and kept"):
                 if ray and blocks:
                     with progress_bar(f"extracting {name} on Ray", sum(map(len, blocks)), enabled=progress) as advance:
-                        workers = run_blocks(cluster, store.path, key, source, encoder, blocks, rows, hashes, tta,
-                                             batch_size, num_workers or 0, advance, result)
+                        on_ray = run_blocks(cluster, store.path, key, source, encoder, blocks, rows, hashes, tta,
+                                            batch_size, cluster.decoders(num_workers), advance, result)
                 else:
                     _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
                                 default_workers(dev) if num_workers is None else num_workers, progress, result)
@@ -267,7 +267,7 @@ def extract(
                                    "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
                                    "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
                                    "images_per_s": round(result.images_per_s, 2), "versions": _versions(),
-                                   **({"ray": {"address": ray, "workers": workers}} if ray else {})})
+                                   **({"ray": {"address": ray, **on_ray}} if ray else {})})
         return result
 
 

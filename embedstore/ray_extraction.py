@@ -8,10 +8,13 @@ them in the same batches as the single-process engine, and writes the block stra
 :class:`embedstore.extraction.BlockBuffer` (data first, status last). So the store equals a single-process
 run's bit for bit, and a killed driver is resumed by a rerun exactly as a killed single process is.
 
-A worker that dies (its process killed, its node lost) is restarted by Ray and its block run again
-(``max_restarts`` / ``max_task_retries``). The store must be on a filesystem every node mounts at the same
-path: each worker first reads a token the driver wrote into the store, so a node that sees another folder
-(or none) at that path is refused in one line before anything is written.
+A worker that dies (its process killed, out of memory, its node lost) has its block put back in the queue by
+the driver, for the other workers and a new one started in its place, at most :data:`RETRIES` times per block;
+the run goes on while any worker lives, so a lost node never stalls it. The store must be on a filesystem every
+node mounts at the same path: each worker first reads a token the driver wrote into the store and one image the
+driver hashed, so a node that sees another folder (or none) at the store's path, or not the images, is refused
+in one line before it writes a row. Workers check the token again, under the feature set's ``writers`` lock,
+before each block they write, so the workers of a killed driver never write beside a new driver's.
 
 Ray is an optional extra (``pip install 'embedstore[ray]'``), imported only here.
 """
@@ -23,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,14 @@ import numpy as np
 import torch
 
 from embedstore import faults
-from embedstore.errors import ConfigError, EmbedstoreError, StoreError, first_line
+from embedstore.errors import ConfigError, EmbedstoreError, SourceError, StoreError, first_line
+from embedstore.store.disk import storage_errors
+from embedstore.store.locks import block_writers_lock
 
-#: How often Ray restarts a dead worker, and runs its block again, before the extraction stops.
+#: How often a block whose worker died is run again before the extraction stops.
 RETRIES = 3
+#: How long the driver waits for a new worker to start when no block is being encoded (seconds).
+START_TIMEOUT = 300
 #: The environment variables a worker inherits from the driver (the fault-injection tests' crash points).
 FORWARDED_ENV = (faults.ENV, faults.ONCE)
 
@@ -49,6 +56,7 @@ def check_address(address: str) -> str:
 
 
 def import_ray():
+    """The ray module, or a one-line ConfigError naming the extra that installs it."""
     try:
         import ray
     except ImportError:
@@ -70,6 +78,11 @@ class RayCluster:
     def threads(self) -> int:
         """torch threads per worker: its whole CPUs (CPU results depend on it: see the module's doc)."""
         return max(1, int(self.resources["num_cpus"]))
+
+    def decoders(self, num_workers: int | None) -> int:
+        """Decoding processes per worker: as asked, else none on a CPU worker (its share of the cores decodes
+        between batches) and 4 beside a GPU, which one process could not keep busy."""
+        return num_workers if num_workers is not None else (4 if self.device.type == "cuda" else 0)
 
 
 @contextmanager
@@ -143,57 +156,56 @@ class _Worker:
     """One Ray worker (a Ray actor): the encoder on its device, writing whole blocks into the store.
 
     Everything that can fail is done by its methods (:meth:`where` first), not by its constructor: Ray reports a
-    method's error as itself, a constructor's only as text. The encoder and the source come by reference with
-    each block and are fetched once per process, not as constructor arguments, which a restarted worker could
-    not get back once the object store dropped them.
+    method's error as itself, a constructor's only as text. The encoder and the source come by reference and
+    are fetched once per process.
     """
 
     def __init__(self, store: str, key: str, token: str, device: str, tta: bool, batch_size: int, num_workers: int,
-                 threads: int) -> None:
-        self.store, self.key, self.token, self.device, self.tta = store, key, token, device, tta
-        self.batch_size, self.num_workers, self.threads = batch_size, num_workers, threads
+                 threads: int, probe: tuple[str, str] | None) -> None:
+        self.store, self.key, self.token, self.device, self.tta = Path(store), key, token, device, tta
+        self.batch_size, self.num_workers, self.threads, self.probe = batch_size, num_workers, threads, probe
         self.fs = self.encoder = self.source = self.runner = None
 
-    def _open(self) -> None:
-        """Check that this node sees the driver's store, then open it and take the device (once per process)."""
-        if self.fs is not None:
-            return
-        from embedstore.devices import resolve_device
-        from embedstore.store import FeatureStore
+    def where(self, shared: list) -> dict:
+        """Set up (once per process), refusing a node that does not see the driver's store or images; returns this
+        worker's node, process and device for the provenance record. ``shared``: the encoder's and the source's
+        references."""
+        if self.fs is None:
+            import ray
 
-        check_token(Path(self.store), self.key, self.token)
-        torch.set_num_threads(self.threads)
-        self.device = resolve_device(self.device)
-        self.fs = FeatureStore.open(self.store).feature_set(self.key)
+            from embedstore.devices import resolve_device
+            from embedstore.extraction import _Runner
+            from embedstore.store import FeatureStore
 
-    def where(self) -> dict:
-        """This worker's node, process and device, for the provenance record (refusing a node without the store)."""
-        self._open()
+            check_token(self.store, self.key, self.token)
+            self.encoder, self.source = ray.get(shared)
+            if self.probe is not None:
+                check_images(self.source, *self.probe)
+            torch.set_num_threads(self.threads)
+            self.device = resolve_device(self.device)
+            self.runner = _Runner(self.encoder, self.device, self.tta)
+            self.fs = FeatureStore.open(self.store).feature_set(self.key)
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
 
-    def encode(self, shared: list, index: int, rows: np.ndarray, paths: list[str], hashes: list[str]) -> dict:
-        """Decode, encode and write block ``index`` (store rows ``rows``); returns its counts and failures.
-
-        ``shared`` holds the references of the encoder and the source."""
+    def encode(self, index: int, rows: np.ndarray, paths: list[str], hashes: list[str]) -> dict:
+        """Decode, encode and write block ``index`` (store rows ``rows``), if this worker's driver is still the
+        store's; returns its counts and failures."""
         from torch.utils.data import DataLoader
 
         from embedstore.decoding import DecodedImages, collate_decoded
-        from embedstore.extraction import BlockBuffer, _Runner
+        from embedstore.extraction import BlockBuffer
 
-        self._open()
-        if self.runner is None:
-            import ray
-
-            self.encoder, self.source = ray.get(shared)
-            self.runner = _Runner(self.encoder, self.device, self.tta)
         loader = DataLoader(DecodedImages(self.source, paths, self.encoder.preprocessing), batch_size=self.batch_size,
                             num_workers=self.num_workers, collate_fn=collate_decoded,
                             pin_memory=self.device.type == "cuda")
         buffer = BlockBuffer(len(paths), self.encoder.dim)
         for positions, images, failed in loader:
             buffer.add(positions.numpy(), None if images is None else self.runner(images), failed)
-        written = buffer.write(self.fs, rows, hashes)
-        return {"index": index, "written": written, "reasons": buffer.reasons, **self.where()}
+        with block_writers_lock(self.store, self.key, exclusive=False):
+            check_token(self.store, self.key, self.token)
+            with storage_errors(self.store, f"writing feature set {self.key} to {self.store}"):
+                written = buffer.write(self.fs, rows, hashes)
+        return {"index": index, "written": written, "reasons": buffer.reasons}
 
 
 def token_file(store: Path, key: str) -> Path:
@@ -202,85 +214,117 @@ def token_file(store: Path, key: str) -> Path:
 
 
 def check_token(store: Path, key: str, token: str) -> None:
-    """StoreError unless this node reads ``token`` in the store at ``store``: the same filesystem as the driver."""
+    """StoreError unless this node reads ``token`` in the store at ``store``: the same filesystem as the driver,
+    and a driver that is still the store's (a new one replaces the token)."""
     try:
         seen = token_file(store, key).read_text()
     except OSError:
         seen = None
     if seen != token:
         raise StoreError(f"the Ray worker on {socket.gethostname()} cannot reach the store {store} (it sees "
-                         f"{'no store' if seen is None else 'another store'} at that path); put the store on a "
-                         f"filesystem every node mounts at the same path")
+                         f"{'no store' if seen is None else 'another store, or a newer extraction of it,'} at that "
+                         f"path); put the store on a filesystem every node mounts at the same path")
+
+
+def check_images(source, path: str, sha256: str) -> None:
+    """SourceError unless this node reads the image ``path`` of ``source`` with the hash the driver read."""
+    import hashlib
+
+    try:
+        seen = hashlib.sha256(source.read_bytes(path)).hexdigest()
+    except Exception:  # noqa: BLE001 - unreadable for whatever reason: refused below
+        seen = None
+    if seen != sha256:
+        raise SourceError(f"the Ray worker on {socket.gethostname()} cannot read the images as the driver does "
+                          f"(first: {source.where(path)}); put them on a filesystem every node mounts at the same path")
 
 
 def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, blocks, rows, hashes, tta: bool,
-               batch_size: int, num_workers: int, progress, result) -> list[dict]:
+               batch_size: int, num_workers: int, progress, result) -> dict:
     """Encode and write ``blocks`` (lists of source positions, chunk-aligned) of feature set ``key`` of the store at
     ``store`` on the cluster's workers, as :func:`embedstore.extraction._run_blocks` does in one process; returns
-    one provenance entry per worker process.
+    the provenance: each worker process and the number of blocks run again.
 
     ``progress`` is the progress bar's ``advance``; ``result`` (an ``ExtractResult``) receives the counts and
     the failures, in block order.
     """
-    ray = cluster.ray
-    store = Path(store).resolve()
+    ray, store = cluster.ray, Path(store).absolute()
+    source = source.anchored()
     token = token_file(store, key)
-    actors = []
+    first = next((i for block in blocks for i in block if hashes[i]), None)  # an image the driver could read
+    probe = None if first is None else (source.table["_path"].iloc[first], hashes[first])
+    starting, running, free, started = {}, {}, [], []
     try:
-        token.write_text(secret := uuid.uuid4().hex)
-        actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES, **cluster.resources)(_Worker)
-        shared = [ray.put(encoder), ray.put(source)]  # held here until the end, so a restarted worker finds them
-        actors = [actor.remote(str(store), key, secret, str(cluster.device), tta, batch_size, num_workers,
-                               cluster.threads) for _ in range(min(cluster.workers, len(blocks)))]
-        started = _gather(ray, [a.where.remote() for a in actors])
+        with block_writers_lock(store, key, exclusive=True):  # a killed driver's workers finish their block first
+            token.write_text(secret := uuid.uuid4().hex)
+        shared = [ray.put(encoder), ray.put(source)]  # held here until the end, for every worker started
+        worker = ray.remote(max_restarts=0, **cluster.resources)(_Worker)
+
+        def start() -> None:
+            actor = worker.remote(str(store), key, secret, str(cluster.device), tta, batch_size, num_workers,
+                                  cluster.threads, probe)
+            starting[actor.where.remote(shared)] = actor
+
+        for _ in range(min(cluster.workers, len(blocks))):
+            start()
         paths, ids = source.table["_path"].to_numpy(), source.table["id"].to_numpy()
         t0 = time.perf_counter()
-        queue, pending, done = list(enumerate(blocks)), {}, {}
-        while queue or pending:
-            while queue and len(pending) < len(actors):  # one block per worker: a death loses only its own block
-                b, block = queue.pop(0)
-                worker = next(a for a in actors if a not in pending.values())
-                ref = worker.encode.remote(shared, b, rows[block], paths[block].tolist(), [hashes[i] for i in block])
-                pending[ref] = worker
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(ready[0])
-            out = _gather(ray, ready)[0]
+        queue, tries, done = deque(enumerate(blocks)), Counter(), {}
+        while queue or running:
+            while queue and free:  # one block per worker: a death loses only its own block
+                b, block = queue.popleft()
+                actor = free.pop()
+                running[actor.encode.remote(b, rows[block], paths[block].tolist(), [hashes[i] for i in block])] = b, actor
+            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=None if running else START_TIMEOUT)
+            if not ready:
+                raise StoreError(f"no Ray extraction worker started in {START_TIMEOUT} s (the cluster has "
+                                 f"{ray.available_resources()} free); {len(done)} block(s) are final and kept")
+            ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                if (where := _get(ray, ref)) is not None:
+                    started.append(where)
+                    free.append(actor)
+                elif not running and not starting and not free:
+                    raise StoreError("every Ray extraction worker died while starting; see the Ray logs of the nodes")
+                continue
+            b, actor = running.pop(ref)
+            out = _get(ray, ref)
+            if out is None:  # the worker died: its block goes back in the queue, a new worker takes its place
+                tries[b] += 1
+                if tries[b] > RETRIES:
+                    raise StoreError(f"block {b} lost its Ray worker {tries[b]} times; the {len(done)} block(s) "
+                                     "final are kept: rerun the same command to finish")
+                ray.kill(actor)
+                queue.appendleft((b, blocks[b]))
+                start()
+                continue
             faults.point("ray-collect")
-            done[out["index"]] = out
-            progress(len(blocks[out["index"]]))
+            done[b] = out
+            free.append(actor)
+            progress(len(blocks[b]))
         for b in sorted(done):
             result.n_written += done[b]["written"]
             result.failures += [(str(ids[i]), r) for i, r in zip(blocks[b], done[b]["reasons"]) if r]
         result.n_failed = len(result.failures)
         result.images_per_s = sum(map(len, blocks)) / max(time.perf_counter() - t0, 1e-9)
-        return _provenance(started, done.values())
+        return {"workers": started, "retried_blocks": sum(tries.values())}
     finally:
-        for a in actors:
-            ray.kill(a)
+        for actor in [*free, *starting.values(), *(a for _, a in running.values())]:
+            ray.kill(actor)
         token.unlink(missing_ok=True)
 
 
-def _gather(ray, refs) -> list:
-    """``ray.get``, with an embedstore error raised in a worker re-raised as itself (one line), and a worker
-    that died more than :data:`RETRIES` times as a StoreError."""
+def _get(ray, ref):
+    """The result of ``ref``, or None when its worker died (killed, out of memory, its node lost); an embedstore
+    error raised in the worker is re-raised as itself, in one line; any other error of the worker is a bug and
+    keeps its traceback."""
     try:
-        return ray.get(refs)
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, EmbedstoreError):  # the worker's own exception, without Ray's traceback
             raise type(exc.cause)(first_line(exc.cause, 300)) from None
-        raise StoreError(f"a Ray extraction worker failed: {first_line(exc.cause or exc, 200)}") from None
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-        raise StoreError(f"a Ray extraction worker died {RETRIES + 1} times ({first_line(exc, 160)}); the blocks "
-                         "written so far are kept: rerun the same command to finish") from None
-
-
-def _provenance(started: list[dict], outputs) -> list[dict]:
-    """One entry per worker process (a restarted worker is a new process): host, pid, device, blocks, images."""
-    blocks, images = Counter(), Counter()
-    for out in outputs:
-        blocks[out["host"], out["pid"]] += 1
-        images[out["host"], out["pid"]] += len(out["reasons"])
-    seen = {(w["host"], w["pid"]): w for w in started}
-    for out in outputs:
-        seen.setdefault((out["host"], out["pid"]), {k: out[k] for k in ("host", "pid", "device")})
-    return [{**w, "blocks": blocks[k], "images": images[k]} for k, w in seen.items()]
+        raise
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+            ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):
+        return None

@@ -31,6 +31,7 @@ calls, not reading them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -64,6 +65,14 @@ class Source:
         state = self.__dict__.copy()
         state["_table"] = None
         return state
+
+    def anchored(self) -> "Source":
+        """This source with its file paths made absolute, for workers that start in another folder (Ray's)."""
+        out = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Path):
+                setattr(out, name, value.absolute())
+        return out
 
     @property
     def table(self) -> pd.DataFrame:

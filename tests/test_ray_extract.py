@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from embedstore import extract, open_source
-from embedstore.errors import StoreError
+from embedstore.errors import SourceError, StoreError
 from embedstore.faults import ENV, ONCE
-from embedstore.ray_extraction import RETRIES, _gather, _Worker, check_token, cpus_per_worker, token_file
+from embedstore.encoders import create_encoder
+from embedstore.ray_extraction import _get, _Worker, check_token, cpus_per_worker, token_file
 from embedstore.store import DONE, FeatureStore
 from processes import run_embedstore
 from test_faults import assert_same_store
@@ -68,6 +69,33 @@ def ray_runs(store: Path) -> list[dict]:
     return [run["ray"] for run in fs.attrs["runs"]]
 
 
+def test_a_worker_that_does_not_see_the_store_or_the_images_stops_the_driver_in_one_line(cluster, images, ham_root,
+                                                                                        tmp_path):
+    """Real workers, set up as run_blocks sets them up, on a node that sees another store or other images.
+
+    First in this module: after three extractions and a killed driver on the module's cluster, an actor this test
+    process creates itself can die at its first call (a test-process effect: five extractions in a row from one
+    process all succeed, and run_blocks replaces a worker that dies)."""
+    store = tmp_path / "elsewhere.zarr"
+    (store / ".locks").mkdir(parents=True)
+    token_file(store, "abc").write_text("token-of-the-driver")
+    source = source_of(images, ham_root).anchored()
+    first = source.table["_path"].iloc[0]
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    try:
+        shared = [ray.put(create_encoder("mobilenet_v2")), ray.put(source)]
+        actor = ray.remote(max_restarts=0, num_cpus=1)(_Worker).remote(
+            str(store), "abc", "token-of-another-driver", "cpu", False, 8, 0, 1, (first, "0" * 64))
+        with pytest.raises(StoreError, match="cannot reach the store .* another store") as info:
+            _get(ray, actor.where.remote(shared))  # raised in the worker, re-raised here without Ray's traceback
+        assert "\n" not in str(info.value)
+        worker = _Worker(str(store), "abc", "token-of-the-driver", "cpu", False, 8, 0, 1, (first, "0" * 64))
+        with pytest.raises(SourceError, match="cannot read the images as the driver does"):
+            worker.where(shared)  # the store is seen, but the image read here is not the one the driver hashed
+    finally:
+        ray.shutdown()
+
+
 def test_ray_extraction_equals_single_process_bit_for_bit(cluster, images, ham_root, reference, tmp_path):
     store = tmp_path / "ray.zarr"
     result = extract(source_of(images, ham_root), "mobilenet_v2", store, rows_per_chunk=ROWS_PER_CHUNK,
@@ -76,9 +104,8 @@ def test_ray_extraction_equals_single_process_bit_for_bit(cluster, images, ham_r
     assert_same_store(reference, store)
     [run] = ray_runs(store)
     assert run["address"] == cluster.address
-    assert len(run["workers"]) == 2 and len({w["pid"] for w in run["workers"]}) == 2
-    assert all(w["blocks"] >= 1 and w["device"] == "cpu" for w in run["workers"])
-    assert sum(w["images"] for w in run["workers"]) == N_IMAGES
+    assert len({w["pid"] for w in run["workers"]}) == 2 and run["retried_blocks"] == 0
+    assert all(w["device"] == "cpu" for w in run["workers"])
     assert not token_file(store, result.key).exists()  # the driver cleans its token up
 
     again = extract(source_of(images, ham_root), "mobilenet_v2", store, rows_per_chunk=ROWS_PER_CHUNK,
@@ -98,8 +125,8 @@ def test_a_worker_killed_mid_block_is_restarted_and_its_block_run_again(cluster,
     assert (result.n_written, result.n_failed) == (N_IMAGES, 0)
     assert_same_store(reference, store)
     [run] = ray_runs(store)
-    assert len(run["workers"]) == 3  # the two started, and the killed one's restart
-    assert sum(w["images"] for w in run["workers"]) == N_IMAGES
+    assert run["retried_blocks"] == 1  # the killed worker's block, run again by another
+    assert len(run["workers"]) >= 2
 
 
 def test_a_killed_driver_is_resumed_by_a_rerun(cluster, images, ham_root, reference, tmp_path, monkeypatch):
@@ -127,7 +154,7 @@ def test_a_node_that_does_not_see_the_store_is_refused_in_one_line(tmp_path):
         check_token(store, "abc", "token-of-the-driver")
     assert "\n" not in str(info.value)
     token_file(store, "abc").write_text("token-of-another-driver")
-    with pytest.raises(StoreError, match="another store at that path"):
+    with pytest.raises(StoreError, match="another store, or a newer extraction of it, at that path"):
         check_token(store, "abc", "token-of-the-driver")
     token_file(store, "abc").write_text("token-of-the-driver")
     check_token(store, "abc", "token-of-the-driver")
@@ -139,6 +166,8 @@ def test_a_node_that_does_not_see_the_store_is_refused_in_one_line(tmp_path):
     (("--ray-workers", "2"), "ray_workers needs ray"),
     (("--ray", "127.0.0.1:1"), "cannot connect to the Ray cluster at '127.0.0.1:1'"),
     (("--ray", "local", "--ray-workers", "0"), "ray_workers must be at least 1"),
+    (("--ray", "local", "--device", "cuda:1"), "Ray gives each worker a GPU of its own"),
+    (("--ray", "local", "--device", "cuda"), "the Ray cluster has no GPU"),
 ])
 def test_bad_ray_options_are_one_line_before_any_work(cli, images, ham_root, tmp_path, args, message):
     store = tmp_path / "new.zarr"
@@ -146,18 +175,6 @@ def test_bad_ray_options_are_one_line_before_any_work(cli, images, ham_root, tmp
                        *args, "-q")
     assert code == 2 and message in err and err.count("\n") == 1
     assert not store.exists()  # nothing written, not even an empty store
-
-
-def test_a_worker_that_does_not_see_the_store_stops_the_driver_in_one_line(cluster, tmp_path):
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-    try:
-        worker = ray.remote(max_restarts=RETRIES, num_cpus=1)(_Worker)
-        actor = worker.remote(str(tmp_path / "elsewhere.zarr"), "abc", "token-of-the-driver", "cpu", False, 8, 0, 1)
-        with pytest.raises(StoreError, match="cannot reach the store") as info:
-            _gather(ray, [actor.where.remote()])
-        assert "\n" not in str(info.value)
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("nodes, workers, each", [

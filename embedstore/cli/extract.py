@@ -32,7 +32,7 @@ def extract(
     crop_mode: Optional[str] = typer.Option(None, "--crop-mode", help="How a non-square image becomes the square input (timm's crop_mode): center (default; shorter side resized, the centre kept), squash (stretched to square), border (ratio kept, padded with the mean colour); with --crop-pct 1.0 squash and border keep the whole image."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the feature set in the store (default: the encoder and its non-default options)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 64 on a GPU, 8 on a CPU, where small batches stay in cache)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: half the cores on CPU, 8 beside a GPU; with --ray, per Ray worker: none on a CPU worker, 4 beside a GPU)."),
     device: DeviceOpt = "auto",
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
     tta: bool = typer.Option(False, "--tta", help="Average the features of the image and its horizontal flip."),

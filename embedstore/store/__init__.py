@@ -10,7 +10,8 @@ Layout (see README, "The store layout")::
         status  [N] uint8          0 pending, 1 done, 2 failed; written last, so it commits a row
         sha256  [N] str            content hash of the image each row was computed from
         error   [N] str            why a row failed ('' otherwise)
-      .locks/                      flock files: prepare (metadata steps), <key>.set, <key>.shard-i-of-n, <key>.n<n>
+      .locks/                      flock files: prepare (metadata steps), <key>.set, <key>.shard-i-of-n, <key>.n<n>,
+                                   <key>.writers; <key>.ray-token (a Ray extraction's driver, removed at its end)
 
 Row ``i`` of every feature set is row ``i`` of the manifest; rows are only ever appended, so a row number never
 changes meaning. zarr's local store writes every file through a temporary name and a rename, so a killed

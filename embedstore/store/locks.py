@@ -3,7 +3,9 @@
 * ``prepare`` serialises the short steps that change shared metadata (manifest merge, feature-set creation
   and growth, run records);
 * ``<key>.set``, ``<key>.shard-i-of-n`` and ``<key>.n<n>`` keep two extractions from writing the same feature
-  set, while letting the ``n`` shards of one extraction write it together.
+  set, while letting the ``n`` shards of one extraction write it together;
+* ``<key>.writers`` keeps the Ray workers of a killed driver from writing beside a new driver's
+  (:func:`block_writers_lock`).
 
 Each holder writes who it is into the lock file, so a refusal names the process in the way.
 """
@@ -89,3 +91,21 @@ def _refuse_other_shard_counts(store: Path, key: str, count: int) -> None:
                              f"one {other} ways too") from None
         finally:
             os.close(fd)
+
+
+@contextmanager
+def block_writers_lock(store: Path, key: str, exclusive: bool):
+    """Hold ``.locks/<key>.writers``: shared by each Ray worker while it checks its driver's token and writes a
+    block, exclusively (waiting) by a driver while it puts its own token in place.
+
+    A killed driver releases the feature set's lock at once, but its workers may still be writing a block for a
+    few seconds. A new driver therefore waits for the blocks being written, and after it has placed its token the
+    old workers refuse to write (:mod:`embedstore.ray_extraction`).
+    """
+    with storage_errors(store, f"locking feature set {key}"):
+        fd = os.open(store / ".locks" / f"{key}.writers", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
