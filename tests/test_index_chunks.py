@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
+from embedstore.errors import ConfigError
 from embedstore.layout import index_file, index_sidecar
 from embedstore.match import index as index_module
 from embedstore.match.index import FeatureIndex, Rows, normalise
@@ -157,3 +158,24 @@ def test_query_cli_with_ivfpq(cli, small_chunks, tmp_path):
     assert [h["group"] for h in hits] == expected["group"].tolist()  # the lesions exact search ranks
     code, _, err = cli("query", path, item, "-f", SMALL, "--index", "pq", "--rebuild-index")
     assert code == 2 and "unknown index kind 'pq'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_row_re_extracted_from_a_changed_image_makes_the_saved_index_stale(small_chunks):
+    """Same ids, same feature set, one image's bytes changed (and its row re-extracted): the index's row identity
+    is the (id, image sha256) of each row, so the saved index no longer matches."""
+    from embedstore.match.index import ids_digest
+    from embedstore.match.query import _RowKeys
+
+    table = FeatureStore.open(small_chunks).manifest
+    changed = table.copy()
+    changed.loc[3, "sha256"] = "0" * 64
+    assert ids_digest(_RowKeys(table)) == ids_digest(_RowKeys(table.copy()))  # iterated afresh, same identity
+    assert ids_digest(_RowKeys(changed)) != ids_digest(_RowKeys(table))
+    assert list(changed["id"]) == list(table["id"])
+
+
+def test_ivfpq_on_too_few_rows_is_one_line(small_chunks):
+    store = FeatureStore.open(small_chunks)
+    X, table = store.load(SMALL)
+    with pytest.raises(ConfigError, match="too few to train an ivfpq index"):
+        FeatureIndex.build(X[:20], table["id"][:20].tolist(), key="k", kind="ivfpq")

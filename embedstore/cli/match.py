@@ -19,7 +19,7 @@ _out = Console()
 MatchOutOpt = out_option("runs/match")
 #: What --index ivfpq is and the recall it was measured at (BENCHMARKS.md, "FAISS indices beyond memory").
 IVFPQ_HELP = ("ivfpq: IVF with PQ codes of dim/4 bytes per vector, its 20 x k PQ candidates re-ranked by their exact "
-              "vectors read back from the store; recall@10 0.997 against exact search on 10M synthetic 384-d "
+              "vectors (read back from the store by query); recall@10 0.997 against exact search on 10M synthetic 384-d "
               "vectors (0.54 by PQ codes alone).")
 FeatureOpt = Annotated[Optional[str], typer.Option("--features", "-f", help="Feature set: name, key or encoder.")]
 

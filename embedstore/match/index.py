@@ -45,7 +45,7 @@ IVFPQ_NLIST_MAX = 1024  # on 2 cores, k-means of 4,096 lists would take longer t
 PQ_DIMS_PER_CODE = 4  # each byte of a PQ code stands for this many dimensions (96 bytes per 384-d vector)
 REFINE = 20  # ivfpq re-ranks REFINE x k PQ candidates by their exact vectors (recall@10 0.926 with 10, 0.949 with 20
 # on 1M synthetic 384-d vectors; BENCHMARKS.md)
-REFINE_ROWS = 262_144  # distinct candidate vectors held at once while re-ranking (400 MB of 384-d float32)
+REFINE_ROWS = 262_144  # distinct candidate vectors held at once while re-ranking (400 MB per copy of 384-d float32)
 
 
 def normalise(X: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
@@ -58,11 +58,13 @@ def normalise(X: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
 
 
 def ids_digest(ids) -> str:
-    """A short sha256 of the ordered ids, to tell whether an index still matches the store rows."""
+    """A short sha256 of the ordered ids, to tell whether an index still matches the store rows. Items may be
+    ``(id, image sha256)`` pairs (:func:`embedstore.match.query.load_index`), so that a row re-extracted from a
+    changed image, same id, same feature set, also tells the index is stale."""
     h = hashlib.sha256()
     for i in ids:
-        h.update(str(i).encode())
-        h.update(b"\0")
+        h.update("\0".join(map(str, i)).encode() if isinstance(i, tuple) else str(i).encode())
+        h.update(b"\0\0")
     return h.hexdigest()[:16]
 
 
@@ -116,7 +118,7 @@ class Rows:
     @classmethod
     def of_feature_set(cls, fs, store_rows: np.ndarray, chunks_per_block: int | None = None) -> "Rows":
         """The rows ``store_rows`` (sorted, e.g. :meth:`FeatureStore.usable_rows`) of feature set ``fs``, read
-        from disk when asked: a block is whole store chunks (about 65,536 rows), float16 on disk becomes
+        from disk when asked: a block is the rows of whole store chunks (about 65,536 rows), float16 on disk becomes
         float32 one block at a time, and a damaged chunk raises :class:`StoreError` as every read does."""
         store_rows = np.asarray(store_rows, dtype=np.int64)
         per_chunk = fs.rows_per_chunk
@@ -196,6 +198,9 @@ class FeatureIndex:
         if len(ids) != rows.n:
             raise ValueError("ids and features differ in length")
         kind = resolve_kind(kind, rows.n, rows.dim)
+        if kind == "ivfpq" and rows.n < 2 * 39:
+            raise ConfigError(f"feature set {key} has {rows.n} rows, too few to train an ivfpq index "
+                              f"(78 at least); use --index flat")
         mean = rows.mean() if centre else None
         params = {}
         index = make_index(kind, rows.dim, rows.n, nlist=nlist, hnsw_m=hnsw_m, params=params)
@@ -208,8 +213,8 @@ class FeatureIndex:
         meta = IndexMeta(key=key, kind=kind, n=rows.n, dim=rows.dim, ids_sha256=ids_digest(ids),
                          centred=centre, params=params)
         out = cls(index, meta, mean, exact=rows.read if kind == "ivfpq" else None)
-        if use_gpu is True or (use_gpu == "auto" and gpu_available() and kind != "hnsw"):
-            out.to_gpu()
+        if use_gpu is True or (use_gpu == "auto" and gpu_available() and kind not in ("hnsw", "ivfpq")):
+            out.to_gpu()  # ivfpq stays on the CPU: its cost is the re-ranking, and faiss's GPU IVF-PQ limits m and k
         return out
 
     def to_gpu(self) -> None:
@@ -360,7 +365,7 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def search_index(index, Q: np.ndarray, k: int, batch: int = 8192, advance=None) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index, Q: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products and row numbers of the prepared (unit, float32) queries ``Q`` in a FAISS
     ``index``, in batches; missing neighbours come back as row -1 with similarity -inf.
 
@@ -371,8 +376,6 @@ def search_index(index, Q: np.ndarray, k: int, batch: int = 8192, advance=None) 
     for start in range(0, len(Q), batch):
         s, r = index.search(Q[start:start + batch], k)
         sims[start:start + batch], rows[start:start + batch] = s, r
-        if advance is not None:
-            advance(len(s))
     sims[rows < 0] = -np.inf
     return sims, rows
 
@@ -401,12 +404,12 @@ def resolve_kind(kind: str, n: int, dim: int) -> str:
 
 
 def default_nlist(kind: str, n: int) -> int:
-    """Inverted lists of an IVF index of ``n`` rows: 4 sqrt(n) (capped at 65,536; for IVF-PQ at
-    :data:`IVFPQ_NLIST_MAX`, and at one list per 39 rows so that each list has the training rows k-means needs)."""
+    """Inverted lists of an IVF index of ``n`` rows: 4 sqrt(n), capped (for IVF-PQ at :data:`IVFPQ_NLIST_MAX`) so
+    that each list has the 39 training rows k-means needs, of ``n`` and of the :data:`TRAIN_MAX` sampled."""
     nlist = max(1, min(65536, round(4 * np.sqrt(n))))
     if kind == "ivfpq":
         nlist = min(nlist, IVFPQ_NLIST_MAX, max(1, n // 39))
-    return nlist
+    return min(nlist, TRAIN_MAX // 39)  # the training sample (at most TRAIN_MAX rows) gives each list 39 rows
 
 
 def pq_shape(dim: int, n_train: int) -> tuple[int, int]:

@@ -37,10 +37,11 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
     """
     fs, store_rows = store.usable_rows(key)
     manifest = store.manifest
-    # every row usable (the rule at scale): the manifest itself, not a copy (1.2 GB at 10M rows)
-    table = manifest if len(store_rows) == len(manifest) else manifest.iloc[store_rows].reset_index(drop=True)
+    # every row usable (the rule at scale): a shallow copy of the manifest, not a deep one (1.2 GB at 10M rows)
+    table = (manifest.copy(deep=False) if len(store_rows) == len(manifest)
+             else manifest.iloc[store_rows].reset_index(drop=True))
     rows = Rows.of_feature_set(fs, store_rows)
-    ids = table["id"]
+    ids = _RowKeys(table)
     path = index_file(store.path, key)
     if path.exists() and not rebuild:
         try:
@@ -56,6 +57,20 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
         clean_stale(leftover)
     index.save(path)
     return index, table
+
+
+class _RowKeys:
+    """The ``(id, image sha256)`` of each row of ``table``, iterated afresh each time (an index's row identity:
+    :func:`embedstore.match.index.ids_digest`), without a list of 10 million tuples."""
+
+    def __init__(self, table: pd.DataFrame) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self):
+        return zip(self.table["id"].astype(str), self.table["sha256"])
 
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:

@@ -50,12 +50,12 @@ def read_manifest(store: Path, reserved_only: bool = False) -> pd.DataFrame:
     try:
         columns = [c for c in manifest_columns(store) if c in RESERVED_COLUMNS] if reserved_only else None
         manifest = pd.read_parquet(file, columns=columns)
-        # decoding leaves about 0.8x the manifest's size cached in Arrow's memory pool (1 GB at 10 million rows,
-        # held by the process until it ends): give it back
-        pa.default_memory_pool().release_unused()
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
         reason = first_line(exc)
         raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
+    # decoding leaves about 0.8x the manifest's size cached in Arrow's memory pool (1 GB at 10 million rows,
+    # held by the process until it ends): give it back
+    pa.default_memory_pool().release_unused()
     lacking = [c for c in RESERVED_COLUMNS if c not in STAT_COLUMNS and c not in manifest.columns]
     if lacking:
         raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) lacks the column(s) "
