@@ -70,7 +70,7 @@ class _RowKeys:
         return len(self.table)
 
     def __iter__(self):
-        return zip(self.table["id"].astype(str), self.table["sha256"])
+        return zip(self.table["id"], self.table["sha256"])
 
 
 def embed_files(store, key: str, files: list[Path], device: str = "auto") -> np.ndarray:
