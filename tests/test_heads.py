@@ -153,7 +153,10 @@ def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
     for tr, te in group_kfold(codes, groups[train], n_splits=3, seed=0):
         assert not set(groups[train][tr]) & set(groups[train][te])
         expected[te] = LogRegHead(C=0.1, tol=1e-7).fit(X[train][tr], codes[tr]).predict_proba(X[train][te])
-    assert np.abs(stack.oof_["a"] - expected).max() < 2e-3
+    # Up to the solver's tolerance: on 2026-12-07's packages the largest of the 2,100 differences is 2.2e-3 (the
+    # mean 5e-5); a stack that saw its own fold's labels would be off by far more, on average.
+    gap = np.abs(stack.oof_["a"] - expected)
+    assert gap.max() < 5e-3 and gap.mean() < 2e-4
     assert stack.meta_.coef_.shape[1] == 2 * 7  # log-probabilities of both bases
     assert set(stack.base_probas(frame.iloc[:5])) == {"a", "b"}
     assert stack.predict_proba(frame.iloc[:5]).shape == (5, 7)
