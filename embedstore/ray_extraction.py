@@ -171,21 +171,31 @@ class _Worker:
         worker's node, process and device for the provenance record. ``shared``: the encoder's and the source's
         references."""
         if self.fs is None:
-            import ray
-
-            from embedstore.devices import resolve_device
-            from embedstore.extraction import _Runner
-            from embedstore.store import FeatureStore
-
-            check_token(self.store, self.key, self.token)
-            self.encoder, self.source = ray.get(shared)
-            if self.probe is not None:
-                check_images(self.source, *self.probe)
-            torch.set_num_threads(self.threads)
-            self.device = resolve_device(self.device)
-            self.runner = _Runner(self.encoder, self.device, self.tta)
-            self.fs = FeatureStore.open(self.store).feature_set(self.key)
+            try:
+                self._set_up(shared)
+            except EmbedstoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a node without the driver's packages (or their versions)
+                raise ConfigError(f"the Ray worker on {socket.gethostname()} cannot load the encoder or the source "
+                                  f"({first_line(exc, 160)}); install the same embedstore and packages on every "
+                                  "node") from None
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
+
+    def _set_up(self, shared: list) -> None:
+        import ray
+
+        from embedstore.devices import resolve_device
+        from embedstore.extraction import _Runner
+        from embedstore.store import FeatureStore
+
+        check_token(self.store, self.key, self.token)
+        self.encoder, self.source = ray.get(shared)
+        if self.probe is not None:
+            check_images(self.source, *self.probe)
+        torch.set_num_threads(self.threads)
+        self.device = resolve_device(self.device)
+        self.runner = _Runner(self.encoder, self.device, self.tta)
+        self.fs = FeatureStore.open(self.store).feature_set(self.key)
 
     def encode(self, index: int, rows: np.ndarray, paths: list[str], hashes: list[str]) -> dict:
         """Decode, encode and write block ``index`` (store rows ``rows``), if this worker's driver is still the
@@ -254,6 +264,7 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
     first = next((i for block in blocks for i in block if hashes[i]), None)  # an image the driver could read
     probe = None if first is None else (source.table["_path"].iloc[first], hashes[first])
     starting, running, free, started = {}, {}, [], []
+    start_deaths, start_budget = 0, RETRIES * cluster.workers
     try:
         with block_writers_lock(store, key, exclusive=True):  # a killed driver's workers finish their block first
             token.write_text(secret := uuid.uuid4().hex)
@@ -265,7 +276,8 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
                                   cluster.threads, probe)
             starting[actor.where.remote(shared)] = actor
 
-        for _ in range(min(cluster.workers, len(blocks))):
+        wanted = min(cluster.workers, len(blocks))
+        for _ in range(wanted):
             start()
         paths, ids = source.table["_path"].to_numpy(), source.table["id"].to_numpy()
         t0 = time.perf_counter()
@@ -281,23 +293,32 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
                                  f"{ray.available_resources()} free); {len(done)} block(s) are final and kept")
             ref = ready[0]
             if ref in starting:
-                actor = starting.pop(ref)
-                if (where := _get(ray, ref)) is not None:
+                actor = starting[ref]
+                where = _get(ray, ref, setting_up=True)
+                del starting[ref]
+                if where is not None:
                     started.append(where)
                     free.append(actor)
-                elif not running and not starting and not free:
-                    raise StoreError("every Ray extraction worker died while starting; see the Ray logs of the nodes")
+                    continue
+                start_deaths += 1  # a worker that died while starting is replaced too, within a budget
+                if start_deaths > start_budget:
+                    raise StoreError(f"{start_deaths} Ray extraction workers died while starting; see the Ray logs "
+                                     f"of the nodes; the {len(done)} block(s) final are kept")
+                start()
                 continue
-            b, actor = running.pop(ref)
+            b, actor = running[ref]
             out = _get(ray, ref)
+            del running[ref]
             if out is None:  # the worker died: its block goes back in the queue, a new worker takes its place
                 tries[b] += 1
                 if tries[b] > RETRIES:
-                    raise StoreError(f"block {b} lost its Ray worker {tries[b]} times; the {len(done)} block(s) "
-                                     "final are kept: rerun the same command to finish")
-                ray.kill(actor)
+                    raise StoreError(f"block {b} (first image {ids[blocks[b][0]]}) lost its Ray worker {tries[b]} "
+                                     f"times; the {len(done)} block(s) final are kept")
+                _kill(ray, actor)
+                free = _alive(ray, free, shared)  # idle workers on a lost node would each cost a block a try
                 queue.appendleft((b, blocks[b]))
-                start()
+                for _ in range(wanted - len(free) - len(running) - len(starting)):
+                    start()
                 continue
             faults.point("ray-collect")
             done[b] = out
@@ -311,19 +332,42 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
         return {"workers": started, "retried_blocks": sum(tries.values())}
     finally:
         for actor in [*free, *starting.values(), *(a for _, a in running.values())]:
-            ray.kill(actor)
+            _kill(ray, actor)
         token.unlink(missing_ok=True)
 
 
-def _get(ray, ref):
+def _alive(ray, actors: list, shared: list, timeout: float = 30.0) -> list:
+    """Those of the idle ``actors`` that answer within ``timeout`` seconds; the others are killed."""
+    pings = {actor.where.remote(shared): actor for actor in actors}
+    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout) if pings else ([], [])
+    alive = [pings[ref] for ref in ready if _get(ray, ref, setting_up=True) is not None]
+    for actor in actors:
+        if actor not in alive:
+            _kill(ray, actor)
+    return alive
+
+
+def _kill(ray, actor) -> None:
+    """Stop a worker; one that cannot be reached any more (its node, or the client connection, gone) is let be."""
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - nothing to stop, and the error being reported matters more
+        pass
+
+
+def _get(ray, ref, setting_up: bool = False):
     """The result of ``ref``, or None when its worker died (killed, out of memory, its node lost); an embedstore
-    error raised in the worker is re-raised as itself, in one line; any other error of the worker is a bug and
-    keeps its traceback."""
+    error raised in the worker is re-raised as itself, in one line. Any other error is one line too while the
+    worker sets up (``setting_up``: a node that cannot import embedstore gets a stand-in whose methods all fail),
+    and a bug that keeps its traceback once it encodes."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, EmbedstoreError):  # the worker's own exception, without Ray's traceback
             raise type(exc.cause)(first_line(exc.cause, 300)) from None
+        if setting_up:
+            raise ConfigError(f"a Ray extraction worker cannot start ({first_line(exc.cause or exc, 160)}); install "
+                              "the same embedstore and packages on every node") from None
         raise
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
             ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):

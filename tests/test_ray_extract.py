@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from embedstore import extract, open_source
-from embedstore.errors import SourceError, StoreError
+from embedstore.errors import ConfigError, SourceError, StoreError
 from embedstore.faults import ENV, ONCE
 from embedstore.encoders import create_encoder
 from embedstore.ray_extraction import _get, _Worker, check_token, cpus_per_worker, token_file
@@ -92,6 +92,9 @@ def test_a_worker_that_does_not_see_the_store_or_the_images_stops_the_driver_in_
         worker = _Worker(str(store), "abc", "token-of-the-driver", "cpu", False, 8, 0, 1, (first, "0" * 64))
         with pytest.raises(SourceError, match="cannot read the images as the driver does"):
             worker.where(shared)  # the store is seen, but the image read here is not the one the driver hashed
+        with pytest.raises(ConfigError, match="cannot load the encoder or the source .* on every node") as info:
+            worker.where([shared[0]])  # what it was sent cannot be used here (a node with other packages)
+        assert "\n" not in str(info.value)
     finally:
         ray.shutdown()
 
