@@ -6,7 +6,9 @@ chunk-aligned blocks to :func:`run_blocks`. Each worker is a Ray actor that hold
 (a GPU where the cluster has them, a share of the CPUs otherwise), decodes a block's images itself, runs
 them in the same batches as the single-process engine, and writes the block straight into the store through
 :class:`embedstore.extraction.BlockBuffer` (data first, status last). So the store equals a single-process
-run's bit for bit, and a killed driver is resumed by a rerun exactly as a killed single process is.
+run's bit for bit where both run the same kernels (on CPUs: the same number of torch threads, since CPU kernels
+split their sums by thread; a worker runs one per whole CPU it is given), and a killed driver is resumed by a
+rerun exactly as a killed single process is.
 
 A worker that dies (its process killed, out of memory, its node lost) has its block put back in the queue by
 the driver, for the other workers and a new one started in its place, at most :data:`RETRIES` times per block;
