@@ -104,7 +104,7 @@ def build(rows: int) -> dict:
 
     store = FeatureStore.open(store_path(rows))
     t = time.perf_counter()
-    index, table = load_index(store, store.resolve(NAME), kind="ivfpq", rebuild=True, progress=True)
+    index, table, _ = load_index(store, store.resolve(NAME), kind="ivfpq", rebuild=True, progress=True)
     build_s = time.perf_counter() - t
     build_peak = peak_rss_mb()
     Q = queries()
@@ -121,7 +121,7 @@ def build(rows: int) -> dict:
     pq_s = time.perf_counter() - t
     index.exact = exact
     t = time.perf_counter()
-    loaded, _ = load_index(store, store.resolve(NAME), kind="ivfpq")
+    loaded, _, _ = load_index(store, store.resolve(NAME), kind="ivfpq")
     load_s = time.perf_counter() - t
     same = bool((loaded.search(Q[:50], K)[1] == found[:50]).all())
     np.save(OUT / f"found-{rows}.npy", found)

@@ -128,19 +128,19 @@ def test_saved_ivfpq_index_reloads_and_a_changed_store_rebuilds_it(small_chunks,
     path = tmp_path / "ham.zarr"
     shutil.copytree(small_chunks, path)
     store = FeatureStore.open(path)
-    built, table = load_index(store, SMALL, kind="ivfpq")
+    built, table, _ = load_index(store, SMALL, kind="ivfpq")
     saved = index_file(path, SMALL)
     side = json.loads(index_sidecar(saved).read_text())
     assert side["kind"] == "ivfpq" and side["n"] == len(table) and "ids" not in side
     first = saved.stat().st_mtime_ns
     X = store.load(SMALL, ids=table["id"][:20])[0]
-    loaded, _ = load_index(FeatureStore.open(path), SMALL, kind="flat")  # a saved index is served, whatever kind
+    loaded, _, _ = load_index(FeatureStore.open(path), SMALL, kind="flat")  # a saved index is served, whatever kind
     assert loaded.meta.kind == "ivfpq" and saved.stat().st_mtime_ns == first and loaded.exact is not None
     for a, b in zip(loaded.search(X, 5), built.search(X, 5)):
         np.testing.assert_array_equal(a, b)
     fs = store.feature_set(SMALL)  # the store changes: one more row fails
     fs.write_rows(np.array([7]), None, [""], ["unreadable"], np.array([FAILED]))
-    rebuilt, table = load_index(FeatureStore.open(path), SMALL, kind="ivfpq")
+    rebuilt, table, _ = load_index(FeatureStore.open(path), SMALL, kind="ivfpq")
     assert rebuilt.meta.n == len(table) == built.meta.n - 1 and rebuilt.meta.ids_sha256 != built.meta.ids_sha256
 
 

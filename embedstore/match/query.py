@@ -25,9 +25,9 @@ from embedstore.progress import progress_bar
 
 
 def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
-               progress: bool = False) -> tuple[FeatureIndex, pd.DataFrame]:
-    """The saved index of feature set ``key`` and the manifest rows it covers (row ``i`` of the index is row
-    ``i`` of the table).
+               progress: bool = False) -> tuple[FeatureIndex, pd.DataFrame, Rows]:
+    """The saved index of feature set ``key``, the manifest rows it covers (row ``i`` of the index is row ``i``
+    of the table) and their features as :class:`Rows` (read from the store when asked).
 
     The index is a cache: it is built and saved when missing or asked to, and rebuilt whenever the
     saved one cannot serve these rows (damaged, of another feature set, built on other rows). It is built
@@ -47,7 +47,7 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
         try:
             index = FeatureIndex.load(path, key=key, exact=rows.read)
             index.check(key, ids)
-            return index, table
+            return index, table, rows
         except StoreError:
             pass  # whatever is wrong with a cache, the cure is to rebuild it
     with progress_bar(f"index {fs.attrs.get('name', key)}: adding rows", rows.n, enabled=progress,
@@ -56,7 +56,7 @@ def load_index(store, key: str, kind: str = "auto", rebuild: bool = False,
     for leftover in (path, index_sidecar(path)):
         clean_stale(leftover)
     index.save(path)
-    return index, table
+    return index, table, rows
 
 
 class _RowKeys:
@@ -113,7 +113,7 @@ def query(store, items: list[str], features: str, top_k: int = 5, groups: str | 
     for column in ([groups] if groups is not None else []) + list(show):
         require_column(store.manifest, column, "rank by" if column == groups else "show")
     key = store.resolve(features)
-    index, table = load_index(store, key, kind=kind, rebuild=rebuild, progress=progress)
+    index, table, rows = load_index(store, key, kind=kind, rebuild=rebuild, progress=progress)
     ids = table["id"].astype(str).to_numpy()
     row_of = pd.Series(np.arange(len(ids)), index=ids)
     known = [str(i) for i in items if str(i) in row_of.index]
@@ -121,7 +121,10 @@ def query(store, items: list[str], features: str, top_k: int = 5, groups: str | 
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise StoreError(f"{missing[0]!r} is neither an image id in {store.path} nor an image file")
-    vectors = dict(zip(known, store.load(key, ids=known)[0])) if known else {}
+    vectors = {}
+    if known:  # the rows the index was just checked against, each read once
+        at, where = np.unique(row_of[known].to_numpy(), return_inverse=True)
+        vectors = dict(zip(known, rows.read(at)[where]))
     if files:
         for f, v in zip(files, embed_files(store, key, files, device=device)):
             vectors[str(f)] = v
