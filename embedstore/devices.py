@@ -25,6 +25,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is available; use cpu or auto")
+    return parse_device(device)
+
+
+def parse_device(device: str) -> torch.device:
+    """A device name (``cpu``, ``cuda[:N]``) as a torch device, whether or not it is present here (a Ray
+    worker's device is its node's); ConfigError (one line) for a name that is none."""
+    import torch
+
     try:
         return torch.device(device)
     except RuntimeError:

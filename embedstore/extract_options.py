@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from embedstore.decoding import failure_reason
-from embedstore.devices import resolve_device
+from embedstore.devices import parse_device, resolve_device
 from embedstore.errors import ConfigError, SourceError
 from embedstore.store import DTYPES
 
@@ -88,10 +88,7 @@ def check_ray(address: str, workers: int | None, shard: str | tuple[int, int], d
     if device.startswith("cuda:"):
         raise ConfigError(f"device {device!r}: Ray gives each worker a GPU of its own; use cuda or auto")
     if device != "auto":
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+        parse_device(device)
     if workers is not None and workers < 1:
         raise ConfigError(f"ray_workers must be at least 1, not {workers}")
     if parse_shard(shard) != (0, 1):

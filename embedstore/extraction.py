@@ -104,6 +104,11 @@ class ExtractResult:
     wall_s: float = 0.0
     images_per_s: float = 0.0
 
+    def count_block(self, ids, written: int, reasons: list[str]) -> None:
+        """Count a block written (``written`` rows done) whose images are ``ids``, with each one's failure reason."""
+        self.n_written += written
+        self.failures += [(str(i), r) for i, r in zip(ids, reasons) if r]
+
     def summary(self) -> str:
         parts = [f"{self.name} ({self.key}): {self.n_written} written", f"{self.n_skipped} up to date",
                  f"{self.n_failed} failed"]
@@ -193,8 +198,9 @@ def extract(
         device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, rows_per_chunk=rows_per_chunk,
         shard=shard, ray=ray, ray_workers=ray_workers)
     with ray_session(ray, device, ray_workers) as cluster:  # connected first: a bad address costs nothing
-        if cluster is not None:  # the workers' device, and its default batch size
+        if cluster is not None:  # the workers' device, its default batch size and decoding processes
             dev, batch_size = cluster.device, batch_size or default_batch_size(cluster.device)
+            num_workers = cluster.decoders(num_workers)
         if isinstance(encoder, str):
             encoder = create_encoder(encoder)
         table = source.table  # validates the source before anything is written
@@ -255,7 +261,7 @@ def extract(
                 if ray and blocks:
                     with progress_bar(f"extracting {name} on Ray", sum(map(len, blocks)), enabled=progress) as advance:
                         on_ray = run_blocks(cluster, store.path, key, source, encoder, blocks, rows, hashes, tta,
-                                            batch_size, cluster.decoders(num_workers), advance, result)
+                                            batch_size, num_workers, advance, result)
                 else:
                     _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
                                 default_workers(dev) if num_workers is None else num_workers, progress, result)
@@ -264,7 +270,7 @@ def extract(
         if result.n_written:
             store.append_run(key, {"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
                                    "batch_size": batch_size,
-                                   "num_workers": cluster.decoders(num_workers) if cluster else num_workers,
+                                   "num_workers": num_workers,
                                    "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
                                    "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
                                    "images_per_s": round(result.images_per_s, 2), "versions": _versions(),
@@ -327,8 +333,8 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
             advance(len(batches[n]))
             if n + 1 == len(batches) or block_of_batch[n + 1] != b:
                 block = blocks[b]
-                result.n_written += buffer.write(fs, rows[block], [hashes[i] for i in block])
-                result.failures += [(str(ids[i]), r) for i, r in zip(block, buffer.reasons) if r]
+                result.count_block(ids[block], buffer.write(fs, rows[block], [hashes[i] for i in block]),
+                                   buffer.reasons)
                 buffer = None
     result.n_failed = len(result.failures)
     result.images_per_s = len(order) / max(time.perf_counter() - t_model, 1e-9)

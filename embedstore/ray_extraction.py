@@ -240,13 +240,7 @@ def check_token(store: Path, key: str, token: str) -> None:
 
 def check_images(source, path: str, sha256: str) -> None:
     """SourceError unless this node reads the image ``path`` of ``source`` with the hash the driver read."""
-    import hashlib
-
-    try:
-        seen = hashlib.sha256(source.read_bytes(path)).hexdigest()
-    except Exception:  # noqa: BLE001 - unreadable for whatever reason: refused below
-        seen = None
-    if seen != sha256:
+    if source.content_hashes([path])["sha256"].iloc[0] != sha256:  # '' where it cannot be read
         raise SourceError(f"the Ray worker on {socket.gethostname()} cannot read the images as the driver does "
                           f"(first: {source.where(path)}); put them on a filesystem every node mounts at the same path")
 
@@ -327,8 +321,7 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
             free.append(actor)
             progress(len(blocks[b]))
         for b in sorted(done):
-            result.n_written += done[b]["written"]
-            result.failures += [(str(ids[i]), r) for i, r in zip(blocks[b], done[b]["reasons"]) if r]
+            result.count_block(ids[blocks[b]], done[b]["written"], done[b]["reasons"])
         result.n_failed = len(result.failures)
         result.images_per_s = sum(map(len, blocks)) / max(time.perf_counter() - t0, 1e-9)
         return {"workers": started, "retried_blocks": sum(tries.values())}
