@@ -40,8 +40,8 @@ class Preprocessor(TransformerMixin, BaseEstimator):
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         X = check_array(X, dtype=np.float32)
         self.scaler_ = StandardScaler().fit(X) if self.norm == "standard" else None
-        Z = self._normed(X)
         if self.pca or self.whiten:
+            Z = self._normed(X)
             n = min(int(self.pca) if self.pca else Z.shape[1], *Z.shape)
             with one_blas_thread():  # randomized SVD's result depends on the BLAS's thread count: one, everywhere
                 self.pca_ = PCA(n_components=n, whiten=self.whiten, random_state=self.seed).fit(Z)
@@ -160,6 +160,16 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "preprocessor_")
         return self._proba_core(self.preprocessor_.transform(X))
 
+    def path_proba(self, heads: list[EmbeddingHead], X) -> list[np.ndarray]:
+        """``predict_proba`` of each of ``heads`` (fitted copies of this head), transforming ``X`` once per
+        preprocessor they share (:func:`path_proba`)."""
+        prepared: dict[int, np.ndarray] = {}
+        for head in heads:
+            check_is_fitted(head, "preprocessor_")
+            if id(head.preprocessor_) not in prepared:
+                prepared[id(head.preprocessor_)] = head.preprocessor_.transform(X)
+        return [head._proba_core(prepared[id(head.preprocessor_)]) for head in heads]
+
     def _fit_core(self, Z: np.ndarray, codes: np.ndarray, sample_weight: np.ndarray | None) -> None:
         raise NotImplementedError
 
@@ -206,6 +216,24 @@ def predict_rows(model, X, rows) -> np.ndarray:
     the number of rows, and the same probabilities (each row is predicted alone)."""
     blocks = [model.predict_proba(take_rows(X, block)) for block in row_blocks(rows)]
     return np.vstack(blocks) if blocks else model.predict_proba(take_rows(X, rows))
+
+
+def predict_path(models: list, X, rows) -> list[np.ndarray]:
+    """:func:`predict_rows` of every model of ``models``, fitted copies of one estimator on one row set that
+    differ only in their path parameter (the fits of a path, :func:`fit_paths`), by :func:`path_proba`."""
+    blocks = [path_proba(models, take_rows(X, block)) for block in row_blocks(rows)]
+    if not blocks:
+        return path_proba(models, take_rows(X, rows))
+    return [np.vstack([block[i] for block in blocks]) for i in range(len(models))]
+
+
+def path_proba(models: list, X) -> list[np.ndarray]:
+    """``predict_proba`` of each of ``models`` (fitted copies of one estimator) on ``X``: an estimator with a
+    ``path_proba`` method prepares ``X`` once for all of them (a logistic path's models share their
+    preprocessing), any other predicts model by model. The same probabilities either way."""
+    if hasattr(models[0], "path_proba"):
+        return models[0].path_proba(models, X)
+    return [model.predict_proba(X) for model in models]
 
 
 def row_blocks(rows) -> list[np.ndarray]:

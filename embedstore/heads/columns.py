@@ -11,7 +11,7 @@ from __future__ import annotations
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, single_core
+from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, path_proba, single_core
 from embedstore.heads.stack import select_columns
 
 
@@ -34,6 +34,14 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def single_core(self) -> bool:
         """Whether the head's fit runs on one core (:func:`embedstore.heads.base.single_core`)."""
         return single_core(self.head)
+
+    def path_proba(self, models: list[ColumnsHead], X) -> list:
+        """``predict_proba`` of each of ``models`` (fitted copies of this wrapper), selecting the columns once
+        (:func:`embedstore.heads.base.path_proba`)."""
+        for model in models:
+            check_is_fitted(model, "head_")
+        heads = [model.head_ for model in models]
+        return path_proba(heads, select_columns(X, self.columns, heads[0]))
 
     def _wrap(self, head) -> ColumnsHead:
         """This wrapper, fitted around the fitted ``head``."""

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from embedstore.heads.base import fit_paths, single_core
+from embedstore.heads.base import fit_paths, path_proba, single_core
 
 #: Decision rules a probe accepts: the plain argmax, or the balanced-accuracy rule.
 DECISIONS = ("argmax", "balanced")
@@ -53,6 +53,13 @@ class BalancedDecision(ClassifierMixin, BaseEstimator):
     def single_core(self) -> bool:
         """Whether the wrapped estimator's fit runs on one core (:func:`embedstore.heads.base.single_core`)."""
         return single_core(self.estimator)
+
+    def path_proba(self, models: list[BalancedDecision], X) -> list[np.ndarray]:
+        """``predict_proba`` of each of ``models`` (fitted copies of this wrapper): the wrapped estimators' own
+        (:func:`embedstore.heads.base.path_proba`)."""
+        for model in models:
+            check_is_fitted(model, "estimator_")
+        return path_proba([model.estimator_ for model in models], X)
 
     def _wrap(self, estimator, X, y) -> BalancedDecision:
         """This wrapper, fitted around ``estimator`` (fitted on ``X``, ``y``)."""

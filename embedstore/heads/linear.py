@@ -47,7 +47,8 @@ class LogRegHead(EmbeddingHead):
     def fit_paths(self, X, y, row_sets, Cs=None, sample_weight=None) -> list[list[LogRegHead]]:
         """Fitted copies of this head on each row set of ``row_sets`` (indices into ``X``: the training rows of
         each fold, say), for each C of ``Cs`` (increasing, each fit warm-started from the one before: the
-        regularisation path; None: this head's own C): ``[row set][C]``.
+        regularisation path; a list of such paths, one per row set, e.g. each fold's own tuned C; None: this
+        head's own C): ``[row set][C]``.
 
         Each copy is the model :meth:`fit` gives on its rows (to the solver's tolerance), with its own
         preprocessing. Where the row sets overlap, as folds do, the fits share one matrix, standardised over
@@ -56,7 +57,7 @@ class LogRegHead(EmbeddingHead):
         (undersampled folds) or the head reduces with PCA, each is fitted on its own matrix.
         """
         X = check_array(X, dtype=np.float32)
-        Cs = [self.C] if Cs is None else list(Cs)
+        paths = logistic.per_task_paths([self.C] if Cs is None else Cs, len(row_sets))
         heads = [clone(self) for _ in row_sets]
         prepared = [head._set_up(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
         union, positions = logistic.shared_rows([rows for rows, _, _ in prepared])
@@ -64,12 +65,12 @@ class LogRegHead(EmbeddingHead):
         device = self.fit_device()
         if self._can_share(heads, prepared, maps, len(union)):
             G, tasks = self._shared(X, union, positions, prepared, maps)
-            paths = logistic.fit_paths(G, tasks, heads[0].classes_.size, Cs, self.tol, self.max_iter, device)
+            fits = logistic.fit_paths(G, tasks, heads[0].classes_.size, paths, self.tol, self.max_iter, device)
         else:  # little overlap (undersampled folds), PCA, other classes or repeated rows: each on its own matrix
-            paths = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, head.classes_.size, Cs, weights,
-                                       self.tol, self.max_iter, device)
-                     for head, (rows, codes, weights) in zip(heads, prepared)]
-        return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, paths)]
+            fits = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, head.classes_.size, path, weights,
+                                      self.tol, self.max_iter, device)
+                    for head, (rows, codes, weights), path in zip(heads, prepared, paths)]
+        return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, fits)]
 
     @staticmethod
     def _can_share(heads, prepared, maps, n_union: int) -> bool:

@@ -10,11 +10,18 @@ the problem (measured in BENCHMARKS.md, "Heads at the speed of the cache"):
 - it upcasts the float32 matrix to float64 at every one of its hundreds of loss evaluations; here the
   products stay in float32 (the loss, the per-row terms and L-BFGS's parameters are float64);
 - L-BFGS on raw standardised features is badly conditioned (~350 evaluations at ``C=1`` on HAM10000).
-  Here it runs on preconditioned parameters ``W = L^-T A`` with ``L L^T = Z^T diag(w) Z + lambda I`` (a
-  change of variables: the optimum is the same, found in ~4x fewer evaluations; for fits that share a matrix,
-  ``Z`` is the shared matrix, ``w`` the fits' mean row weights and lambda their mean), and stops on
+  Here it runs on preconditioned parameters: class k's coefficients are ``W_k = V R_k A_k`` with
+  ``M = Z^T diag(w) Z = V S V^T`` and ``R_k = (c_k S + lambda)^-1/2`` (lambda the penalty), a change of
+  variables: the optimum is the same, found in several times fewer evaluations. ``c_k`` scales the data's
+  curvature per class: the log-loss's curvature for class k is about ``pi_k (1 - pi_k) M`` where the model
+  predicts the weighted class shares ``pi``; ``c_k = sqrt(pi_k (1 - pi_k))``, divided by its largest value,
+  took the fewest evaluations on HAM10000 (the six fits of the plain probe: 155-196 each, against 204-232
+  with ``c_k = 1``, and 416-485 with ``c_k = pi_k``). With balanced class weights, or two classes, every
+  ``c_k`` is 1. For fits that share a matrix, ``Z`` is the shared matrix and ``w``, ``pi`` and lambda are
+  the fits' means.
+  One eigendecomposition serves every C of a path: each C only rescales columns. A fit stops on
   scikit-learn's own criterion measured in the original parameters (largest absolute gradient <= ``tol``,
-  or no relative progress), so a fit is at least as converged as scikit-learn's;
+  or no relative progress), so it is at least as converged as scikit-learn's;
 - one model's evaluation is bound by memory, not arithmetic: it reads the whole matrix twice (``Z @ W``, then
   ``Z^T @ R``). :func:`fit_paths` fits the models of several row sets of one matrix (the folds of a
   cross-validation and the final refit) together: each keeps its own L-BFGS, in its own thread, and a
@@ -39,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import scipy.optimize
 import scipy.special
 from threadpoolctl import ThreadpoolController
@@ -127,19 +133,32 @@ def fit_paths(G, tasks: list[Task], n_classes: int, Cs, tol: float = 1e-5, max_i
     """:func:`fit_path` of every task of ``tasks`` over one shared matrix ``G``, all at once: the models of
     the folds of a cross-validation, say, each on its own rows of one feature matrix.
 
+    ``Cs`` is one path for every task, or a list of paths, one per task (each fold's own tuned C, say).
     Each task keeps its own L-BFGS minimisation and stopping rule; the tasks share the passes over ``G``
-    and the preconditioner (from the tasks' mean row weights; with one task, exactly its own). So each model
-    is the optimum of its own objective, to the same tolerance as when fitted alone.
+    and the preconditioner of each C (from the tasks' mean row weights; with one task, exactly its own). So
+    each model is the optimum of its own objective, to the same tolerance as when fitted alone.
     """
+    paths = per_task_paths(Cs, len(tasks))
     problems = _Problems(_Backend(np.ascontiguousarray(G, dtype=np.float32), device), tasks, n_classes)
     lockstep = _Lockstep(problems.evaluate, len(tasks))
     fits = [_Fit(problems, lockstep, i) for i in range(len(tasks))]
     with _scipy_blas_single_threaded():
         if len(fits) == 1:
-            return [fits[0].path(Cs, tol, max_iter)]
+            return [fits[0].path(paths[0], tol, max_iter)]
         with ThreadPoolExecutor(len(fits), thread_name_prefix="logistic") as pool:
-            running = [pool.submit(one.path, Cs, tol, max_iter) for one in fits]
+            running = [pool.submit(one.path, path, tol, max_iter) for one, path in zip(fits, paths)]
             return [future.result() for future in running]
+
+
+def per_task_paths(Cs, n_tasks: int) -> list[list[float]]:
+    """The path of C of each of ``n_tasks`` tasks: ``Cs`` for all, or ``Cs[i]`` for task i where ``Cs`` holds
+    one sequence per task."""
+    Cs = list(Cs)
+    if Cs and np.ndim(Cs[0]):
+        if len(Cs) != n_tasks:
+            raise ValueError(f"{len(Cs)} paths of C for {n_tasks} tasks")
+        return [[float(C) for C in path] for path in Cs]
+    return [[float(C) for C in Cs]] * n_tasks
 
 
 def _scipy_blas_single_threaded():
@@ -158,13 +177,12 @@ def _scipy_blas_single_threaded():
 
 @dataclass(frozen=True)
 class _Preconditioner:
-    """``L`` with ``L L^T = M + lambda I`` for one C, and ``L^-1`` in float32: with the inverse, the two changes
-    of variables per evaluation are [d, d] x [d, K] products (five times faster than triangular solves), and
-    in float32 they read half the bytes."""
+    """The change of variables of one C: ``W = V (root * A)``, ``root`` [d, K'] the per-class scales
+    ``(c_k s + lambda)^-1/2`` over the eigenvalues ``s`` of the problem's moment matrix (its eigenvectors ``V``
+    are the same for every C)."""
 
     C: float
-    chol: np.ndarray
-    inv: np.ndarray
+    root: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,12 @@ class _Problems:
                 self.shift[i] = task.shift
             if task.scale is not None:
                 self.scale[i] = task.scale
-        self.moment = backend.weighted_moment(self.weights.mean(1))  # G^T diag(mean w) G, float64 [d, d]
+        mean_w = self.weights.mean(1)
+        self.values, self.V = _eigen(backend.weighted_moment(mean_w))  # of G^T diag(mean w) G
+        self.V32 = self.V.astype(np.float32)  # read twice per round of evaluations: half the bytes in float32
+        share = np.bincount(self.codes, weights=mean_w, minlength=n_classes)[-self.k:] / mean_w.sum()
+        scale = np.sqrt(share * (1.0 - share))  # [K'] per-class scale of the data's curvature (the module's doc)
+        self.curvature = scale / scale.max()
         member = np.zeros((n, len(tasks)), dtype=bool)
         for i, task in enumerate(tasks):
             member[slice(None) if task.rows is None else task.rows, i] = True
@@ -209,9 +232,9 @@ class _Problems:
         """The preconditioner of ``C``, made by the first task to reach it and shared with the others."""
         with self._lock:
             if C not in self._held:
-                chol = _cholesky(self.moment, float(np.mean(1.0 / (C * self.w_sum))))
-                inv = scipy.linalg.solve_triangular(chol, np.eye(self.d), lower=True).astype(np.float32)
-                self._held[C] = [_Preconditioner(C, chol, inv), 0]
+                lam = float(np.mean(1.0 / (C * self.w_sum)))
+                root = 1.0 / np.sqrt(self.values[:, None] * self.curvature[None, :] + lam)
+                self._held[C] = [_Preconditioner(C, root), 0]
             self._held[C][1] += 1
             return self._held[C][0]
 
@@ -227,8 +250,7 @@ class _Problems:
         from one blocked pass over the matrix."""
         d, k, m = self.d, self.k, len(asks)
         tasks = [a.task for a in asks]
-        pres = [a.pre for a in asks]
-        W = _grouped(pres, [a.x[: d * k].reshape(d, k) for a in asks], _times(lambda pre: pre.inv.T))  # W = L^-T A
+        W = np.hsplit(self.rotate(np.hstack([a.pre.root * a.x[: d * k].reshape(d, k) for a in asks])), m)
         raw_W = np.hstack([self.scale[t][:, None] * Wi for t, Wi in zip(tasks, W)])
         bias = np.stack([a.x[d * k:] - (self.shift[t] * self.scale[t]) @ Wi for a, t, Wi in zip(asks, tasks, W)])
         loss, R_sum, G_R = np.zeros(m), np.zeros((m, k)), np.zeros((d, m * k))
@@ -248,11 +270,16 @@ class _Problems:
             g = self.scale[t][:, None] * (G_R[:, i * k:(i + 1) * k] - np.outer(self.shift[t], R_sum[i])) + lam * Wi
             g_w.append(g)
             loss[i] += 0.5 * lam * float((Wi * Wi).sum())
-        g_a = _grouped(pres, g_w, _times(lambda pre: pre.inv))  # dA = L^-1 dW
-        for i in range(m):
+        g_a = np.hsplit(self.rotate(np.hstack(g_w), back=True), m)  # dA = root * V^T dW
+        for i, a in enumerate(asks):
             gmax = max(np.abs(g_w[i]).max(), np.abs(R_sum[i]).max())
-            answers.append((float(loss[i]), np.concatenate([g_a[i].ravel(), R_sum[i]]), float(gmax)))
+            answers.append((float(loss[i]), np.concatenate([(a.pre.root * g_a[i]).ravel(), R_sum[i]]), float(gmax)))
         return answers
+
+    def rotate(self, B: np.ndarray, back: bool = False) -> np.ndarray:
+        """``V @ B`` (``back``: ``V^T @ B``) in float32, as float64: the eigenbasis part of the change of
+        variables, one product for the asks of every task and C."""
+        return ((self.V32.T if back else self.V32) @ B.astype(np.float32)).astype(np.float64)
 
     def _loss(self, raw: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each task's weighted log-loss over a block of rows, and its gradient with respect to the raw scores.
@@ -274,41 +301,16 @@ class _Problems:
         return loss, w[..., None] * p
 
 
-def _cholesky(moment: np.ndarray, lam: float) -> np.ndarray:
-    """Lower Cholesky factor of ``moment + lam I``, with ``lam`` raised where that is not positive definite.
+def _eigen(moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of the symmetric ``moment``, the eigenvalues raised to zero where rounding
+    left them below it.
 
-    With fewer rows than columns the moment is singular, and computed in float32 it has eigenvalues a little
-    below zero, which a weak penalty (large C) does not lift: the factorisation fails. The preconditioner is
-    only a change of variables, and any positive definite one has the same optimum, so ``lam`` is raised by
-    steps of the float32 rounding scale of the moment's diagonal until it factors; where ``lam`` alone works
-    nothing changes.
+    With fewer rows than columns the moment is singular, and computed in float32 some of its eigenvalues come
+    out a little below zero; a weak penalty (large C) would not lift them. The true curvature there is the
+    penalty's alone, which zero gives; any positive definite preconditioner has the same optimum.
     """
-    scale = float(np.trace(moment)) / len(moment)
-    for extra in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
-        try:
-            return scipy.linalg.cholesky(moment + (lam + extra * scale) * np.eye(len(moment)), lower=True)
-        except np.linalg.LinAlgError:
-            continue
-    raise np.linalg.LinAlgError("the preconditioner's moment matrix is not positive definite")
-
-
-def _grouped(pres: list[_Preconditioner], parts: list[np.ndarray], product) -> list[np.ndarray]:
-    """``product(pres[i], parts[i])`` for every i, computed once per preconditioner for all parts sharing it
-    (the parts side by side): one read of the [d, d] matrix instead of one per task."""
-    out: list[np.ndarray] = [parts[0]] * len(parts)
-    for pre in {id(p): p for p in pres}.values():
-        members = [i for i, p in enumerate(pres) if p is pre]
-        joint = product(pre, np.hstack([parts[i] for i in members]))
-        width = joint.shape[1] // len(members)
-        for j, i in enumerate(members):
-            out[i] = joint[:, j * width:(j + 1) * width]
-    return out
-
-
-def _times(matrix):
-    """``(pre, B) -> matrix(pre) @ B`` in float32 (the inverse is kept in float32: it is read twice per round of
-    evaluations, and half the bytes is half the time), as float64."""
-    return lambda pre, B: (matrix(pre) @ B.astype(np.float32)).astype(np.float64)
+    values, V = np.linalg.eigh(moment)
+    return np.maximum(values, 0.0), V
 
 
 class _Fit:
@@ -318,12 +320,12 @@ class _Fit:
         self.problems, self.lockstep, self.task = problems, lockstep, task
 
     def path(self, Cs, tol: float, max_iter: int) -> list[LogisticFit]:
-        """The fits of every C of ``Cs``, each warm-started from the one before; leaves the lockstep at the end."""
+        """The fits of every C of ``Cs``, each warm-started from the ones before (:func:`_path_start`); leaves
+        the lockstep at the end."""
         try:
-            fits, start = [], None
+            fits: list[LogisticFit] = []
             for C in Cs:
-                start = self.solve(float(C), start, tol, max_iter)
-                fits.append(start)
+                fits.append(self.solve(float(C), _path_start(fits, float(C)), tol, max_iter))
             return fits
         finally:
             self.lockstep.leave()
@@ -345,16 +347,32 @@ class _Fit:
 
             x0 = np.zeros(d * k + k)
             if start is not None:
-                x0[: d * k] = (pre.chol.T @ start.coef).ravel()  # A = L^T W
+                x0[: d * k] = ((self.problems.V.T @ start.coef) / pre.root).ravel()  # A = (V^T W) / root
                 x0[d * k:] = start.intercept
             result = scipy.optimize.minimize(
                 loss_grad, x0, method="L-BFGS-B", jac=True, callback=converged,
-                options={"maxiter": max_iter, "maxls": 50, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps},
+                options={"maxiter": max_iter, "maxls": 50,  "gtol": 0.0, "ftol": 64 * np.finfo(float).eps},
             )
-            W = _times(lambda p: p.inv.T)(pre, result.x[: d * k].reshape(d, k))
+            W = self.problems.rotate(pre.root * result.x[: d * k].reshape(d, k))
             return LogisticFit(np.ascontiguousarray(W), result.x[d * k:].copy(), C, evals[0])
         finally:
             self.problems.release(pre)
+
+
+def _path_start(fits: list[LogisticFit], C: float) -> LogisticFit | None:
+    """Where the fit of ``C`` starts on a path: from zero first, then from the last solution, and from the
+    third C on, from the line through the last two solutions, extended linearly in log C to ``C``.
+
+    The solutions of a regularisation path move smoothly with log C, so the line lands closer to the next
+    one than the last solution does: on HAM10000 (MobileNetV2, 20 values of C, 3 folds) a path took 355
+    evaluations at tol 1e-3 against 627 from the last solution, and 2,361 against 4,841 at tol 1e-5.
+    """
+    if len(fits) < 2 or fits[-1].C == fits[-2].C:
+        return fits[-1] if fits else None
+    before, last = fits[-2], fits[-1]
+    t = np.log(C / last.C) / np.log(last.C / before.C)
+    return LogisticFit(last.coef + t * (last.coef - before.coef), last.intercept + t * (last.intercept - before.intercept),
+                       C, 0)
 
 
 class _Lockstep:
