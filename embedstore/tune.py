@@ -56,7 +56,7 @@ from threadpoolctl import threadpool_limits
 from embedstore import faults, parallel, studies
 from embedstore.atomic import pid_alive
 from embedstore.errors import ConfigError, EmbedstoreError, first_line
-from embedstore.heads.base import fit_paths, predict_rows, side_by_side
+from embedstore.heads.base import fit_paths, predict_path, predict_rows, side_by_side
 from embedstore.heads.decision import decide
 from embedstore.parallel import in_order, usable_cores
 from embedstore.store import digest, fingerprint
@@ -116,6 +116,14 @@ SEARCH_SPACES: dict[str, SpaceFn] = {
 #: the space's categorical parameters; every point is stored as a trial of the study.
 PATH_PARAMETERS = {"logreg": "C"}
 
+#: The solver tolerance (the head's ``tol``) of the path's fits: scikit-learn's default, looser than the head's
+#: own 1e-5. A path's fits only rank the values of C; the model of the chosen C is then fitted at the head's own
+#: tolerance by the caller. On HAM10000 (MobileNetV2, 20 values of C, balanced class weights) each of the
+#: tuned probe's six studies chose the same C at 1e-4 as at 1e-5, in 840 evaluations per inner study against
+#: 2,361; at 3e-4 and 1e-3 (355 evaluations) one of the six chose the neighbouring C (BENCHMARKS.md, issue
+#: 12). It is part of a path study's identity.
+PATH_TOL = 1e-4
+
 
 def cv_score(head, X, y, folds, metric: Callable, trial: optuna.Trial | None = None) -> float:
     """Mean of ``metric(y_test, proba, y_pred)`` over ``folds`` (a function of
@@ -159,7 +167,7 @@ def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None =
     path search the number of path values ``n_trials``); ``context`` is what only the caller knows (feature
     fingerprints, row ids, target, metric, decision, ...). ``fingerprint(study_problem(...))`` is the study's identity.
     """
-    search = {"path": PATH_PARAMETERS[space], "values": n_trials} if searches_path(space, fixed) else {}
+    search = {"path": PATH_PARAMETERS[space], "values": n_trials, "tol": PATH_TOL} if searches_path(space, fixed) else {}
     return {
         "protocol": 2,  # TPE seeded per finished trial, median pruner over folds; 2: every PCA on one BLAS thread
         "space": space,
@@ -484,7 +492,8 @@ def path_values(space: str, n: int) -> np.ndarray:
 
 def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial) -> None:
     """Add to ``study`` a trial for every point of the path grid it lacks: per combination of the categorical
-    parameters, each fold fits the whole path (warm-started) once and scores every point.
+    parameters, each fold fits the whole path (warm-started, at the screening tolerance :data:`PATH_TOL`) once
+    and scores every point.
 
     A combination's points are stored when all its folds are done, in grid order, skipping those a killed run
     stored already, so a resumed study holds the trials of an uninterrupted one, in the same order.
@@ -498,12 +507,11 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
         missing = [_params_key(p) not in stored for p in points]
         if not any(missing):
             continue
-        estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in choice.items()})
+        estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in {**choice, "tol": PATH_TOL}.items()})
         scores = np.empty((len(folds), len(values)))
         paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
         for k, ((_, test), path) in enumerate(zip(folds, paths)):
-            for j, fitted in enumerate(path):
-                proba = predict_rows(fitted, X, test)
+            for j, (fitted, proba) in enumerate(zip(path, predict_path(path, X, test))):
                 scores[k, j] = metric(y[test], proba, decide(fitted, proba))
         for j, params in enumerate(points):
             if not missing[j]:

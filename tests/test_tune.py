@@ -15,7 +15,7 @@ from embedstore.layout import study_storage
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
-from embedstore.tune import SEARCH_SPACES, cv_score, path_values, study_problem, tune
+from embedstore.tune import PATH_TOL, SEARCH_SPACES, cv_score, path_values, study_problem, tune
 
 
 balanced_accuracy = metric_functions(7)["balanced_accuracy"]  # f(y_true, proba, y_pred), as the probe tunes
@@ -127,9 +127,9 @@ def test_logreg_sweeps_a_warm_started_path_of_c_stored_as_trials(ham, tmp_path):
     Cs = path_values("logreg", 4)
     assert Cs[0] == pytest.approx(1e-4) and Cs[-1] == pytest.approx(1e2) and len(study.trials) == 8
     assert [t.params["C"] for t in study.trials] == pytest.approx([*Cs, *Cs])
-    # each trial scores what separate fits of its C score on the same folds
+    # each trial scores what separate fits of its C, at the path's tolerance, score on the same folds
     for t in study.trials[1:3]:
-        separate = cv_score(LogRegHead(**t.params), X, y, folds, balanced_accuracy)
+        separate = cv_score(LogRegHead(**t.params, tol=PATH_TOL), X, y, folds, balanced_accuracy)
         assert t.value == pytest.approx(separate, abs=0.02)
         assert t.value == pytest.approx(np.mean([t.user_attrs[f"fold_{k}"] for k in range(3)]))
     top = max(study.trials, key=lambda t: t.value)
@@ -139,3 +139,18 @@ def test_logreg_sweeps_a_warm_started_path_of_c_stored_as_trials(ham, tmp_path):
     best, fixed = tune(LogRegHead(class_weight="balanced"), "logreg", X, y, folds, balanced_accuracy, 3, storage, "cw",
                        fixed=frozenset({"class_weight"}))
     assert len(fixed.trials) == 3 and set(best) == {"C"}
+
+
+def test_the_path_screens_c_at_its_own_tolerance_and_records_it(ham, tmp_path, monkeypatch):
+    """The path's fits run at PATH_TOL, which is part of the study's identity; the head keeps its own tol."""
+    X, y, folds = ham
+    problem = study_problem("logreg", y, folds, 0, frozenset(), n_trials=3)
+    assert problem["search"] == {"path": "C", "values": 3, "tol": PATH_TOL}
+    tolerances = []
+    fit_paths = LogRegHead.fit_paths
+    monkeypatch.setattr(LogRegHead, "fit_paths",
+                        lambda self, *args, **kw: tolerances.append(self.tol) or fit_paths(self, *args, **kw))
+    head = LogRegHead(class_weight="balanced")
+    tune(head, "logreg", X, y, folds, balanced_accuracy, 3, f"sqlite:///{tmp_path / 's.db'}", "screen",
+         fixed=frozenset({"class_weight"}), problem=problem)
+    assert tolerances == [PATH_TOL] and head.tol == 1e-5
