@@ -230,3 +230,36 @@ def test_a_single_class_target_is_refused(ham_store):
     cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": "mobilenet_v2", "target": "dx"})
     with pytest.raises(ConfigError, match="single class"):
         load_data(cfg, store)
+
+
+def test_tuned_fold_models_are_fitted_together_each_with_its_own_c(ham_store, tmp_path):
+    """A tuned logistic probe fits every fold's model and the final one at once, each with the C its own nested
+    study chose, at the head's tolerance; each is the model that C gives alone on its fold."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    events = []
+    cfg = ProbeConfig.from_dict({"store": str(ham_store), "features": ["mobilenet_v2"], "target": "dx",
+                                 "groups": "lesion_id", "heads": ["logreg"], "folds": 3, "inner_folds": 2,
+                                 "trials": 4, "n_boot": 50, "tsne_max": 100, "report": False, "storage": storage,
+                                 "params": {"logreg": {"class_weight": "balanced"}}, "out": str(tmp_path / "tuned")})
+    run = run_probe(cfg, progress=lambda event, message: events.append((event, message)))
+    assert ("fit", "mobilenet_v2 × logreg: fitted 4 models together") in events
+    studies = {s.study_name.rsplit(":", 1)[-1]: optuna.load_study(study_name=s.study_name, storage=storage)
+               for s in optuna.get_all_study_summaries(storage)}
+    chosen = {scope: study.best_params["C"] for scope, study in studies.items()}
+    assert len(set(chosen.values())) > 1 or len(chosen) == 4  # one study per outer fold and one for the final head
+    head = load_head(run.path / "head")
+    inner = head.estimator_.head_ if hasattr(head, "estimator_") else head.head_
+    assert inner.C == chosen["final"] and inner.tol == 1e-5
+    X, table = FeatureStore.open(ham_store).load("mobilenet_v2")
+    y = table["dx"].to_numpy()
+    pred = pd.read_parquet(run.path / "predictions.parquet").set_index("id").loc[table["id"]]
+    from embedstore.heads import LogRegHead
+
+    for k in range(3):
+        test = np.flatnonzero(pred["fold"].to_numpy() == k)
+        train = np.setdiff1d(np.arange(len(y)), test)
+        alone = LogRegHead(C=chosen[f"fold{k}"], class_weight="balanced").fit(X[train], y[train])
+        ours = pred.iloc[test][[f"p_{c}" for c in alone.classes_]].to_numpy()
+        assert np.abs(ours - alone.predict_proba(X[test])).max() < 2e-3

@@ -94,16 +94,17 @@ def fit(model, X: pd.DataFrame, y, groups, rows):
     return fit_paths(model, X, y, [rows], **fit_params)[0][0]
 
 
-def fits_together(model) -> bool:
-    """Whether ``model`` fits several row sets of one matrix together (a single logistic head, whose fits share
-    one pass over its matrix: :meth:`embedstore.heads.LogRegHead.fit_paths`)."""
-    head = _head_of(model)
-    return head is not None and hasattr(head, "fit_paths")
-
-
-def fit_together(model, X: pd.DataFrame, y, row_sets) -> list:
-    """A fitted clone of ``model`` (:func:`fits_together`) per row set of ``row_sets``, fitted at once."""
-    return [path[0] for path in fit_paths(model, X, y, row_sets)]
+def fit_each(models: list, X: pd.DataFrame, y, row_sets) -> list | None:
+    """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where they can share one pass over their
+    matrix: one logistic head (:meth:`embedstore.heads.LogRegHead.fit_paths`) that differs at most in its C
+    (each fold's own tuned C, say). None where they cannot; then each is fitted alone (:func:`fit`)."""
+    heads = [_head_of(model) for model in models]
+    if heads[0] is None or not hasattr(heads[0], "fit_paths"):
+        return None
+    others = {k: v for k, v in heads[0].get_params().items() if k != "C"}
+    if any({k: v for k, v in head.get_params().items() if k != "C"} != others for head in heads):
+        return None
+    return [path[0] for path in fit_paths(models[0], X, y, row_sets, [[head.C] for head in heads])]
 
 
 def _head_of(model):

@@ -42,8 +42,8 @@ from embedstore.metrics import (bootstrap_ci, bootstrap_metrics, evaluate, metri
 from embedstore.probe.config import ProbeConfig, tune_metric
 from embedstore.probe.data import ProbeData, joined, load_data, load_other_store
 from embedstore.probe.patient import columns_for
-from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_together,
-                                     fits_together, stack_of, tunable_parts)
+from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, effective_params, fit, fit_each, stack_of,
+                                     tunable_parts)
 from embedstore.runs.record import Estimate, Transfer
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
@@ -307,28 +307,29 @@ class Probe:
         oof_pred = np.full(len(d.y), -1)
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
-        shared = []  # one head for every fold and the final one, fitted together where it can be
-        untuned = build_model(cfg, d, spec)
-        if not cfg.trials and fits_together(untuned):
-            shared = fit_together(untuned, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows])
+        tuned = [self._tune_fold(spec, k, train) for k, (train, _) in enumerate(self.folds)] if cfg.trials else \
+            [{}] * len(self.folds)
+        tuned.append(self._tune(spec, self.tune_rows, self.final_folds, "final"))
+        models = [build_model(cfg, d, spec, params) for params in tuned]  # every fold's, then the final one
+        # one pass over the matrix per evaluation for every fold's head and the final one, where they can share it
+        shared = fit_each(models, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows]) or []
+        if shared:
             self.progress("fit", f"{spec.name}: fitted {len(shared)} models together")
         for k, (train, test) in enumerate(self.folds):
             t0 = time.perf_counter()
-            tuned = self._tune_fold(spec, k, train) if cfg.trials else {}
-            model = shared[k] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, train)
+            model = shared[k] if shared else fit(models[k], d.X, d.y, d.groups, train)
             oof[test], bases = _predict(model, d.X, test)
             oof_pred[test] = decide(model, oof[test])
             for name, p in bases.items():
                 base_oof.setdefault(name, np.full_like(oof, np.nan))[test] = p
             scores = evaluate(d.y[test], oof[test], oof_pred[test])
-            timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # (with its tuning) where fitted alone
+            timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # where fitted alone
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
-        tuned = self._tune(spec, self.tune_rows, self.final_folds, "final")
-        final = shared[-1] if shared else fit(build_model(cfg, d, spec, tuned), d.X, d.y, d.groups, self.fit_rows)
+        final = shared[-1] if shared else fit(models[-1], d.X, d.y, d.groups, self.fit_rows)
         test_proba, base_test = _predict(final, d.X, self.test) if len(self.test) else (None, {})
         test_pred = decide(final, test_proba) if len(self.test) else None
-        return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned, base_oof, base_test)
+        return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned[-1], base_oof, base_test)
 
     # ------------------------------------------------------------------ metrics
 
