@@ -44,6 +44,17 @@ def test_fit_reaches_scikit_learns_optimum(features, binary, C):
     assert (fitted.proba(Z).argmax(1) == ref.predict(Z)).mean() > 0.99
 
 
+def test_unweighted_classes_scaled_apart_reach_scikit_learns_optimum(features):
+    """Unweighted classes of unequal shares: the preconditioner scales each class's curvature apart (in the
+    eigenbasis), which changes the search, not the optimum."""
+    Z, codes, n_classes = features
+    assert np.bincount(codes).max() > 5 * np.bincount(codes).min()
+    fitted = logistic.fit(Z, codes, n_classes, 0.1, tol=1e-7)
+    ref = _reference(Z, codes, 0.1, None)
+    assert np.abs(fitted.proba(Z) - ref.predict_proba(Z)).max() < 2e-3
+    assert (fitted.proba(Z).argmax(1) == ref.predict(Z)).mean() > 0.99
+
+
 def test_fewer_rows_than_columns_at_a_weak_penalty(features):
     """Binary fits on a few hundred rows of 1,280 columns (an undersampled fold) at a weak penalty: the float32 moment is
     singular there, and the solver must still reach scikit-learn's optimum instead of failing to factor it."""
