@@ -121,7 +121,7 @@ PATH_PARAMETERS = {"logreg": "C"}
 #: tolerance by the caller. On HAM10000 (MobileNetV2, 20 values of C, balanced class weights) each of the
 #: tuned probe's six studies chose the same C at 1e-4 as at 1e-5, in 840 evaluations per inner study against
 #: 2,361; at 3e-4 and 1e-3 (355 evaluations) one of the six chose the neighbouring C (BENCHMARKS.md, issue
-#: 12). It is part of a path study's identity.
+#: 12). It is part of a path study's identity. A ``tol`` the user fixed (``-p logreg.tol=...``) is kept instead.
 PATH_TOL = 1e-4
 
 
@@ -167,7 +167,8 @@ def study_problem(space: str, y, folds, seed: int, fixed, n_trials: int | None =
     path search the number of path values ``n_trials``); ``context`` is what only the caller knows (feature
     fingerprints, row ids, target, metric, decision, ...). ``fingerprint(study_problem(...))`` is the study's identity.
     """
-    search = {"path": PATH_PARAMETERS[space], "values": n_trials, "tol": PATH_TOL} if searches_path(space, fixed) else {}
+    search = {"path": PATH_PARAMETERS[space], "values": n_trials,
+              **({} if "tol" in fixed else {"tol": PATH_TOL})} if searches_path(space, fixed) else {}
     return {
         "protocol": 2,  # TPE seeded per finished trial, median pruner over folds; 2: every PCA on one BLAS thread
         "space": space,
@@ -507,7 +508,8 @@ def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixe
         missing = [_params_key(p) not in stored for p in points]
         if not any(missing):
             continue
-        estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in {**choice, "tol": PATH_TOL}.items()})
+        screen = {} if "tol" in fixed else {"tol": PATH_TOL}  # a tol the user set is kept (and in the identity)
+        estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in {**choice, **screen}.items()})
         scores = np.empty((len(folds), len(values)))
         paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
         for k, ((_, test), path) in enumerate(zip(folds, paths)):

@@ -203,3 +203,16 @@ def test_path_predictions_equal_each_models_own(features):
     knn = [KNeighborsClassifier(k).fit(Z[train], codes[train]) for k in (3, 5)]
     for fitted, proba in zip(knn, predict_path(knn, Z, test)):
         assert np.array_equal(proba, fitted.predict_proba(Z[test]))
+
+
+def test_an_uneven_path_and_a_class_without_weight_give_finite_optima(features):
+    """A path whose last step is far longer than the one before (the extrapolated start is held to one step),
+    and a binary fit where one class has no weight: finite models, each point the fit of its C."""
+    Z, codes, n_classes = features
+    path = logistic.fit_path(Z, codes, n_classes, [0.001, 0.0011, 1.0], tol=1e-6)
+    alone = logistic.fit(Z, codes, n_classes, 1.0, tol=1e-6)
+    assert np.abs(path[-1].proba(Z) - alone.proba(Z)).max() < 3e-3
+    binary = (codes == 0).astype(int)
+    weights = np.where(binary == 1, 0.0, 1.0)
+    fitted = logistic.fit(Z, binary, 2, 0.1, weights)
+    assert np.isfinite(fitted.coef).all() and np.isfinite(fitted.intercept).all()

@@ -142,7 +142,7 @@ def test_logreg_sweeps_a_warm_started_path_of_c_stored_as_trials(ham, tmp_path):
 
 
 def test_the_path_screens_c_at_its_own_tolerance_and_records_it(ham, tmp_path, monkeypatch):
-    """The path's fits run at PATH_TOL, which is part of the study's identity; the head keeps its own tol."""
+    """The path's fits run at PATH_TOL, which is part of the study's identity; a tol the user fixed is kept."""
     X, y, folds = ham
     problem = study_problem("logreg", y, folds, 0, frozenset(), n_trials=3)
     assert problem["search"] == {"path": "C", "values": 3, "tol": PATH_TOL}
@@ -153,4 +153,9 @@ def test_the_path_screens_c_at_its_own_tolerance_and_records_it(ham, tmp_path, m
     head = LogRegHead(class_weight="balanced")
     tune(head, "logreg", X, y, folds, balanced_accuracy, 3, f"sqlite:///{tmp_path / 's.db'}", "screen",
          fixed=frozenset({"class_weight"}), problem=problem)
-    assert tolerances == [PATH_TOL] and head.tol == 1e-5
+    assert tolerances == [PATH_TOL]
+    fixed = frozenset({"class_weight", "tol"})
+    assert "tol" not in study_problem("logreg", y, folds, 0, fixed, n_trials=3)["search"]
+    tune(LogRegHead(class_weight="balanced", tol=1e-3), "logreg", X, y, folds, balanced_accuracy, 3,
+         f"sqlite:///{tmp_path / 's.db'}", "own", fixed=fixed)
+    assert tolerances == [PATH_TOL, 1e-3]

@@ -95,16 +95,19 @@ def fit(model, X: pd.DataFrame, y, groups, rows):
 
 
 def fit_each(models: list, X: pd.DataFrame, y, row_sets) -> list | None:
-    """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where they can share one pass over their
-    matrix: one logistic head (:meth:`embedstore.heads.LogRegHead.fit_paths`) that differs at most in its C
-    (each fold's own tuned C, say). None where they cannot; then each is fitted alone (:func:`fit`)."""
+    """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where one head's ``fit_paths`` can fit
+    them together: a logistic head sharing one pass over its matrix (:meth:`embedstore.heads.LogRegHead.fit_paths`),
+    whose models may differ in their C (each fold's own tuned C, say), or a LightGBM head fitting its row sets
+    side by side, whose models must be the same. None where they cannot; then each is fitted alone (:func:`fit`)."""
     heads = [_head_of(model) for model in models]
     if heads[0] is None or not hasattr(heads[0], "fit_paths"):
         return None
-    others = {k: v for k, v in heads[0].get_params().items() if k != "C"}
-    if any({k: v for k, v in head.get_params().items() if k != "C"} != others for head in heads):
+    own_c = "C" in heads[0].get_params()
+    others = {k: v for k, v in heads[0].get_params().items() if not (own_c and k == "C")}
+    if any({k: v for k, v in head.get_params().items() if not (own_c and k == "C")} != others for head in heads):
         return None
-    return [path[0] for path in fit_paths(models[0], X, y, row_sets, [[head.C] for head in heads])]
+    values = [[head.C] for head in heads] if own_c else None
+    return [path[0] for path in fit_paths(models[0], X, y, row_sets, values)]
 
 
 def _head_of(model):

@@ -14,7 +14,10 @@ Every step is seeded by ``seed``:
    predicts this one: the out-of-fold (OOF) predictions. With ``trials > 0`` each fold first runs its own
    Optuna study on its training part only (inner group folds), so the OOF estimate is nested and no
    hyperparameter ever saw the rows it is scored on. A study is reused only by exactly the same problem
-   (:func:`embedstore.tune.study_problem`).
+   (:func:`embedstore.tune.study_problem`). Every fold's study runs first, then the final head's; then the
+   folds' models and the final one are fitted, together where one head can fit them at once
+   (:func:`embedstore.probe.models.fit_each`: a logistic head's models, each with its own tuned C), and the
+   folds' ``seconds`` in ``folds.csv`` (models fitted one by one only) time the fit alone, not its tuning.
 3. The final head: hyperparameters tuned on all training rows (outer folds, or the validation rows when
    there are some), refitted on all of them (and the validation rows); it predicts the test rows when
    there are any.
