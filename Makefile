@@ -29,7 +29,7 @@ test-deps: setup
 	bash tools/install_system_deps.sh
 
 test: test-deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 bench: setup
 	$(PY) benchmarks/bench_extract.py
