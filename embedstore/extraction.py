@@ -269,8 +269,7 @@ def extract(
         result.wall_s = time.perf_counter() - t0
         if result.n_written:
             store.append_run(key, {"finished": utc_now(), "device": str(dev), "amp": "bf16" if dev.type == "cuda" else None,
-                                   "batch_size": batch_size,
-                                   "num_workers": num_workers,
+                                   "batch_size": batch_size, "num_workers": num_workers,
                                    "shard": f"{shard_index}/{shard_count}", "n_written": result.n_written,
                                    "n_failed": result.n_failed, "wall_s": round(result.wall_s, 2),
                                    "images_per_s": round(result.images_per_s, 2), "versions": _versions(),

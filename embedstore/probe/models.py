@@ -102,11 +102,11 @@ def fit_each(models: list, X: pd.DataFrame, y, row_sets) -> list | None:
     heads = [_head_of(model) for model in models]
     if heads[0] is None or not hasattr(heads[0], "fit_paths"):
         return None
-    own_c = "C" in heads[0].get_params()
-    others = {k: v for k, v in heads[0].get_params().items() if not (own_c and k == "C")}
-    if any({k: v for k, v in head.get_params().items() if not (own_c and k == "C")} != others for head in heads):
+    varying = {"C"} & set(heads[0].get_params())  # a logistic head's models may differ in their C alone
+    settings = [{k: v for k, v in head.get_params().items() if k not in varying} for head in heads]
+    if any(setting != settings[0] for setting in settings):
         return None
-    values = [[head.C] for head in heads] if own_c else None
+    values = [[head.C] for head in heads] if varying else None
     return [path[0] for path in fit_paths(models[0], X, y, row_sets, values)]
 
 
