@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,7 +104,7 @@ class DecodedImages(Dataset):
     """Decodes the images at ``paths`` of ``source``; item ``i`` is ``(i, tensor, "")``, or ``(i, None, reason)``
     for an unreadable image (recorded as failed, never fatal)."""
 
-    def __init__(self, source: Source, paths: list[str], prep: Preprocessing) -> None:
+    def __init__(self, source: Source, paths: Sequence[str], prep: Preprocessing) -> None:
         self.source, self.paths, self.prep = source, paths, prep
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ the library's parameters (``shard``, ``rows_per_chunk``, ...), which the CLI's f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -113,7 +114,7 @@ def check_shard_gets_chunks(existing: FeatureStore | None, table, key: str, rows
                       f"chunk(s) of {rpc:,} rows, so shard {index} would get none; use {instead}")
 
 
-def check_some_readable(source: Source, table, hashes: list[str]) -> None:
+def check_some_readable(source: Source, table, hashes: Sequence[str]) -> None:
     """Refuse a source none of whose images can be read (a wrong image folder or path template), before any
     model work and before the store is written."""
     if any(hashes):

@@ -3,11 +3,12 @@
 One call of :func:`extract`:
 
 1. checks every option (:mod:`embedstore.extract_options`), reads the
-   source's table and hashes the images (only those whose size or mtime
+   source's ids and paths and hashes the images (only those whose size or mtime
    differ from what the store recorded: a stat each for the rest), refusing a
    source none of whose images can be read before anything is written;
-2. merges the table into the store's manifest (new images appended, changed
-   ones marked by their new hash, removed ones reported);
+2. merges the source's table into the store's manifest (new images appended,
+   changed ones marked by their new hash, removed ones reported; a first
+   extraction's table streamed a chunk at a time, never held whole);
 3. under the feature set's lock (exclusive, or shared between the shards of
    one ``shard="i/n"`` run), deletes the row chunks whose checksums fail, so
    their rows become pending, then picks the rows that are not fresh (never
@@ -203,27 +204,27 @@ def extract(
             num_workers = cluster.decoders(num_workers)
         if isinstance(encoder, str):
             encoder = create_encoder(encoder)
-        table = source.table  # validates the source before anything is written
+        images = source.images  # ids and paths, validated before anything is written (its metadata: update_manifest)
         config = feature_set_config(encoder, tta, dtype)
         key = fingerprint(config)
         name = name or default_name(encoder, tta, dtype)
         existing = store if isinstance(store, FeatureStore) else _existing_store(store)
-        check_shard_gets_chunks(existing, table, key, rows_per_chunk, shard_index, shard_count)
+        check_shard_gets_chunks(existing, images, key, rows_per_chunk, shard_index, shard_count)
 
-        with progress_bar("hashing", len(table), enabled=progress) as advance:  # unchanged images: a stat each
-            recorded = existing.recorded_images(table, source.describe()) if existing else None
+        with progress_bar("hashing", len(images), enabled=progress) as advance:  # unchanged images: a stat each
+            recorded = existing.recorded_images(images, source.describe()) if existing else None
             state = source.content_hashes(recorded=recorded, progress=advance)
-        hashes = state["sha256"].tolist()
-        check_some_readable(source, table, hashes)
+        hashes = state["sha256"].array  # pandas' Arrow strings: 64 B a row, where a list of str holds 120
+        check_some_readable(source, images, hashes)
         store = existing or FeatureStore.create_or_open(store)
         attrs = {"encoder": encoder.name, "weights": encoder.weights, "weights_arg": encoder.weights_file,
                  "weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing.to_dict(),
                  "pooling": encoder.pooling, **encoder.input_options, "tta": tta, "dim": encoder.dim, "dtype": dtype,
                  "config": config, "rows_per_chunk": rows_per_chunk}
         with store.preparing():
-            update = store.update_manifest(table, state, source.describe())
+            update = store.update_manifest(source, state, source.describe())
             fs = store.require_feature_set(key, name, attrs, encoder.dim, dtype, rows_per_chunk)
-        result = ExtractResult(store=store.path, key=key, name=name, n_source=len(table),
+        result = ExtractResult(store=store.path, key=key, name=name, n_source=len(images),
                                new=update.new, changed=update.changed, removed=update.removed)
 
         with store.lock(key, (shard_index, shard_count)):
@@ -307,7 +308,7 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
     if not blocks:
         return
     order = np.concatenate(blocks)
-    paths = source.table["_path"].to_numpy()[order].tolist()
+    paths = source.images["_path"].array[order]  # Arrow strings: a str is made only when a worker reads one
     batches, block_of_batch, start = [], [], 0
     for b, block in enumerate(blocks):
         for s in range(0, len(block), batch_size):
@@ -318,7 +319,7 @@ def _run_blocks(source, encoder, fs, rows, hashes, blocks, dev, tta, batch_size,
                         num_workers=num_workers, collate_fn=collate_decoded, pin_memory=dev.type == "cuda",
                         prefetch_factor=4 if num_workers else None)
     runner = _Runner(encoder, dev, tta)
-    ids = source.table["id"].to_numpy()
+    ids = source.images["id"].array
     starts = np.cumsum([0] + [len(b) for b in blocks])
     buffer = None
     t_model = time.perf_counter()

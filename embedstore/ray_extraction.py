@@ -258,7 +258,7 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
     source = source.anchored()
     token = token_file(store, key)
     first = next((i for block in blocks for i in block if hashes[i]), None)  # an image the driver could read
-    probe = None if first is None else (source.table["_path"].iloc[first], hashes[first])
+    probe = None if first is None else (source.images["_path"].iloc[first], hashes[first])
     starting, running, free, started = {}, {}, [], []
     start_deaths, start_budget = 0, RETRIES * cluster.workers
     try:
@@ -275,7 +275,7 @@ def run_blocks(cluster: RayCluster, store: Path, key: str, source, encoder, bloc
         wanted = min(cluster.workers, len(blocks))
         for _ in range(wanted):
             start()
-        paths, ids = source.table["_path"].to_numpy(), source.table["id"].to_numpy()
+        paths, ids = source.images["_path"].to_numpy(), source.images["id"].to_numpy()
         t0 = time.perf_counter()
         queue, tries, done = deque(enumerate(blocks)), Counter(), {}
         while queue or running:

@@ -37,18 +37,23 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from embedstore.columns import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT
+from embedstore.columns import STAT_COLUMNS, UNKNOWN_STAT
 from embedstore.errors import SourceError
 from embedstore.images import IMAGE_SUFFIXES, escaping_paths, image_files, read_regular_file, regular_file_stat
+from embedstore.metadata_csv import MetadataCsv
 
 # An image modified this soon before its hash was taken may change again within the same mtime tick
 # (coarse clocks, FAT's 2 s): its mtime is recorded as unknown so that it is hashed again next time.
 _RACY_NS = 2_000_000_000
+
+# Images hashed per round of the thread pool. ``Executor.map`` creates a future for every item before the first
+# result: for 401,059 images that held 870 MB at once (and left the heap fragmented); a block holds a few MB.
+_HASH_BLOCK = 4096
 
 
 class Source:
@@ -58,12 +63,13 @@ class Source:
 
     def __init__(self) -> None:
         self._table: pd.DataFrame | None = None
+        self._images: pd.DataFrame | None = None
 
     def __getstate__(self) -> dict:
-        """What a decoding worker receives: the source without its table, which only the driver needs
+        """What a decoding worker receives: the source without its tables, which only the driver needs
         (400,000 rows of metadata would otherwise be copied into every worker)."""
         state = self.__dict__.copy()
-        state["_table"] = None
+        state["_table"] = state["_images"] = None
         return state
 
     def anchored(self) -> "Source":
@@ -81,11 +87,27 @@ class Source:
             self._table = self._build_table()
         return self._table
 
+    @property
+    def images(self) -> pd.DataFrame:
+        """The ``id`` and ``_path`` columns of :attr:`table`, validated as the table is, without its other
+        columns: all that extraction holds while it runs (a metadata CSV is read for them alone)."""
+        if self._images is None:
+            self._images = self._build_images()
+        return self._images
+
+    def table_chunks(self) -> Iterator[pd.DataFrame]:
+        """:attr:`table` as consecutive pieces (index from 0 in each), for a reader that must not hold all of
+        it: the manifest merge streams a 400,000-row metadata CSV through this."""
+        yield self.table
+
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.images)
 
     def _build_table(self) -> pd.DataFrame:
         raise NotImplementedError
+
+    def _build_images(self) -> pd.DataFrame:
+        return self.table[["id", "_path"]]
 
     def read_bytes(self, path: str) -> bytes:
         """The encoded image at ``path`` (a value of the ``_path`` column)."""
@@ -122,7 +144,7 @@ class Source:
         less than 2 s before hashing began gets mtime -1, so the next call hashes it again.
         """
         # through numpy: iterating a pandas string column is 15x slower, 0.5 s at 400,000 rows
-        paths = np.asarray(self.table["_path"] if paths is None else paths, dtype=object).tolist()
+        paths = np.asarray(self.images["_path"] if paths is None else paths, dtype=object).tolist()
         started = time.time_ns()
         stats = self.stats(paths)
         sha = np.full(len(paths), "", dtype=object)
@@ -141,10 +163,12 @@ class Source:
                 return ""
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for i, digest in zip(todo, pool.map(one, [paths[i] for i in todo], chunksize=64)):
-                sha[i] = digest
+            for start in range(0, len(todo), _HASH_BLOCK):  # a block at a time: map() makes every future at once
+                block = todo[start:start + _HASH_BLOCK]
+                for i, digest in zip(block, pool.map(one, [paths[i] for i in block])):
+                    sha[i] = digest
                 if progress is not None:
-                    progress(1)
+                    progress(len(block))
         stats[stats[:, 1] >= started - _RACY_NS, 1] = UNKNOWN_STAT
         return pd.DataFrame({"sha256": sha, STAT_COLUMNS[0]: stats[:, 0], STAT_COLUMNS[1]: stats[:, 1]})
 
@@ -167,6 +191,19 @@ def _normalise_table(table: pd.DataFrame) -> pd.DataFrame:
             mask = table[col].isna()
             table[col] = table[col].astype(str).where(~mask, None)
     return table
+
+
+def _with_images(images: pd.DataFrame, chunks: Iterator[pd.DataFrame], id_col: str) -> Iterator[pd.DataFrame]:
+    """The chunks of a metadata CSV as table chunks: ``id`` and ``_path`` (from ``images``, row for row) first,
+    then the CSV's columns but ``id_col``."""
+    start = 0
+    for chunk in chunks:
+        table = chunk.drop(columns=[id_col])
+        stop = start + len(table)
+        table.insert(0, "id", images["id"].to_numpy()[start:stop])
+        table.insert(1, "_path", images["_path"].to_numpy()[start:stop])
+        start = stop
+        yield _normalise_table(table)
 
 
 class _FileSource(Source):
@@ -219,21 +256,9 @@ class CsvFolderSource(_FileSource):
         super().__init__(images if images is not None else self.csv.parent)
         self.id_col, self.path_col, self.template = id_col, path_col, template
 
-    def _build_table(self) -> pd.DataFrame:
-        try:
-            df = pd.read_csv(self.csv, dtype={self.id_col: str})
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise SourceError(f"cannot read {self.csv} as CSV: {exc}") from None
-        if df.empty:
-            raise SourceError(f"{self.csv} has a header but no rows: no images to extract")
-        for col in (self.id_col, self.path_col):
-            if col is not None and col not in df.columns:
-                raise SourceError(
-                    f"column {col!r} not in {self.csv.name}; its columns are: {', '.join(map(str, df.columns))}"
-                )
-        clash = [c for c in RESERVED_COLUMNS if c in df.columns and c != self.id_col]
-        if clash:
-            raise SourceError(f"{self.csv.name} has columns reserved by embedstore: {', '.join(clash)}; rename them")
+    def _build_images(self) -> pd.DataFrame:
+        named = [self.id_col, *([self.path_col] if self.path_col not in (None, self.id_col) else [])]
+        df = MetadataCsv(self.csv, self.id_col, self.path_col).text_columns(named)
         _check_ids(df[self.id_col], self.csv.name)
         ids = df[self.id_col].astype(str)
         if self.path_col is not None:
@@ -244,10 +269,13 @@ class CsvFolderSource(_FileSource):
             except (KeyError, IndexError, ValueError) as exc:
                 raise SourceError(f"bad path template {self.template!r}: use {{id}} for the id ({exc})") from None
         self._check_inside(paths)
-        table = df.drop(columns=[self.id_col]).copy()
-        table.insert(0, "id", ids.values)
-        table.insert(1, "_path", paths.values)
-        return _normalise_table(table)
+        return pd.DataFrame({"id": ids.values, "_path": paths.values})
+
+    def table_chunks(self) -> Iterator[pd.DataFrame]:
+        return _with_images(self.images, MetadataCsv(self.csv, self.id_col, self.path_col).chunks(), self.id_col)
+
+    def _build_table(self) -> pd.DataFrame:
+        return pd.concat(list(self.table_chunks()), ignore_index=True)
 
     def describe(self) -> dict:
         return {
@@ -298,26 +326,24 @@ class Hdf5Source(Source):
             self._pid = os.getpid()
         return self._file
 
-    def _build_table(self) -> pd.DataFrame:
-        keys = list(self._handle().keys())
+    def _build_images(self) -> pd.DataFrame:
         if self.metadata is None:
+            keys = list(self._handle().keys())
             if not keys:
                 raise SourceError(f"{self.h5} holds no datasets: no images to extract")
             return pd.DataFrame({"id": keys, "_path": keys})
-        df = pd.read_csv(self.metadata, dtype={self.id_col: str}, low_memory=False)
-        if df.empty:
-            raise SourceError(f"{self.metadata} has a header but no rows: no images to extract")
-        if self.id_col not in df.columns:
-            raise SourceError(
-                f"column {self.id_col!r} not in {self.metadata.name}; its columns are: "
-                f"{', '.join(map(str, df.columns[:12]))}{', ...' if len(df.columns) > 12 else ''}"
-            )
-        _check_ids(df[self.id_col], self.metadata.name)
-        ids = df[self.id_col].astype(str)
-        table = df.drop(columns=[self.id_col]).copy()
-        table.insert(0, "id", ids.values)
-        table.insert(1, "_path", ids.values)
-        return _normalise_table(table)
+        ids = MetadataCsv(self.metadata, self.id_col).text_columns([self.id_col])[self.id_col]
+        _check_ids(ids, self.metadata.name)
+        ids = ids.astype(str)
+        return pd.DataFrame({"id": ids.values, "_path": ids.values})
+
+    def table_chunks(self) -> Iterator[pd.DataFrame]:
+        if self.metadata is None:
+            return iter([self.images])
+        return _with_images(self.images, MetadataCsv(self.metadata, self.id_col).chunks(), self.id_col)
+
+    def _build_table(self) -> pd.DataFrame:
+        return pd.concat(list(self.table_chunks()), ignore_index=True)
 
     def read_bytes(self, path: str) -> bytes:
         try:

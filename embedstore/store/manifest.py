@@ -8,6 +8,8 @@ an unchanged image later costs one ``stat``.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from embedstore import faults
 from embedstore.atomic import clean_stale, write_file
 from embedstore.columns import RESERVED_COLUMNS, STAT_COLUMNS, UNKNOWN_STAT, empty_manifest
 from embedstore.errors import StoreError, first_line
+from embedstore.metadata_csv import CHUNK_ROWS
 
 MANIFEST_FILE = "manifest.parquet"
 
@@ -45,21 +48,18 @@ def read_manifest(store: Path, reserved_only: bool = False) -> pd.DataFrame:
     file = store / MANIFEST_FILE
     if not file.is_file():
         return empty_manifest()
-    fix = ("the features cannot be matched to their images without it; restore it from a backup, or extract "
-           "into a new store")
     try:
         columns = [c for c in manifest_columns(store) if c in RESERVED_COLUMNS] if reserved_only else None
         manifest = pd.read_parquet(file, columns=columns)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is damage on disk, not a bug
-        reason = first_line(exc)
-        raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) is damaged ({reason}): {fix}") from None
+        raise _damaged(store, first_line(exc)) from None
     # decoding leaves about 0.8x the manifest's size cached in Arrow's memory pool (1 GB at 10 million rows,
     # held by the process until it ends): give it back
     pa.default_memory_pool().release_unused()
     lacking = [c for c in RESERVED_COLUMNS if c not in STAT_COLUMNS and c not in manifest.columns]
     if lacking:
         raise StoreError(f"the manifest of {store} ({MANIFEST_FILE}) lacks the column(s) "
-                         f"{', '.join(lacking)} (it is not an embedstore manifest, or is damaged): {fix}")
+                         f"{', '.join(lacking)} (it is not an embedstore manifest, or is damaged): {_FIX}")
     if STAT_COLUMNS[0] not in manifest:
         at = manifest.columns.get_loc("_source") + 1
         for i, col in enumerate(STAT_COLUMNS):
@@ -71,6 +71,22 @@ def manifest_columns(store: Path) -> list[str]:
     """The manifest's column names, from its parquet schema (no row is read); [] before any image was added."""
     file = store / MANIFEST_FILE
     return pq.read_schema(file).names if file.is_file() else list(empty_manifest().columns)
+
+
+def manifest_rows(store: Path) -> int:
+    """The manifest's number of rows, from its parquet footer (no row is read); 0 before any image was added."""
+    file = store / MANIFEST_FILE
+    try:
+        return pq.ParquetFile(file).metadata.num_rows if file.is_file() else 0
+    except Exception as exc:  # noqa: BLE001 - as read_manifest: damage on disk
+        raise _damaged(store, first_line(exc)) from None
+
+
+_FIX = "the features cannot be matched to their images without it; restore it from a backup, or extract into a new store"
+
+
+def _damaged(store: Path, reason: str) -> StoreError:
+    return StoreError(f"the manifest of {store} ({MANIFEST_FILE}) is damaged ({reason}): {_FIX}")
 
 
 def planned_rows(manifest: pd.DataFrame, ids: pd.Series) -> np.ndarray:
@@ -116,21 +132,97 @@ def merge_manifest(old: pd.DataFrame, table: pd.DataFrame, hashes: pd.DataFrame,
     )
 
 
+def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFrame], hashes: pd.DataFrame,
+                    source: int) -> ManifestUpdate | None:
+    """Append a table none of whose ids the manifest holds, chunk by chunk, as :func:`merge_manifest` would
+    merge it, without holding the table or the manifest's own columns: the memory of a first extraction stays
+    flat in its number of images. None (nothing written) where the manifest cannot be appended to as it is:
+    a column typed differently in the manifest and the table, or a manifest from before the stat columns.
+
+    ``known`` is the manifest's reserved columns (:func:`read_manifest` with ``reserved_only``), ``chunks`` the
+    table in pieces (:meth:`embedstore.sources.Source.table_chunks`), ``hashes`` aligned with the whole table.
+    The manifest is replaced atomically (:func:`write_manifest`'s way).
+    """
+    file = store / MANIFEST_FILE
+    old_schema = pq.read_schema(file) if file.is_file() else _arrow_schema(empty_manifest())
+    if any(col not in old_schema.names for col in RESERVED_COLUMNS):
+        return None
+    chunks = iter(chunks)
+    first = next(chunks)
+    new_schema = _arrow_schema(_with_reserved(first, hashes, 0, source))
+    types = {f.name: f.type for f in old_schema}
+    for field in new_schema:  # a column the manifest holds no value of (written as null-typed) takes the table's type
+        if types.setdefault(field.name, field.type) != field.type:
+            if types[field.name] != pa.null():
+                return None
+            types[field.name] = field.type
+    schema = pa.schema(list(types.items()))
+    ids: list[str] = []
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            if file.is_file():
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=CHUNK_ROWS):
+                    writer.write_table(_conformed(pa.Table.from_batches([batch]), schema))
+            start = 0
+            for chunk in itertools.chain([first], chunks):
+                table = _with_reserved(chunk, hashes, start, source)
+                ids.extend(table["id"].tolist())
+                writer.write_table(_conformed(pa.Table.from_pandas(table, schema=_arrow_schema(table),
+                                                                   preserve_index=False), schema))
+                start += len(table)
+        faults.point("manifest-replace")
+
+    _replace(file, write)
+    removed = known.loc[known["_source"] == source, "id"].tolist()  # no id of the table is known: all of them left
+    return ManifestUpdate(rows=np.arange(len(known), len(known) + len(ids), dtype=np.int64), new=ids, changed=[],
+                          removed=removed)
+
+
+def _with_reserved(chunk: pd.DataFrame, hashes: pd.DataFrame, start: int, source: int) -> pd.DataFrame:
+    """Table ``chunk`` (rows ``start..`` of the table) with the reserved columns from ``hashes`` and ``source``."""
+    out = chunk.copy(deep=False)
+    part = hashes.iloc[start:start + len(chunk)]
+    added = {"sha256": part["sha256"].to_numpy(dtype=object), "_source": np.full(len(chunk), source, np.int64),
+             **{col: part[col].to_numpy(dtype=np.int64) for col in STAT_COLUMNS}}
+    for col, values in added.items():
+        out.insert(RESERVED_COLUMNS.index(col), col, values)
+    return out
+
+
+def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
+    """The parquet types of a table's columns from their pandas types alone (text where object), so that
+    every chunk gets the same schema, whatever values it happens to hold (a chunk with no value is not null-typed);
+    text as pandas writes it (``large_string``)."""
+    return pa.schema([(col, pa.large_string() if dtype.kind == "O" else pa.from_numpy_dtype(dtype))
+                      for col, dtype in frame.dtypes.items()])
+
+
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order and types, null where ``table`` lacks one."""
+    return pa.table([table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                     for f in schema], schema=schema)
+
+
 def write_manifest(store: Path, manifest: pd.DataFrame) -> None:
     """Replace the manifest atomically (:func:`embedstore.atomic.write_file`): readers and a kill see the
     old one or the new one. What killed writers left beside it is removed first; the caller holds the store's
     metadata lock, so no other writer is mid-write and an older embedstore's ``.manifest.parquet.<pid>.tmp``
     is a leftover too.
     """
-    target = store / MANIFEST_FILE
-    clean_stale(target)
-    for leftover in store.glob(f".{MANIFEST_FILE}.*.tmp"):
-        leftover.unlink(missing_ok=True)
-
     def write(tmp: Path) -> None:
         manifest.to_parquet(tmp, index=False)
         faults.point("manifest-replace")
 
+    _replace(store / MANIFEST_FILE, write)
+
+
+def _replace(target: Path, write) -> None:
+    """Replace the manifest ``target`` by what ``write(tmp)`` writes, atomically, leftovers of killed writers
+    removed first (see :func:`write_manifest`)."""
+    clean_stale(target)
+    for leftover in target.parent.glob(f".{MANIFEST_FILE}.*.tmp"):
+        leftover.unlink(missing_ok=True)
     write_file(target, write)
 
 

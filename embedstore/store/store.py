@@ -25,8 +25,9 @@ from embedstore.store.feature_set import DONE, DTYPES, FeatureSet, create_featur
 from embedstore.store.freshness import ImageCheck, stale_error
 from embedstore.store.identity import digest, fingerprint
 from embedstore.store.locks import metadata_lock, writer_lock
-from embedstore.store.manifest import (ManifestUpdate, manifest_columns, merge_manifest, planned_rows, read_manifest,
-                                       recorded_images, write_manifest)
+from embedstore.sources import Source
+from embedstore.store.manifest import (ManifestUpdate, append_manifest, manifest_columns, manifest_rows, merge_manifest,
+                                       planned_rows, read_manifest, recorded_images, write_manifest)
 from embedstore.store.summary import FeatureSetInfo, StoreSummary, count_feature_set
 
 FORMAT_VERSION = 1
@@ -102,6 +103,17 @@ class FeatureStore:
         """One row per image; row ``i`` is row ``i`` of every feature set (:func:`.manifest.read_manifest`)."""
         return read_manifest(self.path)
 
+    @cached_property
+    def _reserved(self) -> pd.DataFrame:
+        """The manifest's own columns (ids, hashes, paths, stats), without the sources' metadata: what relating
+        a source's images to the rows needs (a tenth of the whole manifest's memory at 401,059 rows)."""
+        return read_manifest(self.path, reserved_only=True)
+
+    def _forget_manifest(self) -> None:
+        """Drop what was read of the manifest: another process may have changed it, or this one did."""
+        self.__dict__.pop("manifest", None)
+        self.__dict__.pop("_reserved", None)
+
     def _source_index(self, desc: dict) -> int:
         sources = list(self.root.attrs.get("sources", []))
         if desc not in sources:
@@ -109,24 +121,36 @@ class FeatureStore:
             self.root.attrs["sources"] = sources
         return sources.index(desc)
 
-    def update_manifest(self, table: pd.DataFrame, hashes: pd.DataFrame, source_desc: dict) -> ManifestUpdate:
+    def update_manifest(self, source: Source | pd.DataFrame, hashes: pd.DataFrame, source_desc: dict) -> ManifestUpdate:
         """Merge a source's table into the manifest: new images are appended, known ones updated in place.
 
-        ``hashes`` is :meth:`Source.content_hashes` of the table's images (sha256, size, mtime). Call it
-        inside :meth:`preparing`. The manifest is replaced atomically (:func:`.manifest.write_manifest`).
-        Images the same source had before and no longer lists are reported in
-        :attr:`ManifestUpdate.removed` and kept, with their features.
+        ``source`` is a :class:`~embedstore.sources.Source` or its table; ``hashes`` is
+        :meth:`Source.content_hashes` of its images (sha256, size, mtime). Call it inside :meth:`preparing`. The
+        manifest is replaced atomically (:func:`.manifest.write_manifest`). Images the same source had before and
+        no longer lists are reported in :attr:`ManifestUpdate.removed` and kept, with their features.
+
+        A source none of whose images the manifest holds (a first extraction) is appended a chunk of its table
+        at a time (:func:`.manifest.append_manifest`); otherwise its table and the manifest are merged in memory
+        (:func:`.manifest.merge_manifest`).
         """
+        index = self._source_index(source_desc)
+        if isinstance(source, Source):
+            known = read_manifest(self.path, reserved_only=True)
+            if not known["id"].isin(source.images["id"]).any():
+                update = append_manifest(self.path, known, source.table_chunks(), hashes, index)
+                if update is not None:
+                    self._forget_manifest()
+                    return update
         old = self.manifest
-        merged, update = merge_manifest(old, table, hashes, self._source_index(source_desc))
+        merged, update = merge_manifest(old, source.table if isinstance(source, Source) else source, hashes, index)
         if not merged.equals(old):
             write_manifest(self.path, merged)
-            self.__dict__.pop("manifest", None)
+            self._forget_manifest()
         return update
 
     def planned_rows(self, ids: pd.Series) -> np.ndarray:
         """The store rows images ``ids`` will take (known ids keep theirs, new ones are appended), writing nothing."""
-        return planned_rows(self.manifest, ids)
+        return planned_rows(self._reserved, ids)
 
     # --------------------------------------------------------------- freshness
     def recorded_images(self, table: pd.DataFrame, source_desc: dict) -> pd.DataFrame | None:
@@ -135,7 +159,7 @@ class FeatureStore:
         sources = list(self.root.attrs.get("sources", []))
         if source_desc not in sources:
             return None
-        return recorded_images(self.manifest, sources.index(source_desc), table)
+        return recorded_images(self._reserved, sources.index(source_desc), table)
 
     def changed_images(self, rows: np.ndarray) -> np.ndarray:
         """Which of the manifest ``rows`` hold an image whose bytes differ from the sha256 the manifest recorded
@@ -238,7 +262,7 @@ class FeatureStore:
                 f"(encoder {other.get('encoder')}, weights {other.get('weights')}, key {clash[0]}); "
                 f"store this one under another feature-set name"
             )
-        n = len(self.manifest)
+        n = manifest_rows(self.path)
         with storage_errors(self.path, f"preparing feature set {name} in {self.path}"):
             if key not in groups:
                 return FeatureSet(create_feature_set(self.root["features"], key, {
@@ -253,7 +277,7 @@ class FeatureStore:
         """Serialise the short steps of concurrent writers that change shared metadata (manifest merge,
         feature-set creation and growth, run records); a full or read-only disk there is one line."""
         with metadata_lock(self.path):
-            self.__dict__.pop("manifest", None)  # another process may have changed it
+            self._forget_manifest()  # another process may have changed it
             yield
 
     @contextmanager

@@ -1,0 +1,106 @@
+"""A first extraction's table is read and written in chunks (memory flat in N): the same table and manifest as
+reading it whole and merging it in memory, on real HAM10000 metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embedstore import extract, metadata_csv
+from embedstore.sources import CsvFolderSource, Hdf5Source
+from embedstore.store import FeatureStore
+from embedstore.store.manifest import read_manifest
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(metadata_csv, "CHUNK_ROWS", 150)
+
+
+@pytest.fixture
+def uneven_csv(ham_subset, tmp_path):
+    """The subset's CSV with columns that a chunked read types differently from chunk to chunk: a number
+    column empty in its first rows, a text column empty in its first rows, a column of integers with a gap in
+    its last rows, one of integers in some rows and text in others."""
+    table = ham_subset.reset_index(drop=True).copy()
+    n = len(table)
+    table["age"] = table["age"].where(np.arange(n) >= 200)
+    table["site_note"] = np.where(np.arange(n) >= 300, table["localization"], None)
+    table["visits"] = pd.array(np.arange(n) % 5, dtype="Int64")
+    table.loc[n - 3:, "visits"] = pd.NA
+    table["code"] = np.where(np.arange(n) < 160, (np.arange(n) % 7).astype(str), "x" + table["lesion_id"])
+    csv = tmp_path / "uneven.csv"
+    table.to_csv(csv, index=False)
+    return csv
+
+
+def test_chunks_are_typed_as_a_whole_file_read(ham_root, uneven_csv, small_chunks):
+    source = CsvFolderSource(uneven_csv, ham_root / "images")
+    chunks = list(source.table_chunks())
+    assert len(chunks) > 2 and all(list(c.columns) == list(chunks[0].columns) for c in chunks)
+    whole = pd.read_csv(uneven_csv, dtype={"image_id": str}, low_memory=False)
+    for col in ("age", "site_note", "visits", "code"):  # each chunk has the whole file's type
+        assert {str(c[col].dtype) for c in chunks} == {str(whole[col].dtype)}, col
+    table = pd.concat(chunks, ignore_index=True)
+    pd.testing.assert_frame_equal(table.drop(columns=["id", "_path"]),
+                                  whole.drop(columns=["image_id"]).astype({"code": str}), check_dtype=False)
+    assert table["id"].tolist() == whole["image_id"].tolist()
+    assert source.images["id"].tolist() == table["id"].tolist()
+    assert source._table is None  # the images and the chunks are read without the whole table
+    pd.testing.assert_frame_equal(source.table, table)
+
+
+def test_streamed_manifest_equals_the_merge_in_memory(ham_root, ham_subset, uneven_csv, tmp_path, small_chunks):
+    """A store's manifest after a first source and then a second one with other columns: streamed (a Source)
+    and merged in memory (its table) give the same frame."""
+    second = ham_subset.tail(120).assign(image_id=lambda t: "copy_" + t["image_id"], reader="B")[
+        ["image_id", "dx", "reader"]]
+    second_csv = tmp_path / "second.csv"
+    second.to_csv(second_csv, index=False)
+    manifests = []
+    for mode in ("stream", "memory"):
+        store = FeatureStore.create_or_open(tmp_path / f"{mode}.zarr")
+        offset = 0
+        for csv in (uneven_csv, second_csv):
+            source = CsvFolderSource(csv, ham_root / "images")
+            if csv == second_csv:  # the copies' paths do not exist: hashes stand in (empty where unreadable)
+                hashes = pd.DataFrame({"sha256": "", "_size": -1, "_mtime_ns": -1}, index=range(len(source)))
+            else:
+                hashes = source.content_hashes()
+            with store.preparing():
+                update = store.update_manifest(source if mode == "stream" else source.table, hashes, source.describe())
+            assert update.rows.tolist() == list(range(offset, offset + len(source)))  # appended after the first
+            assert update.new == source.images["id"].tolist() and not update.changed
+            offset += len(source)
+        manifests.append(read_manifest(store.path))
+    streamed, merged = manifests
+    assert len(streamed) == len(ham_subset) + len(second)
+    assert streamed["reader"].isna().sum() == len(ham_subset) and streamed["age"].isna().sum() > len(second)
+    pd.testing.assert_frame_equal(streamed, merged)
+
+
+def test_first_extraction_never_reads_the_whole_table(ham_root, ham_subset, tmp_path, small_chunks):
+    """Extraction holds ids and paths only; the metadata reaches the manifest chunk by chunk. A rerun over a
+    changed label merges in memory and updates the row in place."""
+    ids = ham_subset["image_id"].head(40).tolist()
+    import h5py
+
+    with h5py.File(tmp_path / "x.hdf5", "w") as f:
+        for i in ids:
+            f[i] = np.void((ham_root / "images" / f"{i}.jpg").read_bytes())
+    meta = ham_subset.head(40).rename(columns={"image_id": "isic_id"})
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    source = Hdf5Source(tmp_path / "x.hdf5", tmp_path / "meta.csv")
+    result = extract(source, "mobilenet_v2", tmp_path / "s.zarr", progress=False, rows_per_chunk=16)
+    assert result.n_written == 40 and source._table is None
+    manifest = read_manifest(tmp_path / "s.zarr")
+    assert manifest["id"].tolist() == ids and manifest["dx"].tolist() == meta["dx"].tolist()
+
+    meta.loc[5, "dx"] = "relabelled"
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    again = extract(Hdf5Source(tmp_path / "x.hdf5", tmp_path / "meta.csv"), "mobilenet_v2", tmp_path / "s.zarr",
+                    progress=False)
+    assert again.n_written == 0 and again.n_skipped == 40
+    manifest = read_manifest(tmp_path / "s.zarr")
+    assert manifest["id"].tolist() == ids and manifest.loc[5, "dx"] == "relabelled"
