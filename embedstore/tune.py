@@ -232,7 +232,7 @@ def tune(
     if searches_path(space, fixed):
         with claim_lock(storage, study_name) if shared else nullcontext():  # one machine sweeps; the others reuse
             _fail_stale_trials(study)
-            _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial)
+            _path_search([study], head, space, X, y, [folds], metric, n_trials, prefix, fixed, on_trial)
         return _best(study, n_trials * len(_grid_choices(space, fixed)), fixed), study
 
     def objective(trial: optuna.Trial) -> float:
@@ -252,6 +252,38 @@ def tune(
         study.optimize(objective, n_trials=1, callbacks=[on_trial] if on_trial else None)
         _check_scored(study, study.trials[-1].number)
     return _best(study, n_trials, fixed), study
+
+
+def tune_many(head, space: str, X, y, fold_sets: list, metric: Callable, n_trials: int, storage: str,
+              study_names: list[str], problems: list[dict | None], seed: int = 0, prefix: str = "",
+              fixed: frozenset = frozenset(), workers: int = 1, sampler: str = "tpe") -> list[tuple[dict, optuna.Study]]:
+    """:func:`tune` of ``head`` on several problems at once: ``fold_sets[i]`` are the folds of study
+    ``study_names[i]`` (identity ``problems[i]``), e.g. the nested studies of every outer fold and of the final
+    head of one probe.
+
+    A path search, run here alone (one worker, a local storage), fits every path its studies lack together, in one
+    :func:`embedstore.heads.base.fit_paths` call over all their folds: the rows they share pass through the matrix
+    products once per round of evaluations for all of them. On the six studies of a nested HAM10000 probe (20 values
+    of C, 3 inner folds each) that took 84 s against 298 s one study after another, in the same number of evaluations.
+    Any other search runs study by study, as :func:`tune` does. Returns each study's best parameters and the study.
+    """
+    if not searches_path(space, fixed) or workers > 1 or is_server(storage):
+        return [tune(head, space, X, y, folds, metric, n_trials, storage, name, seed, prefix, fixed,
+                     problem=problem, workers=workers, sampler=sampler)
+                for folds, name, problem in zip(fold_sets, study_names, problems)]
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    optuna.logging.set_verbosity(logging.WARNING)
+    studies = []
+    for name, problem in zip(study_names, problems):
+        study = _open_study(storage, name, sampler)
+        if problem is not None:
+            _claim(study, problem, storage)
+        _fail_stale_trials(study)
+        studies.append(study)
+    _path_search(studies, head, space, X, y, fold_sets, metric, n_trials, prefix, fixed, None)
+    n_points = n_trials * len(_grid_choices(space, fixed))
+    return [(_best(study, n_points, fixed), study) for study in studies]
 
 
 def _check_scored(study: optuna.Study, number: int) -> None:
@@ -491,44 +523,54 @@ def path_values(space: str, n: int) -> np.ndarray:
     return np.logspace(np.log10(dist.low), np.log10(dist.high), n)
 
 
-def _path_search(study, head, space, X, y, folds, metric, n_trials, prefix, fixed, on_trial) -> None:
-    """Add to ``study`` a trial for every point of the path grid it lacks: per combination of the categorical
-    parameters, each fold fits the whole path (warm-started, at the screening tolerance :data:`PATH_TOL`) once
-    and scores every point.
+def _path_search(studies, head, space, X, y, fold_sets, metric, n_trials, prefix, fixed, on_trial) -> None:
+    """Add to each study of ``studies`` (whose folds are ``fold_sets[i]``) a trial for every point of the path
+    grid it lacks: per combination of the categorical parameters, each fold of every study that lacks a point fits
+    the whole path once (warm-started, at the screening tolerance :data:`PATH_TOL`), all of them together in one
+    :func:`fit_paths` call, and scores every point.
 
-    A combination's points are stored when all its folds are done, in grid order, skipping those a killed run
-    stored already, so a resumed study holds the trials of an uninterrupted one, in the same order.
+    A study's points of a combination are stored when all its folds are done, in grid order, skipping those a
+    killed run stored already, so a resumed study holds the trials of an uninterrupted one, in the same order.
     """
     param = PATH_PARAMETERS[space]
     values = path_values(space, n_trials)
     distributions = {k: v for k, v in search_distributions(space).items() if k not in fixed}
-    stored = {_params_key(t.params) for t in _finished(study)}
+    stored = [{_params_key(t.params) for t in _finished(study)} for study in studies]
     for choice in _grid_choices(space, fixed):
         points = [{**choice, param: float(v)} for v in values]
-        missing = [_params_key(p) not in stored for p in points]
-        if not any(missing):
+        missing = [[_params_key(p) not in keys for p in points] for keys in stored]
+        lacking = [i for i, gaps in enumerate(missing) if any(gaps)]
+        if not lacking:
             continue
         screen = {} if "tol" in fixed else {"tol": PATH_TOL}  # a tol the user set is kept (and in the identity)
         estimator = clone(head).set_params(**{f"{prefix}{k}": v for k, v in {**choice, **screen}.items()})
-        scores = np.empty((len(folds), len(values)))
-        paths = fit_paths(estimator, X, y, [train for train, _ in folds], values)  # the folds' fits share the matrix
-        for k, ((_, test), path) in enumerate(zip(folds, paths)):
-            for j, (fitted, proba) in enumerate(zip(path, predict_path(path, X, test))):
-                scores[k, j] = metric(y[test], proba, decide(fitted, proba))
-        for j, params in enumerate(points):
-            if not missing[j]:
-                continue
-            value = float(np.mean(scores[:, j]))
-            trial = optuna.trial.create_trial(
-                params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
-                value=value if np.isfinite(value) else None,
-                state=optuna.trial.TrialState.COMPLETE if np.isfinite(value) else optuna.trial.TrialState.FAIL,
-                user_attrs={"owner": _owner(), **{f"fold_{k}": float(scores[k, j]) for k in range(len(folds))}},
-            )
-            faults.point("trial-commit")
-            study.add_trial(trial)
-            if on_trial is not None:
-                on_trial(study, study.trials[-1])
+        # every lacking study's folds in one call: their fits share the matrix and its passes
+        paths = iter(fit_paths(estimator, X, y, [train for i in lacking for train, _ in fold_sets[i]], values))
+        for i in lacking:
+            scores = np.empty((len(fold_sets[i]), len(values)))
+            for k, (_, test) in enumerate(fold_sets[i]):
+                path = next(paths)
+                for j, (fitted, proba) in enumerate(zip(path, predict_path(path, X, test))):
+                    scores[k, j] = metric(y[test], proba, decide(fitted, proba))
+            _store_points(studies[i], points, missing[i], scores, distributions, on_trial)
+
+
+def _store_points(study, points, missing, scores, distributions, on_trial) -> None:
+    """Add the ``missing`` ``points`` of a path to ``study``, each scored by the mean of its folds' ``scores``."""
+    for j, params in enumerate(points):
+        if not missing[j]:
+            continue
+        value = float(np.mean(scores[:, j]))
+        trial = optuna.trial.create_trial(
+            params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
+            value=value if np.isfinite(value) else None,
+            state=optuna.trial.TrialState.COMPLETE if np.isfinite(value) else optuna.trial.TrialState.FAIL,
+            user_attrs={"owner": _owner(), **{f"fold_{k}": float(scores[k, j]) for k in range(len(scores))}},
+        )
+        faults.point("trial-commit")
+        study.add_trial(trial)
+        if on_trial is not None:
+            on_trial(study, study.trials[-1])
 
 
 def _open_study(storage: str, study_name: str, sampler: str, shared: bool = False) -> optuna.Study:

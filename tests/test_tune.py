@@ -15,7 +15,7 @@ from embedstore.layout import study_storage
 from embedstore.metrics import metric_functions
 from embedstore.splits import group_kfold
 from embedstore.store import FeatureStore
-from embedstore.tune import PATH_TOL, SEARCH_SPACES, cv_score, path_values, study_problem, tune
+from embedstore.tune import PATH_TOL, SEARCH_SPACES, cv_score, path_values, study_problem, tune, tune_many
 
 
 balanced_accuracy = metric_functions(7)["balanced_accuracy"]  # f(y_true, proba, y_pred), as the probe tunes
@@ -139,6 +139,35 @@ def test_logreg_sweeps_a_warm_started_path_of_c_stored_as_trials(ham, tmp_path):
     best, fixed = tune(LogRegHead(class_weight="balanced"), "logreg", X, y, folds, balanced_accuracy, 3, storage, "cw",
                        fixed=frozenset({"class_weight"}))
     assert len(fixed.trials) == 3 and set(best) == {"C"}
+
+
+def test_studies_tuned_together_fit_their_paths_at_once_and_match_studies_tuned_alone(ham, tmp_path, monkeypatch):
+    """tune_many: the nested studies of three outer folds sweep their C paths in one fit over all their inner
+    folds; each study gets the trials, and the C, that tuning it alone gives (to the path's tolerance); a
+    finished study is reused and fits nothing."""
+    X, y, outer = ham
+    groups = np.arange(len(y)) // 3  # neighbouring rows together: any grouping serves the comparison
+    fold_sets = [[(train[a], train[b]) for a, b in group_kfold(y[train], groups[train], 3, 0)] for train, _ in outer]
+    auc = metric_functions(7)["roc_auc"]  # a continuous score: fits equal to the tolerance score alike
+    fixed = frozenset({"class_weight"})
+    head = LogRegHead(class_weight="balanced")
+    calls = []
+    fit_paths = LogRegHead.fit_paths
+    monkeypatch.setattr(LogRegHead, "fit_paths", lambda self, X, y, row_sets, *args:
+                        calls.append(len(row_sets)) or fit_paths(self, X, y, row_sets, *args))
+    storage = f"sqlite:///{tmp_path / 'together.db'}"
+    names = [f"fold{k}" for k in range(3)]
+    together = tune_many(head, "logreg", X, y, fold_sets, auc, 5, storage, names, [None] * 3, fixed=fixed)
+    assert calls == [9]  # three studies' three inner folds, in one call
+    alone = [tune(head, "logreg", X, y, folds, auc, 5, f"sqlite:///{tmp_path / 'alone.db'}", name, fixed=fixed)
+             for folds, name in zip(fold_sets, names)]
+    assert calls == [9, 3, 3, 3]
+    for (best, study), (best_alone, study_alone) in zip(together, alone):
+        assert best == best_alone
+        assert [t.params for t in study.trials] == [t.params for t in study_alone.trials]
+        assert [t.value for t in study.trials] == pytest.approx([t.value for t in study_alone.trials], abs=2e-3)
+    again = tune_many(head, "logreg", X, y, fold_sets, auc, 5, storage, names, [None] * 3, fixed=fixed)
+    assert calls == [9, 3, 3, 3] and [b for b, _ in again] == [b for b, _ in together]
 
 
 def test_the_path_screens_c_at_its_own_tolerance_and_records_it(ham, tmp_path, monkeypatch):

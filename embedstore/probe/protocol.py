@@ -14,7 +14,8 @@ Every step is seeded by ``seed``:
    predicts this one: the out-of-fold (OOF) predictions. With ``trials > 0`` each fold first runs its own
    Optuna study on its training part only (inner group folds), so the OOF estimate is nested and no
    hyperparameter ever saw the rows it is scored on. A study is reused only by exactly the same problem
-   (:func:`embedstore.tune.study_problem`). Every fold's study runs first, then the final head's; then the
+   (:func:`embedstore.tune.study_problem`). The studies of every fold and of the final head run first,
+   together (:func:`embedstore.tune.tune_many`: a C path of all of them in one fit); then the
    folds' models and the final one are fitted, together where one head can fit them at once
    (:func:`embedstore.probe.models.fit_each`: a logistic head's models, each with its own tuned C), and the
    folds' ``seconds`` in ``folds.csv`` (models fitted one by one only) time the fit alone, not its tuning.
@@ -50,7 +51,7 @@ from embedstore.probe.models import (METADATA_HEADS, ModelSpec, build_model, eff
 from embedstore.runs.record import Estimate, Transfer
 from embedstore.splits import ColumnSplit, check_disjoint, column_split, group_holdout, group_kfold
 from embedstore.store import FeatureStore, digest, fingerprint
-from embedstore.tune import SEARCH_SPACES, study_problem, tune
+from embedstore.tune import SEARCH_SPACES, study_problem, tune_many
 
 MULTICLASS_HEADLINE = ["balanced_accuracy", "roc_auc", "accuracy", "f1_macro"]
 TOP15 = "top15_sensitivity"  # with --patient-features, beside pAUC (the ISIC 2024 organisers' second metric)
@@ -265,43 +266,49 @@ class Probe:
         and for the final head under ``--select-on-store`` that store's."""
         return self.data.normalization + (self.selection_statistics if scope == "final" else [])
 
-    def _tune(self, spec: ModelSpec, rows: np.ndarray, folds, scope: str) -> dict[str, dict]:
-        """Best parameters of every tunable part of ``spec``, searched on ``rows`` with ``folds`` only.
+    def _tune(self, spec: ModelSpec, scopes: list[tuple[np.ndarray, list, str]]) -> list[dict[str, dict]]:
+        """Best parameters of every tunable part of ``spec`` for each scope ``(rows, folds, name)`` of
+        ``scopes``, searched on its ``rows`` with its ``folds`` only: one dict per scope.
 
-        Each part has its own study, named ``store:target:features:head:fingerprint:scope`` (or
-        ``--study-name:features:head:scope``) and reused only by exactly the same problem.
+        Each part has its own study per scope, named ``store:target:features:head:fingerprint:scope`` (or
+        ``--study-name:features:head:scope``) and reused only by exactly the same problem. A part's studies of
+        all scopes are tuned together (:func:`embedstore.tune.tune_many`: a path search fits their paths at once).
         """
         cfg = self.cfg
+        tuned: list[dict[str, dict]] = [{} for _ in scopes]
         if not cfg.trials:
-            return {}
-        tuned = {}
+            return tuned
         for key, sets, est, head in tunable_parts(cfg, self.data, spec):
             if head not in SEARCH_SPACES:
                 continue
-            local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
             fixed = frozenset(cfg.params.get(head, {}))
-            problem = study_problem(head, self.data.y[rows], local, cfg.seed, fixed, n_trials=cfg.trials,
-                                    sampler=cfg.sampler, **self._problem(sets, head, rows, scope))
-            part = f"{'+'.join(sets)}:{head}"
-            name = (f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
-                    f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
-                    f":{part}:{fingerprint(problem)}:{scope}")
-            self.studies[spec.name, key, scope] = name
-            tuned[key], _ = tune(  # the whole frame and folds of its rows: no copy of the rows' every column
-                est, head, self.data.X, self.data.y, folds, self.metric, cfg.trials,
-                self.storage, name, cfg.seed,
+            names, problems = [], []
+            for rows, folds, scope in scopes:
+                local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
+                problems.append(study_problem(head, self.data.y[rows], local, cfg.seed, fixed, n_trials=cfg.trials,
+                                              sampler=cfg.sampler, **self._problem(sets, head, rows, scope)))
+                part = f"{'+'.join(sets)}:{head}"
+                names.append(f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
+                             f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
+                             f":{part}:{fingerprint(problems[-1])}:{scope}")
+                self.studies[spec.name, key, scope] = names[-1]
+            results = tune_many(  # the whole frame and folds of its rows: no copy of the rows' every column
+                est, head, self.data.X, self.data.y, [folds for _, folds, _ in scopes], self.metric, cfg.trials,
+                self.storage, names, problems, cfg.seed,
                 prefix="estimator__head__" if isinstance(est, BalancedDecision) else "head__",
-                fixed=fixed, problem=problem, workers=cfg.tune_workers, sampler=cfg.sampler,
+                fixed=fixed, workers=cfg.tune_workers, sampler=cfg.sampler,
             )
-            self.progress("tuned", f"tuned {key} ({scope}): {tuned[key]}")
+            for out, (_, _, scope), (best, _) in zip(tuned, scopes, results):
+                out[key] = best
+                self.progress("tuned", f"tuned {key} ({scope}): {best}")
         return tuned
 
-    def _tune_fold(self, spec: ModelSpec, k: int, train: np.ndarray) -> dict[str, dict]:
-        """The parameters tuned for outer fold ``k`` on its training rows only, by inner group folds."""
+    def _inner_folds(self, train: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The inner group folds of an outer fold's training rows ``train``, as rows of the frame."""
         d = self.data
         inner = group_kfold(d.y[train], None if d.groups is None else d.groups[train], self.cfg.inner_folds,
                             self.cfg.seed, class_names=d.classes)
-        return self._tune(spec, train, [(train[a], train[b]) for a, b in inner], f"fold{k}")
+        return [(train[a], train[b]) for a, b in inner]
 
     def evaluate_model(self, spec: ModelSpec) -> ModelResult:
         """OOF (and test) probabilities and predicted classes, per-fold metrics, the final fitted model of one spec."""
@@ -310,9 +317,9 @@ class Probe:
         oof_pred = np.full(len(d.y), -1)
         base_oof: dict[str, np.ndarray] = {}
         fold_rows = []
-        tuned = [self._tune_fold(spec, k, train) for k, (train, _) in enumerate(self.folds)] if cfg.trials else \
-            [{}] * len(self.folds)
-        tuned.append(self._tune(spec, self.tune_rows, self.final_folds, "final"))
+        scopes = [(train, self._inner_folds(train) if cfg.trials else [], f"fold{k}")
+                  for k, (train, _) in enumerate(self.folds)]  # each outer fold tuned on its training rows only
+        tuned = self._tune(spec, [*scopes, (self.tune_rows, self.final_folds, "final")])
         models = [build_model(cfg, d, spec, params) for params in tuned]  # every fold's, then the final one
         # one pass over the matrix per evaluation for every fold's head and the final one, where they can share it
         shared = fit_each(models, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows]) or []
