@@ -56,6 +56,10 @@ _RACY_NS = 2_000_000_000
 _HASH_BLOCK = 4096
 
 
+#: What a source holds for the process that reads its table (the driver), and a copy for a worker leaves out.
+_DRIVER_STATE = ("_table", "_images", "_metadata")
+
+
 class Source:
     """Base class: a table of images and a reader of their bytes."""
 
@@ -70,11 +74,15 @@ class Source:
         (400,000 rows of metadata would otherwise be copied into every worker)."""
         state = self.__dict__.copy()
         state["_table"] = state["_images"] = None
+        state.pop("_metadata", None)  # a metadata CSV's scan: rebuilt with the images, where they are needed
         return state
 
     def anchored(self) -> "Source":
         """This source with its file paths made absolute, for workers that start in another folder (Ray's)."""
         out = copy.copy(self)
+        for name in _DRIVER_STATE:  # the driver's tables and scan (copying drops them, as for a worker)
+            if name in vars(self):
+                setattr(out, name, getattr(self, name))
         for name, value in vars(self).items():
             if isinstance(value, Path):
                 setattr(out, name, value.absolute())
@@ -197,11 +205,11 @@ def _with_images(images: pd.DataFrame, chunks: Iterator[pd.DataFrame], id_col: s
     """The chunks of a metadata CSV as table chunks: ``id`` and ``_path`` (from ``images``, row for row) first,
     then the CSV's columns but ``id_col``."""
     start = 0
-    for chunk in chunks:
-        table = chunk.drop(columns=[id_col])
+    for chunk in chunks:  # (MetadataCsv.chunks checks that each holds the ids of images' rows start:stop)
+        table = chunk.drop(columns=[id_col]).reset_index(drop=True)
         stop = start + len(table)
-        table.insert(0, "id", images["id"].to_numpy()[start:stop])
-        table.insert(1, "_path", images["_path"].to_numpy()[start:stop])
+        table.insert(0, "id", images["id"].array[start:stop])
+        table.insert(1, "_path", images["_path"].array[start:stop])
         start = stop
         yield _normalise_table(table)
 
@@ -257,8 +265,8 @@ class CsvFolderSource(_FileSource):
         self.id_col, self.path_col, self.template = id_col, path_col, template
 
     def _build_images(self) -> pd.DataFrame:
-        named = [self.id_col, *([self.path_col] if self.path_col not in (None, self.id_col) else [])]
-        df = MetadataCsv(self.csv, self.id_col, self.path_col).text_columns(named)
+        self._metadata = MetadataCsv(self.csv, self.id_col, self.path_col)
+        df = self._metadata.scan()
         _check_ids(df[self.id_col], self.csv.name)
         ids = df[self.id_col].astype(str)
         if self.path_col is not None:
@@ -272,7 +280,8 @@ class CsvFolderSource(_FileSource):
         return pd.DataFrame({"id": ids.values, "_path": paths.values})
 
     def table_chunks(self) -> Iterator[pd.DataFrame]:
-        return _with_images(self.images, MetadataCsv(self.csv, self.id_col, self.path_col).chunks(), self.id_col)
+        images = self.images  # (scans the CSV first)
+        return _with_images(images, self._metadata.chunks(), self.id_col)
 
     def _build_table(self) -> pd.DataFrame:
         return pd.concat(list(self.table_chunks()), ignore_index=True)
@@ -332,15 +341,17 @@ class Hdf5Source(Source):
             if not keys:
                 raise SourceError(f"{self.h5} holds no datasets: no images to extract")
             return pd.DataFrame({"id": keys, "_path": keys})
-        ids = MetadataCsv(self.metadata, self.id_col).text_columns([self.id_col])[self.id_col]
+        self._metadata = MetadataCsv(self.metadata, self.id_col)
+        ids = self._metadata.scan()[self.id_col]
         _check_ids(ids, self.metadata.name)
         ids = ids.astype(str)
         return pd.DataFrame({"id": ids.values, "_path": ids.values})
 
     def table_chunks(self) -> Iterator[pd.DataFrame]:
+        images = self.images  # (scans the CSV first)
         if self.metadata is None:
-            return iter([self.images])
-        return _with_images(self.images, MetadataCsv(self.metadata, self.id_col).chunks(), self.id_col)
+            return iter([images])
+        return _with_images(images, self._metadata.chunks(), self.id_col)
 
     def _build_table(self) -> pd.DataFrame:
         return pd.concat(list(self.table_chunks()), ignore_index=True)

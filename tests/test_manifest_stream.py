@@ -9,7 +9,9 @@ import pytest
 
 from embedstore import extract, metadata_csv
 from embedstore.sources import CsvFolderSource, Hdf5Source
+from embedstore.errors import SourceError
 from embedstore.store import FeatureStore
+from embedstore.store import store as store_module
 from embedstore.store.manifest import read_manifest
 
 
@@ -51,33 +53,40 @@ def test_chunks_are_typed_as_a_whole_file_read(ham_root, uneven_csv, small_chunk
     pd.testing.assert_frame_equal(source.table, table)
 
 
-def test_streamed_manifest_equals_the_merge_in_memory(ham_root, ham_subset, uneven_csv, tmp_path, small_chunks):
+def test_streamed_manifest_equals_the_merge_in_memory(ham_root, ham_subset, uneven_csv, tmp_path, small_chunks,
+                                                      monkeypatch):
     """A store's manifest after a first source and then a second one with other columns: streamed (a Source)
     and merged in memory (its table) give the same frame."""
     second = ham_subset.tail(120).assign(image_id=lambda t: "copy_" + t["image_id"], reader="B")[
         ["image_id", "dx", "reader"]]
     second_csv = tmp_path / "second.csv"
     second.to_csv(second_csv, index=False)
+    merges = []
+    merge = store_module.merge_manifest
+    monkeypatch.setattr(store_module, "merge_manifest", lambda *args: merges.append(1) or merge(*args))
     manifests = []
-    for mode in ("stream", "memory"):
+    # streamed twice; merged twice; the first merged (a store of an earlier embedstore) and the second streamed
+    for mode, streamed in (("stream", (True, True)), ("memory", (False, False)), ("mixed", (False, True))):
         store = FeatureStore.create_or_open(tmp_path / f"{mode}.zarr")
-        offset = 0
-        for csv in (uneven_csv, second_csv):
+        offset, merges[:] = 0, []
+        for csv, stream in zip((uneven_csv, second_csv), streamed):
             source = CsvFolderSource(csv, ham_root / "images")
             if csv == second_csv:  # the copies' paths do not exist: hashes stand in (empty where unreadable)
                 hashes = pd.DataFrame({"sha256": "", "_size": -1, "_mtime_ns": -1}, index=range(len(source)))
             else:
                 hashes = source.content_hashes()
             with store.preparing():
-                update = store.update_manifest(source if mode == "stream" else source.table, hashes, source.describe())
+                update = store.update_manifest(source if stream else source.table, hashes, source.describe())
             assert update.rows.tolist() == list(range(offset, offset + len(source)))  # appended after the first
             assert update.new == source.images["id"].tolist() and not update.changed
             offset += len(source)
+        assert len(merges) == streamed.count(False)  # a streamed source never fell back to the merge
         manifests.append(read_manifest(store.path))
-    streamed, merged = manifests
+    streamed, merged, mixed = manifests
     assert len(streamed) == len(ham_subset) + len(second)
     assert streamed["reader"].isna().sum() == len(ham_subset) and streamed["age"].isna().sum() > len(second)
     pd.testing.assert_frame_equal(streamed, merged)
+    pd.testing.assert_frame_equal(mixed, merged)
 
 
 def test_first_extraction_never_reads_the_whole_table(ham_root, ham_subset, tmp_path, small_chunks):
@@ -104,3 +113,25 @@ def test_first_extraction_never_reads_the_whole_table(ham_root, ham_subset, tmp_
     assert again.n_written == 0 and again.n_skipped == 40
     manifest = read_manifest(tmp_path / "s.zarr")
     assert manifest["id"].tolist() == ids and manifest.loc[5, "dx"] == "relabelled"
+
+
+def test_a_csv_is_checked_whole_before_hashing_and_again_when_streamed(ham_root, ham_subset, tmp_path, small_chunks):
+    """A row that does not parse is refused when the ids are read (before any image is hashed or store made);
+    a CSV edited between that read and the manifest's is refused in one line, never misaligned."""
+    csv = tmp_path / "t.csv"
+    ham_subset.to_csv(csv, index=False)
+    lines = csv.read_text().splitlines()
+    lines[300] += ",an extra field"
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match="cannot read .* as CSV"):
+        _ = CsvFolderSource(csv, ham_root / "images").images
+
+    ham_subset.to_csv(csv, index=False)
+    source = CsvFolderSource(csv, ham_root / "images")
+    assert len(source.images) == len(ham_subset)
+    ham_subset.iloc[::-1].to_csv(csv, index=False)  # the same rows, in another order
+    with pytest.raises(SourceError, match="changed while it was read"):
+        list(source.table_chunks())
+    ham_subset.head(200).to_csv(csv, index=False)  # fewer rows
+    with pytest.raises(SourceError, match="changed while it was read"):
+        list(source.table_chunks())

@@ -15,7 +15,8 @@ Every step is seeded by ``seed``:
    Optuna study on its training part only (inner group folds), so the OOF estimate is nested and no
    hyperparameter ever saw the rows it is scored on. A study is reused only by exactly the same problem
    (:func:`embedstore.tune.study_problem`). The studies of every fold and of the final head run first,
-   together (:func:`embedstore.tune.tune_many`: a C path of all of them in one fit); then the
+   together where they sweep a C path with one worker on a local storage (:func:`embedstore.tune.tune_many`:
+   the paths of all of them in one fit); then the
    folds' models and the final one are fitted, together where one head can fit them at once
    (:func:`embedstore.probe.models.fit_each`: a logistic head's models, each with its own tuned C), and the
    folds' ``seconds`` in ``folds.csv`` (models fitted one by one only) time the fit alone, not its tuning.
@@ -282,12 +283,12 @@ class Probe:
             if head not in SEARCH_SPACES:
                 continue
             fixed = frozenset(cfg.params.get(head, {}))
+            part = f"{'+'.join(sets)}:{head}"
             names, problems = [], []
             for rows, folds, scope in scopes:
                 local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
                 problems.append(study_problem(head, self.data.y[rows], local, cfg.seed, fixed, n_trials=cfg.trials,
                                               sampler=cfg.sampler, **self._problem(sets, head, rows, scope)))
-                part = f"{'+'.join(sets)}:{head}"
                 names.append(f"{cfg.study_name}:{part}:{scope}" if cfg.study_name else
                              f"{Path(cfg.store).name}:{cfg.target}{':' + cfg.positive if cfg.positive else ''}"
                              f":{part}:{fingerprint(problems[-1])}:{scope}")

@@ -149,21 +149,28 @@ def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFr
         return None
     chunks = iter(chunks)
     first = next(chunks)
-    new_schema = _arrow_schema(_with_reserved(first, hashes, 0, source))
+    try:
+        new_schema = _arrow_schema(_with_reserved(first, hashes, 0, source))
+    except (TypeError, pa.ArrowException):  # a type that has no plain parquet column (a pandas extension type)
+        return None
     types = {f.name: f.type for f in old_schema}
-    for field in new_schema:  # a column the manifest holds no value of (written as null-typed) takes the table's type
-        if types.setdefault(field.name, field.type) != field.type:
-            if types[field.name] != pa.null():
-                return None
+    for field in new_schema:
+        old = types.setdefault(field.name, field.type)
+        if old == pa.null():  # a column the manifest holds no value of (written null-typed) takes the table's type
             types[field.name] = field.type
+        elif old != field.type and not (_is_text(old) and _is_text(field.type)):  # text stays the manifest's text
+            return None
     schema = pa.schema(list(types.items()))
     ids: list[str] = []
 
     def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             if file.is_file():
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=CHUNK_ROWS):
-                    writer.write_table(_conformed(pa.Table.from_batches([batch]), schema))
+                try:
+                    for batch in pq.ParquetFile(file).iter_batches(batch_size=CHUNK_ROWS):
+                        writer.write_table(_conformed(pa.Table.from_batches([batch]), schema))
+                except (OSError, pa.ArrowException) as exc:  # damage in the sources' columns, read only here
+                    raise _damaged(store, first_line(exc)) from None
             start = 0
             for chunk in itertools.chain([first], chunks):
                 table = _with_reserved(chunk, hashes, start, source)
@@ -196,6 +203,10 @@ def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
     text as pandas writes it (``large_string``)."""
     return pa.schema([(col, pa.large_string() if dtype.kind == "O" else pa.from_numpy_dtype(dtype))
                       for col, dtype in frame.dtypes.items()])
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -135,9 +135,8 @@ class FeatureStore:
         """
         index = self._source_index(source_desc)
         if isinstance(source, Source):
-            known = read_manifest(self.path, reserved_only=True)
-            if not known["id"].isin(source.images["id"]).any():
-                update = append_manifest(self.path, known, source.table_chunks(), hashes, index)
+            if not self._reserved["id"].isin(source.images["id"]).any():
+                update = append_manifest(self.path, self._reserved, source.table_chunks(), hashes, index)
                 if update is not None:
                     self._forget_manifest()
                     return update
