@@ -35,7 +35,7 @@ class MetadataCsv:
     def __init__(self, csv: Path, id_col: str, path_col: str | None = None) -> None:
         self.csv, self.id_col, self.path_col = Path(csv), id_col, path_col
         self._dtypes: dict | None = None
-        self._ids: pd.Series | None = None
+        self._scanned: pd.DataFrame | None = None  # the id and path columns of the scan
 
     def scan(self) -> pd.DataFrame:
         """Every row's id and path columns (as text, NaN where empty), from a parse of the whole file that also
@@ -51,24 +51,32 @@ class MetadataCsv:
         if not sum(map(len, kept)):
             raise SourceError(f"{self.csv.name} has a header but no rows: no images to extract")
         self._dtypes = {col: str if dtype.kind == "O" else dtype for col, dtype in dtypes.items()} | text
-        frame = pd.concat(kept, ignore_index=True)
-        self._ids = frame[self.id_col]
-        return frame
+        self._scanned = pd.concat(kept, ignore_index=True)
+        return self._scanned
 
     def chunks(self) -> Iterator[pd.DataFrame]:
-        """Every column, :data:`CHUNK_ROWS` rows at a time, each chunk typed as a whole-file read types it. A
-        file whose ids are no longer those :meth:`scan` read (edited in between) is refused in one line."""
+        """Every column, :data:`CHUNK_ROWS` rows at a time, each chunk typed as a whole-file read types it (the
+        id and path columns as text). A file edited since :meth:`scan` (other ids, paths or columns, or values
+        the scanned types no longer hold) is refused in one line."""
         if self._dtypes is None:
             self.scan()
-        start = 0
-        for chunk in self._frames(dtype=self._dtypes):
+        named, start = list(self._scanned.columns), 0
+        frames = self._frames(dtype=self._dtypes)
+        while True:
+            try:
+                chunk = next(frames, None)
+            except (ValueError, OSError) as exc:  # a value of another type than the scan's (or the file gone)
+                raise self._changed() from exc
+            if chunk is None:
+                break
             stop = start + len(chunk)
-            if stop > len(self._ids) or not chunk[self.id_col].reset_index(drop=True).equals(
-                    self._ids.iloc[start:stop].reset_index(drop=True)):
+            scanned = self._scanned.iloc[start:stop].reset_index(drop=True)
+            if (list(chunk.columns) != list(self._dtypes) or stop > len(self._scanned)
+                    or not chunk[named].reset_index(drop=True).equals(scanned)):
                 raise self._changed()
             start = stop
             yield chunk
-        if start != len(self._ids):
+        if start != len(self._scanned):
             raise self._changed()
 
     def _check_header(self) -> None:
@@ -85,7 +93,7 @@ class MetadataCsv:
             raise SourceError(f"{self.csv.name} has columns reserved by embedstore: {', '.join(clash)}; rename them")
 
     def _changed(self) -> SourceError:
-        return SourceError(f"{self.csv} changed while it was read (its ids differ from those hashed); run again")
+        return SourceError(f"{self.csv} changed while it was read (its rows differ from those hashed); run again")
 
     def _frames(self, **options) -> Iterator[pd.DataFrame]:
         """The file's chunks as pandas reads them with ``options``; a file that does not parse is one line."""
@@ -96,7 +104,7 @@ class MetadataCsv:
             raise SourceError(f"cannot read {self.csv} as CSV: {exc}") from None
 
 
-def _unified(a, b):
+def _unified(a: np.dtype, b: np.dtype) -> np.dtype:
     """The type pandas gives a column read whole whose chunks have types ``a`` and ``b``."""
     if a == b:
         return a

@@ -72,9 +72,8 @@ class Source:
     def __getstate__(self) -> dict:
         """What a decoding worker receives: the source without its tables, which only the driver needs
         (400,000 rows of metadata would otherwise be copied into every worker)."""
-        state = self.__dict__.copy()
-        state["_table"] = state["_images"] = None
-        state.pop("_metadata", None)  # a metadata CSV's scan: rebuilt with the images, where they are needed
+        state = {k: v for k, v in self.__dict__.items() if k not in _DRIVER_STATE}
+        state["_table"] = state["_images"] = None  # (a metadata CSV's scan is made again with the images)
         return state
 
     def anchored(self) -> "Source":

@@ -18,8 +18,9 @@ Resuming is deterministic: one worker runs trials one at a time, each sampled
 by a sampler seeded by (seed, number of finished trials), so a trial's
 parameters depend on the study's history only, never on how many processes it
 took (a path search's values depend, to the path's tolerance, on whether its
-study was fitted alone or with others: :func:`tune_many`). A trial left RUNNING by a dead process (killed mid-trial) is marked FAIL
-when the study is resumed; it neither counts nor shifts the seeds.
+study was fitted alone or with others: :func:`tune_many`). A trial left RUNNING
+by a dead process (killed mid-trial) is marked FAIL when the study is resumed;
+it neither counts nor shifts the seeds.
 
 Several workers share a study with ``workers=N`` (``--tune-workers``): this
 process and N - 1 spawned ones (and any started elsewhere on the same storage,
@@ -257,7 +258,8 @@ def tune(
 
 def tune_many(head, space: str, X, y, fold_sets: list, metric: Callable, n_trials: int, storage: str,
               study_names: list[str], problems: list[dict | None], seed: int = 0, prefix: str = "",
-              fixed: frozenset = frozenset(), workers: int = 1, sampler: str = "tpe") -> list[tuple[dict, optuna.Study]]:
+              fixed: frozenset = frozenset(), workers: int = 1,
+              sampler: str = "tpe") -> list[tuple[dict, optuna.Study]]:
     """:func:`tune` of ``head`` on several problems at once: ``fold_sets[i]`` are the folds of study
     ``study_names[i]`` (identity ``problems[i]``), e.g. the nested studies of every outer fold and of the final
     head of one probe.

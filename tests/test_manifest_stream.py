@@ -3,6 +3,8 @@ reading it whole and merging it in memory, on real HAM10000 metadata."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from embedstore.sources import CsvFolderSource, Hdf5Source
 from embedstore.errors import SourceError
 from embedstore.store import FeatureStore
 from embedstore.store import store as store_module
-from embedstore.store.manifest import read_manifest
+from embedstore.store.manifest import append_manifest, read_manifest
 
 
 @pytest.fixture
@@ -135,3 +137,33 @@ def test_a_csv_is_checked_whole_before_hashing_and_again_when_streamed(ham_root,
     ham_subset.head(200).to_csv(csv, index=False)  # fewer rows
     with pytest.raises(SourceError, match="changed while it was read"):
         list(source.table_chunks())
+    ham_subset.assign(age=ham_subset["age"].fillna(0).astype(int)).to_csv(csv, index=False)
+    source = CsvFolderSource(csv, ham_root / "images")
+    assert len(source.images) == len(ham_subset)
+    ham_subset.assign(age="unknown").to_csv(csv, index=False)  # text where the scan found integers
+    with pytest.raises(SourceError, match="changed while it was read"):
+        list(source.table_chunks())
+
+
+def test_a_source_copied_for_a_worker_leaves_its_tables_and_the_driver_keeps_them(ham_root, ham_subset_csv):
+    source = CsvFolderSource(ham_subset_csv, ham_root / "images")
+    images = source.images
+    anchored = source.anchored()  # the driver's copy with absolute paths (Ray): its scan kept
+    assert anchored._images is images and anchored._metadata is source._metadata
+    worker = pickle.loads(pickle.dumps(source))
+    assert worker._images is None and worker._table is None and "_metadata" not in vars(worker)
+    pd.testing.assert_frame_equal(pd.concat(list(worker.table_chunks()), ignore_index=True), source.table)
+
+
+def test_a_column_of_no_plain_type_is_merged_in_memory_instead(ham_root, ham_subset_csv, tmp_path):
+    """append_manifest writes nothing (and says so) for a table with a pandas extension type; the store then
+    merges it in memory, as before."""
+    table = CsvFolderSource(ham_subset_csv, ham_root / "images").table.assign(dx=lambda t: t["dx"].astype("category"))
+    hashes = pd.DataFrame({"sha256": "", "_size": -1, "_mtime_ns": -1}, index=range(len(table)))
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr")
+    known = read_manifest(store.path, reserved_only=True)
+    assert append_manifest(store.path, known, [table], hashes, 0) is None
+    assert not (store.path / "manifest.parquet").exists()
+    with store.preparing():
+        store.update_manifest(table, hashes, {"kind": "test"})
+    assert read_manifest(store.path)["dx"].astype(str).tolist() == table["dx"].astype(str).tolist()

@@ -168,6 +168,8 @@ def test_studies_tuned_together_fit_their_paths_at_once_and_match_studies_tuned_
         assert [t.value for t in study.trials] == pytest.approx([t.value for t in study_alone.trials], abs=2e-3)
     again = tune_many(head, "logreg", X, y, fold_sets, auc, 5, storage, names, [None] * 3, fixed=fixed)
     assert calls == [9, 3, 3, 3] and [b for b, _ in again] == [b for b, _ in together]
+    with pytest.raises(ValueError, match="3 fold sets, 2 study names"):
+        tune_many(head, "logreg", X, y, fold_sets, auc, 5, storage, names[:2], [None] * 3, fixed=fixed)
 
 
 def test_the_path_screens_c_at_its_own_tolerance_and_records_it(ham, tmp_path, monkeypatch):

@@ -82,7 +82,8 @@ def manifest_rows(store: Path) -> int:
         raise _damaged(store, first_line(exc)) from None
 
 
-_FIX = "the features cannot be matched to their images without it; restore it from a backup, or extract into a new store"
+_FIX = ("the features cannot be matched to their images without it; restore it from a backup, or extract into a new "
+        "store")
 
 
 def _damaged(store: Path, reason: str) -> StoreError:
@@ -137,7 +138,8 @@ def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFr
     """Append a table none of whose ids the manifest holds, chunk by chunk, as :func:`merge_manifest` would
     merge it, without holding the table or the manifest's own columns: the memory of a first extraction stays
     flat in its number of images. None (nothing written) where the manifest cannot be appended to as it is:
-    a column typed differently in the manifest and the table, or a manifest from before the stat columns.
+    a column typed differently in the manifest and the table (``string`` and ``large_string`` count as one
+    text type), a column of a pandas extension type, or a manifest from before the stat columns.
 
     ``known`` is the manifest's reserved columns (:func:`read_manifest` with ``reserved_only``), ``chunks`` the
     table in pieces (:meth:`embedstore.sources.Source.table_chunks`), ``hashes`` aligned with the whole table.
@@ -148,10 +150,9 @@ def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFr
     if any(col not in old_schema.names for col in RESERVED_COLUMNS):
         return None
     chunks = iter(chunks)
-    first = next(chunks)
-    try:
-        new_schema = _arrow_schema(_with_reserved(first, hashes, 0, source))
-    except (TypeError, pa.ArrowException):  # a type that has no plain parquet column (a pandas extension type)
+    first = next(chunks, None)
+    new_schema = None if first is None else _arrow_schema(_with_reserved(first, hashes, 0, source))
+    if new_schema is None:  # no table, or a column of no plain type (a pandas extension type): merged in memory
         return None
     types = {f.name: f.type for f in old_schema}
     for field in new_schema:
@@ -166,11 +167,8 @@ def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFr
     def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             if file.is_file():
-                try:
-                    for batch in pq.ParquetFile(file).iter_batches(batch_size=CHUNK_ROWS):
-                        writer.write_table(_conformed(pa.Table.from_batches([batch]), schema))
-                except (OSError, pa.ArrowException) as exc:  # damage in the sources' columns, read only here
-                    raise _damaged(store, first_line(exc)) from None
+                for batch in _old_batches(store, file):
+                    writer.write_table(_conformed(pa.Table.from_batches([batch]), schema))
             start = 0
             for chunk in itertools.chain([first], chunks):
                 table = _with_reserved(chunk, hashes, start, source)
@@ -186,6 +184,20 @@ def append_manifest(store: Path, known: pd.DataFrame, chunks: Iterable[pd.DataFr
                           removed=removed)
 
 
+def _old_batches(store: Path, file: Path):
+    """The manifest's rows, a batch at a time; damage in its sources' columns (read only here) is one line. Only
+    the reads are guarded: a write that fails (a full disk) is reported as what it is, by the caller."""
+    batches = pq.ParquetFile(file).iter_batches(batch_size=CHUNK_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:
+            raise _damaged(store, first_line(exc)) from None
+        if batch is None:
+            return
+        yield batch
+
+
 def _with_reserved(chunk: pd.DataFrame, hashes: pd.DataFrame, start: int, source: int) -> pd.DataFrame:
     """Table ``chunk`` (rows ``start..`` of the table) with the reserved columns from ``hashes`` and ``source``."""
     out = chunk.copy(deep=False)
@@ -197,12 +209,20 @@ def _with_reserved(chunk: pd.DataFrame, hashes: pd.DataFrame, start: int, source
     return out
 
 
-def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
-    """The parquet types of a table's columns from their pandas types alone (text where object), so that
-    every chunk gets the same schema, whatever values it happens to hold (a chunk with no value is not null-typed);
-    text as pandas writes it (``large_string``)."""
-    return pa.schema([(col, pa.large_string() if dtype.kind == "O" else pa.from_numpy_dtype(dtype))
-                      for col, dtype in frame.dtypes.items()])
+def _arrow_schema(frame: pd.DataFrame) -> pa.Schema | None:
+    """The parquet types of a table's columns from their pandas types alone, so that every chunk gets the same
+    schema whatever values it happens to hold (a chunk with no value is not null-typed): numbers and booleans as
+    they are, text (pandas' ``str``, or object as the sources' tables hold it) as ``large_string``. None where a
+    column has another type (a category, a nullable integer: pandas extension types)."""
+    fields = []
+    for col, dtype in frame.dtypes.items():
+        if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+            fields.append((col, pa.from_numpy_dtype(dtype)))
+        elif dtype == object or isinstance(dtype, pd.StringDtype):
+            fields.append((col, pa.large_string()))
+        else:
+            return None
+    return pa.schema(fields)
 
 
 def _is_text(arrow_type: pa.DataType) -> bool:
