@@ -174,8 +174,8 @@ class Source:
                 block = todo[start:start + _HASH_BLOCK]
                 for i, digest in zip(block, pool.map(one, [paths[i] for i in block])):
                     sha[i] = digest
-                if progress is not None:
-                    progress(len(block))
+                    if progress is not None:
+                        progress(1)
         stats[stats[:, 1] >= started - _RACY_NS, 1] = UNKNOWN_STAT
         return pd.DataFrame({"sha256": sha, STAT_COLUMNS[0]: stats[:, 0], STAT_COLUMNS[1]: stats[:, 1]})
 
