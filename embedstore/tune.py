@@ -223,13 +223,8 @@ def tune(
     """
     if space not in SEARCH_SPACES:
         raise ConfigError(f"no search space for head {space!r}: tunable heads are {', '.join(SEARCH_SPACES)}")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
-    optuna.logging.set_verbosity(logging.WARNING)
     shared = workers > 1 or is_server(storage)
-    study = _open_study(storage, study_name, sampler, shared)
-    if problem is not None:
-        _claim(study, problem, storage)
+    study = _open_study(storage, study_name, sampler, problem, shared)
 
     if searches_path(space, fixed):
         with claim_lock(storage, study_name) if shared else nullcontext():  # one machine sweeps; the others reuse
@@ -279,16 +274,9 @@ def tune_many(head, space: str, X, y, fold_sets: list, metric: Callable, n_trial
         return [tune(head, space, X, y, folds, metric, n_trials, storage, name, seed, prefix, fixed,
                      problem=problem, workers=workers, sampler=sampler)
                 for folds, name, problem in zip(fold_sets, study_names, problems)]
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
-    optuna.logging.set_verbosity(logging.WARNING)
-    studies = []
-    for name, problem in zip(study_names, problems):
-        study = _open_study(storage, name, sampler)
-        if problem is not None:
-            _claim(study, problem, storage)
+    studies = [_open_study(storage, name, sampler, problem) for name, problem in zip(study_names, problems)]
+    for study in studies:
         _fail_stale_trials(study)
-        studies.append(study)
     _path_search(studies, head, space, X, y, fold_sets, metric, n_trials, prefix, fixed, None)
     n_points = n_trials * len(_grid_choices(space, fixed))
     return [(_best(study, n_points, fixed), study) for study in studies]
@@ -582,14 +570,22 @@ def _store_points(study, points, missing, scores, distributions, on_trial) -> No
             on_trial(study, study.trials[-1])
 
 
-def _open_study(storage: str, study_name: str, sampler: str, shared: bool = False) -> optuna.Study:
-    """Create or load the study; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`)."""
+def _open_study(storage: str, study_name: str, sampler: str, problem: dict | None,
+                shared: bool = False) -> optuna.Study:
+    """Create or load the study, claimed for ``problem`` (:func:`_claim`; None: no identity to check), once
+    ``sampler`` is known; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    optuna.logging.set_verbosity(logging.WARNING)
     opened = open_storage(storage, shared=shared)
     try:
-        return optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
-                                   pruner=_pruner(sampler), load_if_exists=True)
+        study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
+                                    pruner=_pruner(sampler), load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - a read-only file, a refused login, a full disk: the user's to fix
         raise ConfigError(f"cannot open study {study_name!r} in {shown_url(storage)}: {first_line(exc, None)}") from None
+    if problem is not None:
+        _claim(study, problem, storage)
+    return study
 
 
 def _pruner(sampler: str) -> optuna.pruners.BasePruner:

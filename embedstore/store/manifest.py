@@ -105,11 +105,7 @@ def merge_manifest(old: pd.DataFrame, table: pd.DataFrame, hashes: pd.DataFrame,
     ``hashes`` is :meth:`Source.content_hashes` of the table's images (sha256, size, mtime). Images the same
     source had before and no longer lists are reported in :attr:`ManifestUpdate.removed` and kept.
     """
-    incoming = table.copy()
-    added = {"sha256": hashes["sha256"].to_numpy(dtype=object), "_source": np.full(len(incoming), source, np.int64),
-             **{col: hashes[col].to_numpy(dtype=np.int64) for col in STAT_COLUMNS}}
-    for col, values in added.items():  # in manifest order: the reserved columns first
-        incoming.insert(RESERVED_COLUMNS.index(col), col, values)
+    incoming = _with_reserved(table, hashes, 0, source)
     pos = pd.Index(old["id"]).get_indexer(incoming["id"])
     is_new = pos < 0
     known = ~is_new
@@ -199,7 +195,8 @@ def _old_batches(store: Path, file: Path):
 
 
 def _with_reserved(chunk: pd.DataFrame, hashes: pd.DataFrame, start: int, source: int) -> pd.DataFrame:
-    """Table ``chunk`` (rows ``start..`` of the table) with the reserved columns from ``hashes`` and ``source``."""
+    """Table ``chunk`` (rows ``start..`` of the table) with the reserved columns from ``hashes`` and ``source``
+    inserted in manifest order (a new frame sharing ``chunk``'s columns; ``chunk`` is left as it is)."""
     out = chunk.copy(deep=False)
     part = hashes.iloc[start:start + len(chunk)]
     added = {"sha256": part["sha256"].to_numpy(dtype=object), "_source": np.full(len(chunk), source, np.int64),
