@@ -94,11 +94,18 @@ def fit(model, X: pd.DataFrame, y, groups, rows):
     return fit_paths(model, X, y, [rows], **fit_params)[0][0]
 
 
-def fit_each(models: list, X: pd.DataFrame, y, row_sets) -> list | None:
-    """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where one head's ``fit_paths`` can fit
-    them together: a logistic head sharing one pass over its matrix (:meth:`embedstore.heads.LogRegHead.fit_paths`),
-    whose models may differ in their C (each fold's own tuned C, say), or a LightGBM head fitting its row sets
-    side by side, whose models must be the same. None where they cannot; then each is fitted alone (:func:`fit`)."""
+def fit_each(models: list, X: pd.DataFrame, y, row_sets, groups=None, progress=None) -> list | None:
+    """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where one ``fit_paths`` can fit them
+    together: a logistic head sharing one pass over its matrix (:meth:`embedstore.heads.LogRegHead.fit_paths`),
+    whose models may differ in their C (each fold's own tuned C, say), a LightGBM head fitting its row sets side
+    by side, whose models must be the same, or stacks of the same bases, fitted base by base
+    (:meth:`embedstore.heads.StackHead.fit_paths`; ``groups`` for their inner folds, ``progress(message)`` after
+    each base). None where they cannot; then each is fitted alone (:func:`fit`)."""
+    stacks = [stack_of(model) for model in models]
+    if stacks[0] is not None:
+        if any(stack is None or _stack_settings(stack) != _stack_settings(stacks[0]) for stack in stacks):
+            return None
+        return [path[0] for path in fit_paths(models[0], X, y, row_sets, groups=groups, progress=progress)]
     heads = [_head_of(model) for model in models]
     if heads[0] is None or not hasattr(heads[0], "fit_paths"):
         return None
@@ -108,6 +115,12 @@ def fit_each(models: list, X: pd.DataFrame, y, row_sets) -> list | None:
         return None
     values = [[head.C] for head in heads] if varying else None
     return [path[0] for path in fit_paths(models[0], X, y, row_sets, values)]
+
+
+def _stack_settings(stack: StackHead) -> tuple:
+    """What makes two stacks the same model: their own parameters and each base's name, head and columns."""
+    own = {k: v for k, v in stack.get_params(deep=False).items() if k != "bases"}
+    return own, [(name, type(head), head.get_params(), columns) for name, head, columns in stack.bases]
 
 
 def _head_of(model):

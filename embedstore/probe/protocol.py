@@ -323,7 +323,8 @@ class Probe:
         tuned = self._tune(spec, [*scopes, (self.tune_rows, self.final_folds, "final")])
         models = [build_model(cfg, d, spec, params) for params in tuned]  # every fold's, then the final one
         # one pass over the matrix per evaluation for every fold's head and the final one, where they can share it
-        shared = fit_each(models, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows]) or []
+        shared = fit_each(models, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows], d.groups,
+                          lambda message: self.progress("fit", f"{spec.name}: {message}")) or []
         if shared:
             self.progress("fit", f"{spec.name}: fitted {len(shared)} models together")
         for k, (train, test) in enumerate(self.folds):
