@@ -139,6 +139,29 @@ def test_lgbm_reads_metadata_with_missing_values_and_categories(ham):
     assert np.allclose(head.predict_proba(unseen).sum(1), 1.0)
 
 
+def test_standardisations_of_many_row_sets_in_one_pass_equal_scikit_learns(ham, monkeypatch):
+    """The logistic head's folds standardise on their own rows from one pass over the matrix: the same means,
+    variances and scales as a StandardScaler fitted on each set's copy, constant and large-mean columns included,
+    a row given twice counted twice, over several blocks of the pass."""
+    from embedstore.heads import base
+
+    monkeypatch.setattr(base, "STATISTICS_ROWS", 64)  # several blocks on the test store's rows
+    X = ham["X"][:, :40].copy()
+    X[:, 0] = 3.0  # constant
+    X[:, 1] = 1000.0 + np.arange(len(X)) % 2 * 1e-4  # a large mean, a tiny spread: sums about 0 would cancel
+    rows = [ham["train"], ham["test"], np.r_[ham["test"], ham["test"][:7]], np.arange(len(X))]
+    fitted = Preprocessor(norm="standard").fit_each(X, rows)
+    for prep, part in zip(fitted, rows):
+        expected = StandardScaler().fit(X[part])
+        np.testing.assert_allclose(prep.scaler_.mean_, expected.mean_, rtol=1e-12)
+        np.testing.assert_allclose(prep.scaler_.var_, expected.var_, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(prep.scaler_.scale_, expected.scale_, rtol=1e-9)
+        assert prep.scaler_.n_samples_seen_ == expected.n_samples_seen_ == len(part)
+        np.testing.assert_allclose(prep.transform(X[:20]), Preprocessor(norm="standard").fit(X[part]).transform(X[:20]),
+                                   rtol=1e-5, atol=1e-5)
+    assert fitted[0].scaler_.scale_[0] == 1.0  # the constant column is left unscaled, as scikit-learn leaves it
+
+
 def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
     X, X2, y, groups, train = ham["X"], ham["X2"], ham["y"], ham["groups"], ham["train"]
     frame = pd.concat([pd.DataFrame(X, columns=[f"a{i}" for i in range(X.shape[1])]),
@@ -160,6 +183,30 @@ def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
     assert stack.meta_.coef_.shape[1] == 2 * 7  # log-probabilities of both bases
     assert set(stack.base_probas(frame.iloc[:5])) == {"a", "b"}
     assert stack.predict_proba(frame.iloc[:5]).shape == (5, 7)
+
+
+def test_stacks_fitted_together_are_the_stacks_fitted_alone(ham):
+    """A probe's outer folds' stacks and its final one are fitted together, base by base (one pass over a logistic
+    base's matrix for all of them, LightGBM fits side by side): each is the stack it would be fitted alone, its
+    LightGBM base exactly, its logistic base to the solver's tolerance (a matrix shared by other rows rounds
+    otherwise)."""
+    frame, y, groups, train = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"]
+    features = [c for c in frame.columns if c.startswith("f")]
+    stack = StackHead(bases=[("gb", LGBMHead(n_estimators=20, pca=8, passthrough=("age", "sex")), [*features, "age", "sex"]),
+                             ("lr", LogRegHead(C=0.1, tol=1e-7), features)],
+                      n_splits=3, seed=0)
+    row_sets = [train[fold] for fold, _ in group_kfold(y[train], groups[train], n_splits=3, seed=0)] + [train]
+    messages = []
+    together = [path[0] for path in stack.fit_paths(frame, y, row_sets, groups=groups, progress=messages.append)]
+    assert messages == ["stack base gb: 16 models fitted", "stack base lr: 16 models fitted"]
+    for rows, fitted in zip(row_sets, together):
+        alone = clone(stack).fit(frame.iloc[rows], y[rows], groups=groups[rows])
+        assert np.array_equal(fitted.classes_, alone.classes_)
+        assert np.array_equal(fitted.oof_["gb"], alone.oof_["gb"])
+        probas, expected = fitted.base_probas(frame), alone.base_probas(frame)
+        assert np.array_equal(probas["gb"], expected["gb"])
+        for gap in (np.abs(fitted.oof_["lr"] - alone.oof_["lr"]), np.abs(probas["lr"] - expected["lr"])):
+            assert gap.max() < 5e-3 and gap.mean() < 2e-4  # as the stack's own folds against fits one by one
 
 
 def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_rows(ham):

@@ -73,6 +73,63 @@ class Preprocessor(TransformerMixin, BaseEstimator):
         Z = self._normed(check_array(X, dtype=np.float32))
         return (self.pca_.transform(Z) if self.pca_ is not None else Z).astype(np.float32)
 
+    def fit_each(self, X: np.ndarray, row_sets: list[np.ndarray]) -> list[Preprocessor]:
+        """A clone of this preprocessor fitted on ``X[rows]`` for each of ``row_sets``: what
+        ``[clone(self).fit(X[rows]) for rows in row_sets]`` gives, but a standardisation without PCA (the
+        probe's logistic heads) takes every set's statistics in one pass over ``X``
+        (:func:`standard_scalers`) instead of a pass and a copy of the rows per set."""
+        if self.norm != "standard" or self.pca or self.whiten:
+            return [clone(self).fit(X[rows]) for rows in row_sets]
+        X = check_array(X, dtype=np.float32)
+        fitted = []
+        for scaler in standard_scalers(X, row_sets):
+            prep = clone(self)
+            prep.scaler_, prep.pca_, prep.n_features_in_ = scaler, None, X.shape[1]
+            fitted.append(prep)
+        return fitted
+
+
+#: Rows of a matrix converted to float64 at a time by :func:`standard_scalers`.
+STATISTICS_ROWS = 8192
+
+
+def standard_scalers(X: np.ndarray, row_sets: list[np.ndarray]) -> list[StandardScaler]:
+    """``StandardScaler().fit(X[rows])`` for each of ``row_sets``, from one pass over ``X``.
+
+    Each set's sums, and sums of squares about a common centre (the mean of the first block of rows: close
+    to every set's mean, so that the variance's two terms do not cancel), are matrix products of the sets'
+    row counts with blocks of ``X`` in float64, as scikit-learn accumulates; the scalers' means and
+    variances equal scikit-learn's to float64 rounding, and their scales follow its rule for near-constant
+    features. Memory: a block of ``X`` in float64 and the sets' counts, whatever the number of rows.
+    """
+    n, d = X.shape
+    counts = np.zeros((len(row_sets), n))
+    for i, rows in enumerate(row_sets):
+        counts[i] = np.bincount(np.asarray(rows), minlength=n)  # a row twice in a set counts twice, as X[rows]
+    sizes = counts.sum(1)
+    used = np.flatnonzero(counts.any(0))  # blocks of the used rows only: the same sums for the same rows in the
+    centre = X[used[:STATISTICS_ROWS]].mean(0, dtype=np.float64)  # same order, whatever other rows X holds
+    sums, squares = np.zeros((len(row_sets), d)), np.zeros((len(row_sets), d))
+    for lo in range(0, len(used), STATISTICS_ROWS):
+        block = used[lo:lo + STATISTICS_ROWS]
+        D = X[block].astype(np.float64) - centre
+        sums += counts[:, block] @ D
+        squares += counts[:, block] @ (D * D)
+    scalers = []
+    for size, total, square in zip(sizes, sums, squares):
+        shift = total / size
+        scaler = StandardScaler()
+        scaler.mean_ = centre + shift
+        scaler.var_ = np.maximum(square / size - shift * shift, 0.0)
+        scaler.n_samples_seen_, scaler.n_features_in_ = int(size), d
+        near_constant = scaler.var_ <= size * _EPS * scaler.var_ + (size * scaler.mean_ * _EPS) ** 2  # sklearn's rule
+        scaler.scale_ = np.where(near_constant, 1.0, np.sqrt(scaler.var_))
+        scalers.append(scaler)
+    return scalers
+
+
+_EPS = np.finfo(np.float64).eps
+
 
 def undersample_indices(codes: np.ndarray, ratio: float | None, seed: int = 0) -> np.ndarray:
     """Rows kept when every class is capped at ``ratio`` times the size of the smallest class.
@@ -143,18 +200,27 @@ class EmbeddingHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         rows, codes, weights = self._set_up(X, y, sample_weight)
         return self.preprocessor_.transform(X[rows]), codes, weights
 
-    def _set_up(self, X: np.ndarray, y, sample_weight, rows: np.ndarray | None = None):
-        """Classes, kept rows and their weights, the preprocessor fitted on them, for a fit on ``rows`` of
-        ``X``/``y``/``sample_weight`` (None: all); returns the kept rows (indices into ``X``), their class
-        codes and weights."""
-        rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+    def _set_up(self, X: np.ndarray, y, sample_weight):
+        """Classes, kept rows and their weights, the preprocessor fitted on them, for a fit on ``X``/``y``/
+        ``sample_weight``; returns the kept rows, their class codes and weights."""
+        rows, codes, weights = self._training_rows(X, y, sample_weight, np.arange(len(X)))
+        self.preprocessor_ = self.preprocessor().fit(X[rows])
+        return rows, codes, weights
+
+    def _training_rows(self, X: np.ndarray, y, sample_weight, rows: np.ndarray):
+        """Classes, kept rows and their weights for a fit on ``rows`` of ``X``/``y``/``sample_weight``: the
+        kept rows (indices into ``X``), their class codes and weights. The preprocessor is fitted on them next."""
+        rows = np.asarray(rows)
         y = np.asarray(y)[rows]
         kept, codes, weights = training_rows(self, y, None if sample_weight is None else np.asarray(sample_weight)[rows])
         if self.classes_.size < 2:
             raise ValueError("a head needs at least two classes in y")
-        self.preprocessor_ = Preprocessor(self.norm, self.pca, self.whiten, self.seed).fit(X[rows[kept]])
         self.n_features_in_ = X.shape[1]
         return rows[kept], codes, weights
+
+    def preprocessor(self) -> Preprocessor:
+        """This head's preprocessing, unfitted (its ``norm``, ``pca``, ``whiten`` and ``seed``)."""
+        return Preprocessor(self.norm, self.pca, self.whiten, self.seed)
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "preprocessor_")

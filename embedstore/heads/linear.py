@@ -9,7 +9,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_array
 
 from embedstore.heads import logistic
-from embedstore.heads.base import EmbeddingHead, Preprocessor
+from embedstore.heads.base import EmbeddingHead
 
 
 class LogRegHead(EmbeddingHead):
@@ -59,33 +59,36 @@ class LogRegHead(EmbeddingHead):
         X = check_array(X, dtype=np.float32)
         paths = logistic.per_task_paths([self.C] if Cs is None else Cs, len(row_sets))
         heads = [clone(self) for _ in row_sets]
-        prepared = [head._set_up(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
+        prepared = [head._training_rows(X, y, sample_weight, rows) for head, rows in zip(heads, row_sets)]
         union, positions = logistic.shared_rows([rows for rows, _, _ in prepared])
-        maps = [head.preprocessor_.affine() for head in heads]
         device = self.fit_device()
-        if self._can_share(heads, prepared, maps, len(union)):
-            G, tasks = self._shared(X, union, positions, prepared, maps)
+        if self._can_share(heads, prepared, len(union)):  # every set's statistics, and the union's, in one pass
+            *own, common = self.preprocessor().fit_each(X, [rows for rows, _, _ in prepared] + [union])
+            for head, preprocessor in zip(heads, own):
+                head.preprocessor_ = preprocessor
+            G, tasks = self._shared(X, union, positions, prepared, [head.preprocessor_.affine() for head in heads],
+                                    common)
             fits = logistic.fit_paths(G, tasks, heads[0].classes_.size, paths, self.tol, self.max_iter, device)
-        else:  # little overlap (undersampled folds), PCA, other classes or repeated rows: each on its own matrix
+        else:  # little overlap (undersampled folds), PCA, other classes or repeated rows: each exactly as alone
+            for head, (rows, _, _) in zip(heads, prepared):
+                head.preprocessor_ = head.preprocessor().fit(X[rows])
             fits = [logistic.fit_path(head.preprocessor_.transform(X[rows]), codes, head.classes_.size, path, weights,
                                       self.tol, self.max_iter, device)
                     for head, (rows, codes, weights), path in zip(heads, prepared, paths)]
         return [[self._fitted_copy(head, fitted) for fitted in path] for head, path in zip(heads, fits)]
 
-    @staticmethod
-    def _can_share(heads, prepared, maps, n_union: int) -> bool:
-        """Whether the fits can share one matrix, and gain by it: every preprocessing an affine map, the same
-        classes in every row set (one class code per row), no row twice in a set (a row's weight is per fit and
-        row), and each row used by two fits on average."""
-        return (all(m is not None for m in maps)
+    def _can_share(self, heads, prepared, n_union: int) -> bool:
+        """Whether the fits can share one matrix, and gain by it: the preprocessing an affine map (no PCA), the
+        same classes in every row set (one class code per row), no row twice in a set (a row's weight is per fit
+        and row), and each row used by two fits on average."""
+        return (not (self.pca or self.whiten)
                 and all(np.array_equal(head.classes_, heads[0].classes_) for head in heads)
                 and all(len(np.unique(rows)) == len(rows) for rows, _, _ in prepared)
                 and sum(len(rows) for rows, _, _ in prepared) >= 2 * n_union)
 
-    def _shared(self, X, union, positions, prepared, maps) -> tuple[np.ndarray, list[logistic.Task]]:
-        """The matrix the fits share (``union``'s rows, row-normalised, standardised over them when the head
-        standardises) and each fit's task on it (its rows at ``positions`` of it)."""
-        common = Preprocessor(self.norm).fit(X[union])  # the head's own normalisation, over all the fits' rows
+    def _shared(self, X, union, positions, prepared, maps, common) -> tuple[np.ndarray, list[logistic.Task]]:
+        """The matrix the fits share (``union``'s rows, by ``common``, the head's own normalisation fitted over
+        all of them) and each fit's task on it (its rows at ``positions`` of it)."""
         G = common.transform(X[union])
         mean, scale = common.affine()
         tasks = []
