@@ -274,7 +274,9 @@ def tune_many(head, space: str, X, y, fold_sets: list, metric: Callable, n_trial
         return [tune(head, space, X, y, folds, metric, n_trials, storage, name, seed, prefix, fixed,
                      problem=problem, workers=workers, sampler=sampler)
                 for folds, name, problem in zip(fold_sets, study_names, problems)]
-    studies = [_open_study(storage, name, sampler, problem) for name, problem in zip(study_names, problems)]
+    opened = open_storage(storage)  # one connection for all the studies
+    studies = [_open_study(storage, name, sampler, problem, opened=opened)
+               for name, problem in zip(study_names, problems)]
     for study in studies:
         _fail_stale_trials(study)
     _path_search(studies, head, space, X, y, fold_sets, metric, n_trials, prefix, fixed, None)
@@ -571,13 +573,14 @@ def _store_points(study, points, missing, scores, distributions, on_trial) -> No
 
 
 def _open_study(storage: str, study_name: str, sampler: str, problem: dict | None,
-                shared: bool = False) -> optuna.Study:
+                shared: bool = False, opened: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create or load the study, claimed for ``problem`` (:func:`_claim`; None: no identity to check), once
-    ``sampler`` is known; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`)."""
+    ``sampler`` is known; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`),
+    unless it is ``opened`` already (several studies in one storage)."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     optuna.logging.set_verbosity(logging.WARNING)
-    opened = open_storage(storage, shared=shared)
+    opened = opened or open_storage(storage, shared=shared)
     try:
         study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
                                     pruner=_pruner(sampler), load_if_exists=True)

@@ -22,6 +22,11 @@ class ColumnsHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         self.head = head
         self.columns = columns
 
+    def __sklearn_clone__(self) -> ColumnsHead:
+        """An unfitted copy, as :func:`sklearn.base.clone` makes, with the column names copied as one list: clone
+        copies a list's items one by one, which for a path of 20 fits on 1,280 columns was 500,000 calls."""
+        return type(self)(head=clone(self.head), columns=None if self.columns is None else list(self.columns))
+
     def fit(self, X, y):
         return self._wrap(clone(self.head).fit(select_columns(X, self.columns, self.head), y))
 
