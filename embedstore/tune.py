@@ -274,6 +274,7 @@ def tune_many(head, space: str, X, y, fold_sets: list, metric: Callable, n_trial
         return [tune(head, space, X, y, folds, metric, n_trials, storage, name, seed, prefix, fixed,
                      problem=problem, workers=workers, sampler=sampler)
                 for folds, name, problem in zip(fold_sets, study_names, problems)]
+    _check_sampler(sampler)
     opened = open_storage(storage)  # one connection for all the studies
     studies = [_open_study(storage, name, sampler, problem, opened=opened)
                for name, problem in zip(study_names, problems)]
@@ -577,10 +578,9 @@ def _open_study(storage: str, study_name: str, sampler: str, problem: dict | Non
     """Create or load the study, claimed for ``problem`` (:func:`_claim`; None: no identity to check), once
     ``sampler`` is known; ``shared`` opens the storage with heartbeats (:func:`embedstore.studies.open_storage`),
     unless it is ``opened`` already (several studies in one storage)."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    _check_sampler(sampler)
     optuna.logging.set_verbosity(logging.WARNING)
-    opened = opened or open_storage(storage, shared=shared)
+    opened = open_storage(storage, shared=shared) if opened is None else opened
     try:
         study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize",
                                     pruner=_pruner(sampler), load_if_exists=True)
@@ -589,6 +589,12 @@ def _open_study(storage: str, study_name: str, sampler: str, problem: dict | Non
     if problem is not None:
         _claim(study, problem, storage)
     return study
+
+
+def _check_sampler(sampler: str) -> None:
+    """Refuse, in one line, a sampler that is none of :data:`SAMPLERS` (before any storage is opened)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"no sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
 
 
 def _pruner(sampler: str) -> optuna.pruners.BasePruner:

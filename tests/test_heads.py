@@ -149,6 +149,7 @@ def test_standardisations_of_many_row_sets_in_one_pass_equal_scikit_learns(ham, 
     X = ham["X"][:, :40].copy()
     X[:, 0] = 3.0  # constant
     X[:, 1] = 1000.0 + np.arange(len(X)) % 2 * 1e-4  # a large mean, a tiny spread: sums about 0 would cancel
+    X[ham["test"], 2] = 7.5  # constant in the test rows only, far from the centre of the first rows
     rows = [ham["train"], ham["test"], np.r_[ham["test"], ham["test"][:7]], np.arange(len(X))]
     fitted = Preprocessor(norm="standard").fit_each(X, rows)
     for prep, part in zip(fitted, rows):
@@ -160,6 +161,7 @@ def test_standardisations_of_many_row_sets_in_one_pass_equal_scikit_learns(ham, 
         np.testing.assert_allclose(prep.transform(X[:20]), Preprocessor(norm="standard").fit(X[part]).transform(X[:20]),
                                    rtol=1e-5, atol=1e-5)
     assert fitted[0].scaler_.scale_[0] == 1.0  # the constant column is left unscaled, as scikit-learn leaves it
+    assert fitted[1].scaler_.var_[2] == 0.0 and fitted[1].scaler_.scale_[2] == 1.0  # so is one constant in a set
 
 
 def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):

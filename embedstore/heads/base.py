@@ -98,9 +98,11 @@ def standard_scalers(X: np.ndarray, row_sets: list[np.ndarray]) -> list[Standard
 
     Each set's sums, and sums of squares about a common centre (the mean of the first block of rows: close
     to every set's mean, so that the variance's two terms do not cancel), are matrix products of the sets'
-    row counts with blocks of ``X`` in float64, as scikit-learn accumulates; the scalers' means and
-    variances equal scikit-learn's to float64 rounding, and their scales follow its rule for near-constant
-    features. Memory: a block of ``X`` in float64 and the sets' counts, whatever the number of rows.
+    row counts with blocks of ``X`` in float64, as scikit-learn accumulates. The scalers' means and variances
+    equal scikit-learn's to float64 rounding where the centre is near the set's mean; a column constant in one set
+    but not about the centre gets a variance of 0 and a scale of 1, as scikit-learn gives it; the scales follow
+    scikit-learn's rule for near-constant features. Memory: a block of ``X`` in float64 and the sets' counts,
+    whatever the number of rows.
     """
     n, d = X.shape
     counts = np.zeros((len(row_sets), n))
@@ -120,9 +122,13 @@ def standard_scalers(X: np.ndarray, row_sets: list[np.ndarray]) -> list[Standard
         shift = total / size
         scaler = StandardScaler()
         scaler.mean_ = centre + shift
-        scaler.var_ = np.maximum(square / size - shift * shift, 0.0)
+        var = square / size - shift * shift
+        # a column constant in this set but not about the centre leaves rounding noise (at most about size * eps
+        # times its mean square about the centre), where scikit-learn computes 0
+        noise = var <= _EPS * square
+        scaler.var_ = np.where(noise, 0.0, var)
         scaler.n_samples_seen_, scaler.n_features_in_ = int(size), d
-        near_constant = scaler.var_ <= size * _EPS * scaler.var_ + (size * scaler.mean_ * _EPS) ** 2  # sklearn's rule
+        near_constant = noise | (scaler.var_ <= size * _EPS * scaler.var_ + (size * scaler.mean_ * _EPS) ** 2)
         scaler.scale_ = np.where(near_constant, 1.0, np.sqrt(scaler.var_))
         scalers.append(scaler)
     return scalers

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
 from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, predict_rows, side_by_side
-from embedstore.parallel import in_order, one_blas_thread
+from embedstore.parallel import core_budget, in_order, one_blas_thread, usable_cores
 from embedstore.splits import group_kfold
 
 
@@ -100,7 +100,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     def _plan(self, y: np.ndarray, rows: np.ndarray, groups) -> tuple[np.ndarray, list]:
         """Set ``classes_``; ``rows`` and this stack's inner group folds of them (as rows of X)."""
         if len(np.unique(rows)) < len(rows):  # out-of-fold probabilities are kept by row
-            raise ValueError("a stack's rows must each appear once")
+            raise ValueError(f"a stack's rows must each appear once; {len(rows) - len(np.unique(rows))} of its "
+                             f"{len(rows)} rows appear twice or more")
         self.classes_, local = np.unique(y[rows], return_inverse=True)
         folds = [(rows[train], rows[test]) for train, test in
                  group_kfold(local, None if groups is None else np.asarray(groups)[rows], n_splits=self.n_splits,
@@ -115,13 +116,14 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns, head)
             row_sets = [part for rows, folds in plans for part in [*(train for train, _ in folds), rows]]
-            fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])
+            with core_budget(min(usable_cores(), self.n_splits + 1)):  # one-core fits side by side: as many at
+                fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])  # once as one stack has
             inner, finals = [], []
             for rows, folds in plans:
                 inner += [(next(fitted), test) for _, test in folds]
                 finals.append(next(fitted))
-            probas = iter(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),  # one-core heads:
-                                   inner, side_by_side(head)))                                  # side by side
+            probas = iter(list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),  # one-core
+                                        inner, side_by_side(head))))                                 # heads: side by side
             for stack, (rows, folds), final in zip(stacks, plans, finals):
                 oof = np.zeros((len(codes), stack.classes_.size))
                 for _, test in folds:
