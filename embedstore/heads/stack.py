@@ -116,14 +116,14 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns, head)
             row_sets = [part for rows, folds in plans for part in [*(train for train, _ in folds), rows]]
-            with core_budget(min(usable_cores(), self.n_splits + 1)):  # one-core fits side by side: as many at
-                fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])  # once as one stack has
+            with core_budget(min(usable_cores(), self.n_splits + 1)):  # one-core fits at once: one stack's count
+                fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])
             inner, finals = [], []
             for rows, folds in plans:
                 inner += [(next(fitted), test) for _, test in folds]
                 finals.append(next(fitted))
-            probas = iter(list(in_order(lambda fit_test: predict_rows(fit_test[0], Xb, fit_test[1]),  # one-core
-                                        inner, side_by_side(head))))                                 # heads: side by side
+            # one-core heads predict side by side; taken whole, so that their hold of the BLAS ends here
+            probas = iter(list(in_order(lambda pair: predict_rows(pair[0], Xb, pair[1]), inner, side_by_side(head))))
             for stack, (rows, folds), final in zip(stacks, plans, finals):
                 oof = np.zeros((len(codes), stack.classes_.size))
                 for _, test in folds:
