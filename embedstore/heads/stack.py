@@ -94,11 +94,11 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             used = np.unique(np.concatenate([plans[i][0] for i in same]))
             codes[used] = np.searchsorted(np.asarray(classes), y[used])
             self._fit_bases(X, codes, [stacks[i] for i in same], [plans[i] for i in same], progress)
-        for stack, (rows, _) in zip(stacks, plans):
-            stack._fit_meta(X, np.searchsorted(stack.classes_, y[rows]))
+        for stack, (_, _, local) in zip(stacks, plans):
+            stack._fit_meta(X, local)
 
-    def _plan(self, y: np.ndarray, rows: np.ndarray, groups) -> tuple[np.ndarray, list]:
-        """Set ``classes_``; ``rows`` and this stack's inner group folds of them (as rows of X)."""
+    def _plan(self, y: np.ndarray, rows: np.ndarray, groups) -> tuple[np.ndarray, list, np.ndarray]:
+        """Set ``classes_``; ``rows``, this stack's inner group folds of them (as rows of X) and their class codes."""
         if len(np.unique(rows)) < len(rows):  # out-of-fold probabilities are kept by row
             raise ValueError(f"a stack's rows must each appear once; {len(rows) - len(np.unique(rows))} of its "
                              f"{len(rows)} rows appear twice or more")
@@ -106,7 +106,7 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         folds = [(rows[train], rows[test]) for train, test in
                  group_kfold(local, None if groups is None else np.asarray(groups)[rows], n_splits=self.n_splits,
                              seed=self.seed)]
-        return rows, folds
+        return rows, folds, local
 
     def _fit_bases(self, X, codes: np.ndarray, stacks: list[StackHead], plans: list, progress) -> None:
         """Every base of ``stacks`` (clones of this stack, of one class set): fitted on each stack's inner
@@ -115,16 +115,16 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
             stack.oof_, stack.bases_ = {}, []
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns, head)
-            row_sets = [part for rows, folds in plans for part in [*(train for train, _ in folds), rows]]
+            row_sets = [part for rows, folds, _ in plans for part in [*(train for train, _ in folds), rows]]
             with core_budget(min(usable_cores(), self.n_splits + 1)):  # one-core fits at once: one stack's count
                 fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])
             inner, finals = [], []
-            for rows, folds in plans:
+            for _, folds, _ in plans:
                 inner += [(next(fitted), test) for _, test in folds]
                 finals.append(next(fitted))
             # one-core heads predict side by side; taken whole, so that their hold of the BLAS ends here
             probas = iter(list(in_order(lambda pair: predict_rows(pair[0], Xb, pair[1]), inner, side_by_side(head))))
-            for stack, (rows, folds), final in zip(stacks, plans, finals):
+            for stack, (rows, folds, _), final in zip(stacks, plans, finals):
                 oof = np.zeros((len(codes), stack.classes_.size))
                 for _, test in folds:
                     oof[test] = next(probas)
