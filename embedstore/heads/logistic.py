@@ -292,7 +292,7 @@ class _Problems:
         loss, R_sum, G_R = np.zeros(m), np.zeros((m, k)), np.zeros((d, m * k))
         for (lo, hi), active in zip(self.backend.blocks(), self.block_tasks):
             on = _computed(active[tasks])
-            if isinstance(on, slice) and on.start == on.stop:
+            if on is None:  # no ask has rows in this block
                 continue
             cols = slice(on.start * k, on.stop * k) if isinstance(on, slice) else (on[:, None] * k + np.arange(k)).ravel()
             raw = np.add(self.backend.product(raw_W[:, cols], lo, hi).reshape(hi - lo, -1, k), bias[on],
@@ -321,7 +321,7 @@ class _Problems:
     def _loss(self, raw: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each task's weighted log-loss over a block of rows, and its gradient with respect to the raw scores.
 
-        ``raw`` [B, m, K] scores (float64; overwritten), ``w`` [B, m] weights, ``codes`` [B] classes.
+        ``raw`` [B, m, K] scores (float64; the softmax overwrites them), ``w`` [B, m] weights, ``codes`` [B] classes.
         """
         if self.k == 1:
             r, y = raw[..., 0], (codes == 1)[:, None]
@@ -338,20 +338,20 @@ class _Problems:
         return loss, p
 
 
-def _computed(active: np.ndarray) -> slice | np.ndarray:
+def _computed(active: np.ndarray) -> slice | np.ndarray | None:
     """Which asks a block is computed for, given which of them (``active``, in ask order) have rows in it: the
     asks from the first active one to the last, as a slice, where the inactive ones among them are at most a
-    third of it; otherwise the active ones' indices.
+    third of it; otherwise the active ones' indices; None where none is active.
 
     A slice's columns are read and added to in place; an inactive ask inside it costs its share of the
-    products and the loss, and adds exactly zero (its rows in the block weigh zero). An index list's columns
-    must be gathered and added back one by one: measured at d = 2,048, 7 classes and 1,024-row blocks, that
-    took 3.9 ms for 22 asks, and the products of 24 asks 8.0 ms (0.33 ms each), so the list pays only where
-    over about a third of the span is inactive (BENCHMARKS.md, eighth session).
+    products and the loss, and adds exactly zero (its rows in the block weigh zero, and its scores are
+    finite). An index list's columns must be copied out and scattered back: measured at d = 2,048, 7 classes
+    and 1,024-row blocks, that took 3.9 ms for 22 asks, and the products of 24 asks 8.0 ms (0.33 ms each),
+    so the list pays only where over about a third of the span is inactive (BENCHMARKS.md, eighth session).
     """
     on = np.flatnonzero(active)
     if not on.size:
-        return slice(0, 0)
+        return None
     span = on[-1] + 1 - on[0]
     return slice(int(on[0]), int(on[-1]) + 1) if 3 * (span - on.size) <= span else on
 
