@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from embedstore.errors import SourceError, StoreError
-from embedstore.sources import Source, source_from_dict
+from embedstore.sources import Source, source_from_dict, unchanged_since
 
 
 class ImageCheck:
@@ -57,6 +57,11 @@ class ImageCheck:
                 unchanged[sel] = True  # cannot be checked
                 continue
             recorded = manifest.iloc[sel].reset_index(drop=True)
+            same = unchanged_since(source.stats(recorded["_path"]), recorded)  # no image read for these
+            unchanged[sel[same]] = True
+            sel, recorded = sel[~same], recorded[~same].reset_index(drop=True)
+            if not len(sel):
+                continue
             now = source.content_hashes(recorded["_path"], recorded=recorded)["sha256"].to_numpy()
             differs = (now != "") & (now != recorded["sha256"].to_numpy())
             changed[sel[differs]] = True
