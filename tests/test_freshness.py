@@ -26,7 +26,7 @@ from embedstore.encoders import Preprocessing
 from embedstore.errors import SourceError, StoreError
 from embedstore.extraction import decode
 from embedstore.images import read_regular_file
-from embedstore.sources import CsvFolderSource
+from embedstore.sources import CsvFolderSource, unchanged_since
 
 ENCODER = "mobilenet_v2"
 N = 12
@@ -157,6 +157,14 @@ def test_a_store_without_its_images_is_served_unchecked(work):
     shutil.move(path / "images", path / "elsewhere")
     X, _ = FeatureStore.open(path / "s.zarr").load(ENCODER)
     assert len(X) == N
+
+
+def test_only_known_equal_stats_with_a_recorded_hash_spare_an_image_from_hashing():
+    recorded = pd.DataFrame({"sha256": pd.Series(["ab", "", None, "cd", "ef"], dtype="str"),
+                             "_size": [10, 10, 10, 10, -1], "_mtime_ns": [5, 5, 5, 6, 5]})
+    now = np.array([[10, 5], [10, 5], [10, 5], [10, 5], [-1, 5]], dtype=np.int64)
+    # unchanged; empty hash; missing hash; other mtime; size unknown
+    assert unchanged_since(now, recorded).tolist() == [True, False, False, False, False]
 
 
 def _write_h5(file: Path, images: dict[str, Path]) -> None:

@@ -36,9 +36,10 @@ class ImageCheck:
     def changed(self, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
         """Which of the ``manifest`` ``rows`` hold an image whose bytes differ from the sha256 it recorded.
 
-        Each image is stat'ed; only those whose size or mtime differ from the recorded ones are read and
-        hashed again (all of them for a manifest written before sizes and mtimes were recorded; one stat
-        of the file for an HDF5 source). An image that cannot be found or read, or whose source cannot be
+        Each image is stat'ed (one stat of the file for an HDF5 source); only those whose size or mtime differ
+        from the recorded ones, or whose sha256 was not recorded, go on to :meth:`Source.content_hashes`,
+        which stats them again and reads and hashes them (all of them for a manifest written before sizes
+        and mtimes were recorded). An image that cannot be found or read, or whose source cannot be
         reopened (a store copied without its images), cannot be checked and counts as unchanged. What is
         remembered is forgotten when the manifest is another one.
         """
