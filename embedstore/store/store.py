@@ -109,6 +109,11 @@ class FeatureStore:
         a source's images to the rows needs (a tenth of the whole manifest's memory at 401,059 rows)."""
         return read_manifest(self.path, reserved_only=True)
 
+    def _held_or_own_columns(self) -> pd.DataFrame:
+        """The whole manifest where this FeatureStore holds it already, else its own columns (:attr:`_reserved`):
+        what counting rows or finding an image needs, without reading the sources' metadata."""
+        return self.__dict__["manifest"] if "manifest" in self.__dict__ else self._reserved
+
     def _forget_manifest(self) -> None:
         """Drop what was read of the manifest: another process may have changed it, or this one did."""
         self.__dict__.pop("manifest", None)
@@ -228,9 +233,7 @@ class FeatureStore:
         """The store at a glance (what ``embedstore ls`` prints); ``verify`` checks every chunk file.
 
         Reads only the manifest's own columns (not the sources' metadata) unless this FeatureStore holds it already."""
-        manifest = self.__dict__.get("manifest")
-        if manifest is None:
-            manifest = read_manifest(self.path, reserved_only=True)
+        manifest = self._held_or_own_columns()
         sets = [self._count(key, manifest, verify) for key in sorted(self._groups())]
         return StoreSummary(path=self.path, n_images=len(manifest), n_sources=len(self.root.attrs.get("sources", [])),
                             columns=source_columns(manifest_columns(self.path)), feature_sets=sets)
@@ -414,9 +417,7 @@ class FeatureStore:
         the probe's peak)."""
         from PIL import Image
 
-        manifest = self.__dict__.get("manifest")
-        if manifest is None:
-            manifest = self._reserved
+        manifest = self._held_or_own_columns()
         hit = np.flatnonzero(manifest["id"].to_numpy() == str(image_id))
         if not len(hit):
             raise StoreError(f"no image {image_id!r} in {self.path}")
