@@ -182,7 +182,7 @@ def test_stack_meta_learner_sees_only_group_out_of_fold_probabilities(ham):
     # mean 5e-5); a stack that saw its own fold's labels would be off by far more, on average.
     gap = np.abs(stack.oof_["a"] - expected)
     assert gap.max() < 5e-3 and gap.mean() < 2e-4
-    assert stack.meta_.coef_.shape[1] == 2 * 7  # log-probabilities of both bases
+    assert stack.meta_.coef_.shape == (2 * 7, 7)  # log-probabilities of both bases, per class
     assert set(stack.base_probas(frame.iloc[:5])) == {"a", "b"}
     assert stack.predict_proba(frame.iloc[:5]).shape == (5, 7)
 
@@ -200,7 +200,9 @@ def test_stacks_fitted_together_are_the_stacks_fitted_alone(ham):
     row_sets = [train[fold] for fold, _ in group_kfold(y[train], groups[train], n_splits=3, seed=0)] + [train]
     messages = []
     together = [path[0] for path in stack.fit_paths(frame, y, row_sets, groups=groups, progress=messages.append)]
-    assert messages == ["stack base gb: 16 models fitted", "stack base lr: 16 models fitted"]
+    # 4 stacks x (3 inner folds + all rows) = 16 fits, but the final stack's own group folds of ``train`` are these
+    # outer folds (the same call), so its three inner models are the outer folds' models, fitted once: 13
+    assert messages == ["stack base gb: 13 models fitted", "stack base lr: 13 models fitted"]
     for rows, fitted in zip(row_sets, together):
         alone = clone(stack).fit(frame.iloc[rows], y[rows], groups=groups[rows])
         assert np.array_equal(fitted.classes_, alone.classes_)
@@ -209,6 +211,43 @@ def test_stacks_fitted_together_are_the_stacks_fitted_alone(ham):
         assert np.array_equal(probas["gb"], expected["gb"])
         for gap in (np.abs(fitted.oof_["lr"] - alone.oof_["lr"]), np.abs(probas["lr"] - expected["lr"])):
             assert gap.max() < 5e-3 and gap.mean() < 2e-4  # as the stack's own folds against fits one by one
+
+
+def test_stacks_taking_the_outer_folds_as_inner_folds_fit_each_distinct_model_once(ham):
+    """Given the outer folds, a stack's inner folds are the other outer folds (its rows of none, one more), so the
+    inner model of outer fold k without fold j is outer fold j's without fold k, and the final stack's are the
+    outer folds' own: 4 folds need 6 + 4 + 1 = 11 fits per base instead of 20. Each stack is still the stack it
+    would be fitted alone on those folds, and none of outer fold k's models saw fold k."""
+    frame, y, groups, train, test = _frame_with_metadata(ham), ham["y"], ham["groups"], ham["train"], ham["test"]
+    features = [c for c in frame.columns if c.startswith("f")]
+    stack = StackHead(bases=[("gb", LGBMHead(n_estimators=20, pca=8, passthrough=("age", "sex")), [*features, "age", "sex"]),
+                             ("lr", LogRegHead(C=0.1, tol=1e-7), features)],
+                      n_splits=3, seed=0)
+    outer = [(train[tr], train[te]) for tr, te in group_kfold(y[train], groups[train], n_splits=4, seed=0)]
+    folds = np.full(len(y), -1)
+    for k, (_, held) in enumerate(outer):
+        folds[held] = k
+    row_sets = [rows for rows, _ in outer] + [train]
+    messages = []
+    together = [path[0] for path in stack.fit_paths(frame, y, row_sets, groups=groups, folds=folds, progress=messages.append)]
+    assert messages == ["stack base gb: 11 models fitted", "stack base lr: 11 models fitted"]
+    for k, (rows, held) in enumerate(outer):
+        _, inner, _ = clone(stack)._plan(y, rows, groups, folds)
+        assert [sorted(part) for _, part in inner] == [sorted(other) for j, (_, other) in enumerate(outer) if j != k]
+        assert all(not set(fit_rows) & set(held) for fit_rows, _ in inner)
+    for rows, fitted in zip(row_sets, together):
+        alone = clone(stack).fit_paths(frame, y, [rows], groups=groups, folds=folds)[0][0]
+        assert np.array_equal(fitted.oof_["gb"], alone.oof_["gb"])
+        probas, expected = fitted.base_probas(frame), alone.base_probas(frame)
+        assert np.array_equal(probas["gb"], expected["gb"])
+        for gap in (np.abs(fitted.oof_["lr"] - alone.oof_["lr"]), np.abs(probas["lr"] - expected["lr"])):
+            assert gap.max() < 5e-3 and gap.mean() < 2e-4
+    # rows of no outer fold (a validation part) are one more inner fold; rows of one fold cannot be stacked
+    with_valid = np.concatenate([train, test])
+    _, inner, _ = clone(stack)._plan(y, with_valid, groups, folds)
+    assert len(inner) == 5 and sorted(inner[0][1]) == sorted(test)
+    with pytest.raises(ValueError, match="two folds or more"):
+        clone(stack).fit_paths(frame, y, [outer[0][1]], groups=groups, folds=folds)
 
 
 def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_rows(ham):

@@ -184,6 +184,7 @@ def test_config_file_with_cli_override_and_a_nested_tuned_stack(ham_store, tmp_p
     assert code == 0, (output, exc)
     run = json.loads((out / "run.json").read_text())
     assert run["head"] == "stack" and run["study"]["storage"] == storage
+    assert yaml.safe_load((out / "config.yaml").read_text())["stack_folds"] == "outer"  # the default, resolved
     models = json.loads((out / "metrics.json").read_text())["models"]
     assert any("(in " in name for name in models) and len(models) == 4  # the stack beside its three bases
     import optuna
@@ -213,6 +214,8 @@ def test_holdout_scores_test_rows_only(ham_store, tmp_path):
     (["--groups", "patient"], "group column 'patient' is not in the store"),
     (["--features", "dinov2_vitb14"], "no feature set 'dinov2_vitb14'"),
     (["--positive", "df", "--folds", "40"], "has no rows of class"),
+    (["--head", "stack", "--stack-folds", "nested"], "unknown stack_folds 'nested'"),
+    (["--head", "stack", "--stack-folds", "outer", "--folds", "2"], "needs --folds 3 or more"),
 ])
 def test_bad_input_is_one_clear_line(ham_store, tmp_path, args, message):
     base = {"--features": "mobilenet_v2", "--target": "dx", "--groups": "lesion_id"}

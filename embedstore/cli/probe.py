@@ -63,7 +63,8 @@ def probe(
     patient_features: Optional[str] = typer.Option(None, "--patient-features", help="Patient id column: lgbm also reads each image's standing among its patient's other images (distance to their mean, rank, per-patient z-scores), and binary runs report top-15 sensitivity."),
     positive: Optional[str] = typer.Option(None, "--positive", help="Make a binary positive-vs-rest problem (e.g. mel)."),
     folds: FoldsOpt = None,
-    inner_folds: Optional[int] = typer.Option(None, "--inner-folds", help="Inner folds for tuning and stacking (default 3)."),
+    inner_folds: Optional[int] = typer.Option(None, "--inner-folds", help="Inner folds for tuning, and for stacking with --stack-folds inner (default 3)."),
+    stack_folds: Optional[str] = typer.Option(None, "--stack-folds", help="A stack's inner folds: outer (default with 3 folds or more), the other outer folds, so that its base models are shared between the folds (16 fits per base for 5 folds instead of 24); inner, --inner-folds group folds of its own rows (fewer fits where tuned bases differ per fold)."),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Official split column: train, test and validation rows (train/valid/test, training/test, 0/1, dev = validation); validation rows are never scored."),
     split_map: list[str] = typer.Option([], "--split-map", help="VALUE=ACTION for a split-column value (repeatable): ACTION train, valid, test or drop, e.g. excluded=drop, valid=train."),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction held out as a grouped, stratified test set (default 0: none)."),
@@ -98,7 +99,7 @@ def probe(
     cfg = ProbeConfig.from_yaml(config, **run_overrides(
         store=store, features=features, target=target, groups=groups, heads=head, stack_heads=stack_heads,
         stack_joint=stack_joint, trials=trials, metadata=metadata, patient_features=patient_features, positive=positive, folds=folds,
-        inner_folds=inner_folds, split_column=split_column, holdout=holdout, split_map=parse_split_map(split_map) or None,
+        inner_folds=inner_folds, stack_folds=stack_folds, split_column=split_column, holdout=holdout, split_map=parse_split_map(split_map) or None,
         metric=metric, decision=decision, storage=storage, study_name=study_name, tune_workers=tune_workers,
         sampler=sampler, seed=seed, n_boot=n_boot,
         device=device, merge_near_duplicates=merge_near_duplicates, report=report, out=out, overwrite=overwrite or None,

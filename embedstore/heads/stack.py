@@ -10,6 +10,12 @@ every outer fold and the final one are fitted together on their rows of the prob
 (:meth:`StackHead.fit_paths`): each base reads its columns of the frame (a view, where pandas can give one),
 takes only its rows from them, and fits all its models in one go where it can (a logistic base's fits share one
 pass over its matrix, a LightGBM base's run side by side).
+
+Given the probe's outer folds (``folds``), each stack takes the other outer folds as its inner folds instead of
+drawing its own: the inner model of outer fold k that leaves out fold j is then the very model that outer fold j
+needs without fold k, and the final stack's inner models are the outer folds' own. Five outer folds need 16
+distinct fits per base (10 pairs of folds left out, 5 single folds, all rows) instead of 24 with three inner
+folds of their own, each on more rows; no model of outer fold k ever saw fold k's rows.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
 from embedstore.heads.base import ArgmaxPredictMixin, fit_paths, predict_rows, side_by_side
+from embedstore.heads.linear import LogRegHead
 from embedstore.parallel import core_budget, in_order, one_blas_thread, usable_cores
 from embedstore.splits import group_kfold
 
@@ -39,6 +45,19 @@ def select_columns(X, columns, head=None):
     return part
 
 
+def _distinct(row_sets: list[np.ndarray]) -> tuple[list[int], list[int]]:
+    """The row sets to fit, each distinct one once (``firsts``: the index of its first occurrence, largest sets
+    first, so that fits side by side end together), and which of them each row set of ``row_sets`` is.
+
+    Sets are the same when they hold the same rows in the same order (a LightGBM fit's bagging depends on it)."""
+    first: dict[bytes, int] = {}
+    for i, rows in enumerate(row_sets):
+        first.setdefault(np.asarray(rows, dtype=np.int64).tobytes(), i)
+    firsts = sorted(first.values(), key=lambda i: -len(row_sets[i]))
+    position = {i: j for j, i in enumerate(firsts)}
+    return firsts, [position[first[np.asarray(rows, dtype=np.int64).tobytes()]] for rows in row_sets]
+
+
 def _logit_features(probas: list[np.ndarray]) -> np.ndarray:
     """Meta-features: the log-probabilities of every base, side by side (clipped away from 0)."""
     return np.log(np.clip(np.hstack(probas), 1e-6, 1.0))
@@ -48,8 +67,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     """Stack of ``bases`` = ``[(name, head, columns), ...]`` under a meta-learner.
 
     ``columns`` is ``None`` (all of X) or a list of DataFrame column names.
-    ``meta`` defaults to a multinomial logistic regression with ``meta_C`` and
-    ``meta_class_weight`` (``"balanced"`` keeps the stack's top prediction from
+    ``meta`` defaults to a multinomial logistic regression (:class:`~embedstore.heads.LogRegHead` on the raw
+    log-probabilities) with ``meta_C`` and ``meta_class_weight`` (``"balanced"`` keeps the stack's top prediction from
     leaning towards the majority class when balanced accuracy is the goal).
     ``fit(X, y, groups=...)`` builds the out-of-fold probabilities on
     ``n_splits`` stratified group folds seeded by ``seed``.
@@ -67,27 +86,32 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         self._fit_together([self], X, y, [np.arange(len(y))], groups, None)
         return self
 
-    def fit_paths(self, X, y, row_sets, values=None, groups=None, progress=None) -> list[list[StackHead]]:
+    def fit_paths(self, X, y, row_sets, values=None, groups=None, folds=None, progress=None) -> list[list[StackHead]]:
         """A fitted copy per row set of ``row_sets`` (indices into ``X``, ``y`` and ``groups``, each row once):
         each base takes its rows from its columns of ``X``, with no copy of the rows' every column first.
 
+        ``folds`` (the outer fold of each row of ``X``, -1 for a row of none), when given, makes each stack's inner
+        folds the folds of its rows (its rows of no fold, a validation part, one more), instead of ``n_splits``
+        group folds of its own; a base's fits of the same rows are then made once (the module's doc).
+
         The stacks are fitted together, base by base: one :func:`~embedstore.heads.base.fit_paths` call fits a
         base's models on every stack's inner training folds and rows (a probe's five outer folds and its final
-        model: 24 logistic fits sharing one pass over the matrix per evaluation, or 24 LightGBM fits side by side,
-        instead of four at a time), for the stacks of the same classes. Each stack gets the models it would get
-        fitted alone. ``progress(message)``, when given, is called after each base."""
+        model with three inner folds each: 24 logistic fits sharing one pass over the matrix per evaluation, or 24
+        LightGBM fits side by side, instead of four at a time; 16 with ``folds``), for the stacks of the same
+        classes. Each stack gets the models it would get fitted alone. ``progress(message)``, when given, is called
+        after each base."""
         if values is not None:
             raise TypeError("StackHead has no path parameter to sweep")
         stacks = [clone(self) for _ in row_sets]
-        self._fit_together(stacks, X, y, row_sets, groups, progress)
+        self._fit_together(stacks, X, y, row_sets, groups, progress, folds)
         return [[stack] for stack in stacks]
 
-    def _fit_together(self, stacks: list[StackHead], X, y, row_sets, groups, progress) -> None:
+    def _fit_together(self, stacks: list[StackHead], X, y, row_sets, groups, progress, folds=None) -> None:
         """Fit ``stacks[i]`` (this stack or copies of it) on ``row_sets[i]``, base by base (:meth:`fit_paths`)."""
         if not self.bases:
             raise ValueError("a stack needs at least one base head")
         y = np.asarray(y)
-        plans = [stack._plan(y, np.asarray(rows), groups) for stack, rows in zip(stacks, row_sets)]
+        plans = [stack._plan(y, np.asarray(rows), groups, folds) for stack, rows in zip(stacks, row_sets)]
         for classes in dict.fromkeys(tuple(stack.classes_) for stack in stacks):  # stacks of one class set share codes
             same = [i for i, stack in enumerate(stacks) if tuple(stack.classes_) == classes]
             codes = np.full(len(y), -1)  # class codes over all of X; only the stacks' rows are read
@@ -97,27 +121,38 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         for stack, (_, _, local) in zip(stacks, plans):
             stack._fit_meta(X, local)
 
-    def _plan(self, y: np.ndarray, rows: np.ndarray, groups) -> tuple[np.ndarray, list, np.ndarray]:
-        """Set ``classes_``; ``rows``, this stack's inner group folds of them (as rows of X) and their class codes."""
+    def _plan(self, y: np.ndarray, rows: np.ndarray, groups, folds=None) -> tuple[np.ndarray, list, np.ndarray]:
+        """Set ``classes_``; ``rows``, this stack's inner folds of them (as rows of X: the given ``folds`` of its
+        rows, else group folds of its own) and their class codes."""
         if len(np.unique(rows)) < len(rows):  # out-of-fold probabilities are kept by row
             raise ValueError(f"a stack's rows must each appear once; {len(rows) - len(np.unique(rows))} of its "
                              f"{len(rows)} rows appear twice or more")
         self.classes_, local = np.unique(y[rows], return_inverse=True)
-        folds = [(rows[train], rows[test]) for train, test in
+        if folds is not None:
+            fold = np.asarray(folds)[rows]
+            inner = [(rows[fold != k], rows[fold == k]) for k in np.unique(fold)]
+            if len(inner) < 2:
+                raise ValueError(f"a stack's rows must span two folds or more to take them as its inner folds; "
+                                 f"its {len(rows)} rows lie in one")
+            return rows, inner, local
+        inner = [(rows[train], rows[test]) for train, test in
                  group_kfold(local, None if groups is None else np.asarray(groups)[rows], n_splits=self.n_splits,
                              seed=self.seed)]
-        return rows, folds, local
+        return rows, inner, local
 
     def _fit_bases(self, X, codes: np.ndarray, stacks: list[StackHead], plans: list, progress) -> None:
         """Every base of ``stacks`` (clones of this stack, of one class set): fitted on each stack's inner
-        training folds and all its rows, all at once; the inner folds' out-of-fold probabilities kept."""
+        training folds and all its rows, all at once, each distinct row set once; the inner folds' out-of-fold
+        probabilities kept."""
         for stack in stacks:
             stack.oof_, stack.bases_ = {}, []
+        row_sets = [part for rows, folds, _ in plans for part in [*(train for train, _ in folds), rows]]
+        firsts, which = _distinct(row_sets)
         for name, head, columns in self.bases:
             Xb = select_columns(X, columns, head)
-            row_sets = [part for rows, folds, _ in plans for part in [*(train for train, _ in folds), rows]]
-            with core_budget(min(usable_cores(), self.n_splits + 1)):  # one-core fits at once: one stack's count
-                fitted = iter([path[0] for path in fit_paths(head, Xb, codes, row_sets)])
+            with core_budget(min(usable_cores(), len(plans[0][1]) + 1)):  # one-core fits at once: one stack's count
+                models = [path[0] for path in fit_paths(head, Xb, codes, [row_sets[i] for i in firsts])]
+            fitted = iter([models[j] for j in which])
             inner, finals = [], []
             for _, folds, _ in plans:
                 inner += [(next(fitted), test) for _, test in folds]
@@ -131,14 +166,19 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
                 stack.oof_[name] = oof[rows]
                 stack.bases_.append((name, final, columns))
             if progress:
-                progress(f"stack base {name}: {len(row_sets)} models fitted")
+                progress(f"stack base {name}: {len(firsts)} models fitted")
 
     def _fit_meta(self, X, local: np.ndarray) -> None:
         """The meta-learner on the bases' out-of-fold log-probabilities (``local``: the rows' class codes), on one
         BLAS thread: its products are small (10,015 x 35 in the four-view stack), and two threads made each of
-        its fits 7 times slower (7.1 s against 1.1 s, the same 665 iterations)."""
-        self.meta_ = clone(self.meta) if self.meta is not None else LogisticRegression(
-            C=self.meta_C, class_weight=self.meta_class_weight, max_iter=2000)
+        its fits 7 times slower.
+
+        By default scikit-learn's logistic objective on the raw log-probabilities, fitted by
+        :class:`~embedstore.heads.LogRegHead` (``norm="none"``): scikit-learn's lbfgs took 665 iterations
+        (1.1 s) per meta-learner of the four-view stack, about 12 s of its probe (BENCHMARKS.md, ninth
+        session)."""
+        self.meta_ = clone(self.meta) if self.meta is not None else LogRegHead(
+            C=self.meta_C, norm="none", class_weight=self.meta_class_weight)
         with one_blas_thread():
             self.meta_.fit(_logit_features(list(self.oof_.values())), local)
         self.n_features_in_ = X.shape[1]

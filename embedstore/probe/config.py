@@ -20,6 +20,12 @@ METADATA_HEADS = {"lgbm"}
 #: on its training rows (the training store's statistics); ``per-store``: first each store's features are re-centred
 #: and re-scaled on the mean and standard deviation of all of that store's rows (no label used), then as ``train``.
 NORMALIZATIONS = ("train", "per-store")
+#: Where a stack inside the probe's cross-validation takes its inner folds from: ``outer``, the other outer folds
+#: (its base fits are shared between the outer folds and the final stack: 16 per base for five folds instead of 24;
+#: :mod:`embedstore.heads.stack`), or ``inner``, ``inner_folds`` group folds of its own rows. Tuned bases differ per
+#: outer fold, so ``outer`` shares nothing there and fits one more model per base and fold than ``inner`` with 3.
+#: The default is ``outer`` where there are three outer folds or more (with two, each has one other fold).
+STACK_FOLDS = ("outer", "inner")
 #: The options that describe a test store's rows (``--test-store``), by field and command-line name.
 TEST_OPTIONS = {"test_target": "--test-target", "test_positive": "--test-positive", "test_groups": "--test-groups",
                 "test_split_column": "--test-split-column", "test_split": "--test-split",
@@ -50,6 +56,7 @@ class ProbeConfig(RunConfig):
     patient_features: str | None = None  # patient id column: patient-context columns for lgbm, top-15 sensitivity
     positive: str | None = None  # makes a binary "positive vs rest" problem of the target
     inner_folds: int = 3
+    stack_folds: str | None = None  # STACK_FOLDS; default outer with 3 outer folds or more, else inner
     split_column: str | None = None
     split_map: dict = field(default_factory=dict)  # split-column value -> train, test, valid or drop
     holdout: float = 0.0
@@ -101,6 +108,13 @@ class ProbeConfig(RunConfig):
             self.check_whole_numbers("blas_threads")
         if self.inner_folds < 2:
             raise ConfigError(f"inner_folds must be at least 2, got {self.inner_folds}")
+        if self.stack_folds is None:  # resolved here, so that config.yaml says which
+            self.stack_folds = "outer" if self.folds >= 3 else "inner"
+        if self.stack_folds not in STACK_FOLDS:
+            raise ConfigError(f"unknown stack_folds {self.stack_folds!r}: choose from {', '.join(STACK_FOLDS)}")
+        if "stack" in self.heads and self.stack_folds == "outer" and self.folds < 3:
+            raise ConfigError(f"a stack that takes the other outer folds as its inner folds (--stack-folds outer) "
+                              f"needs --folds 3 or more, not {self.folds}; or --stack-folds inner")
         if self.trials < 0:
             raise ConfigError("--trials must be 0 (no tuning) or more")
         if self.tsne_max < 2 or (self.blas_threads is not None and self.blas_threads < 1):

@@ -85,27 +85,28 @@ def stack_of(model) -> StackHead | None:
     return model if isinstance(model, StackHead) else None
 
 
-def fit(model, X: pd.DataFrame, y, groups, rows):
-    """A fitted clone of ``model`` on ``rows`` (a stack also gets the groups, for its inner folds).
+def fit(model, X: pd.DataFrame, y, groups, rows, folds=None):
+    """A fitted clone of ``model`` on ``rows`` (a stack also gets the groups and the outer ``folds``, for its inner
+    folds: :meth:`embedstore.heads.StackHead.fit_paths`).
 
     Every head, a stack's bases too, reads its own columns of all of ``X`` and takes the rows from them
     (:func:`embedstore.heads.base.fit_paths`): no copy of the rows' every column."""
-    fit_params = {"groups": groups} if stack_of(model) is not None else {}
+    fit_params = {"groups": groups, "folds": folds} if stack_of(model) is not None else {}
     return fit_paths(model, X, y, [rows], **fit_params)[0][0]
 
 
-def fit_each(models: list, X: pd.DataFrame, y, row_sets, groups=None, progress=None) -> list | None:
+def fit_each(models: list, X: pd.DataFrame, y, row_sets, groups=None, folds=None, progress=None) -> list | None:
     """``models[i]`` fitted on ``row_sets[i]`` for every i, all at once, where one ``fit_paths`` can fit them
     together: a logistic head sharing one pass over its matrix (:meth:`embedstore.heads.LogRegHead.fit_paths`),
     whose models may differ in their C (each fold's own tuned C, say), a LightGBM head fitting its row sets side
     by side, whose models must be the same, or stacks of the same bases, fitted base by base
-    (:meth:`embedstore.heads.StackHead.fit_paths`; ``groups`` for their inner folds, ``progress(message)`` after
-    each base). None where they cannot; then each is fitted alone (:func:`fit`)."""
+    (:meth:`embedstore.heads.StackHead.fit_paths`; ``groups`` or the outer ``folds`` for their inner folds,
+    ``progress(message)`` after each base). None where they cannot; then each is fitted alone (:func:`fit`)."""
     stacks = [stack_of(model) for model in models]
     if stacks[0] is not None:
         if any(stack is None or _stack_settings(stack) != _stack_settings(stacks[0]) for stack in stacks):
             return None
-        return [path[0] for path in fit_paths(models[0], X, y, row_sets, groups=groups, progress=progress)]
+        return [path[0] for path in fit_paths(models[0], X, y, row_sets, groups=groups, folds=folds, progress=progress)]
     heads = [_head_of(model) for model in models]
     if heads[0] is None or not hasattr(heads[0], "fit_paths"):
         return None
