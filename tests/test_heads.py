@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from embedstore.heads import HEADS, BalancedDecision, KNNHead, LGBMHead, LogRegHead, Preprocessor, StackHead, decide, make_head
+from embedstore.errors import ConfigError
 from embedstore.heads.base import undersample_indices
 from embedstore.splits import group_holdout, group_kfold
 from embedstore.store import FeatureStore
@@ -248,6 +249,22 @@ def test_stacks_taking_the_outer_folds_as_inner_folds_fit_each_distinct_model_on
     assert len(inner) == 5 and sorted(inner[0][1]) == sorted(test)
     with pytest.raises(ValueError, match="two folds or more"):
         clone(stack).fit_paths(frame, y, [outer[0][1]], groups=groups, folds=folds)
+
+
+def test_lgbm_bins_the_embedding_with_embedding_bins_and_the_metadata_with_lightgbms_own(ham):
+    from embedstore.heads import coerce_params
+
+    frame, y = _frame_with_metadata(ham), ham["y"]
+    features = [c for c in frame.columns if c.startswith("f")]
+    head = LGBMHead(n_estimators=5, pca=8, passthrough=("age", "sex")).fit(frame[[*features, "age", "sex"]], y)
+    assert head.model_.booster_.params["max_bin_by_feature"] == [63] * 8 + [255] * 2
+    coarse = LGBMHead(n_estimators=5, pca=8, embedding_bins=4).fit(frame[features], y)
+    used = coarse.model_.booster_.trees_to_dataframe()["threshold"].dropna().groupby(
+        coarse.model_.booster_.trees_to_dataframe()["split_feature"]).nunique()
+    assert used.max() <= 3  # four bins per component leave at most three thresholds to split on
+    assert coerce_params("lgbm", {"embedding_bins": "127"}) == {"embedding_bins": 127}
+    with pytest.raises(ConfigError, match="lgbm.embedding_bins must be >= 2"):
+        coerce_params("lgbm", {"embedding_bins": 1})
 
 
 def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_rows(ham):

@@ -78,6 +78,7 @@ _RANGES = {
     "max_iter": _Range(1),  # MLPClassifier needs >= 1; logreg with 0 returns an unoptimised model
     "n_estimators": _Range(1),  # LightGBM boosting rounds
     "num_leaves": _Range(2),  # LightGBM num_leaves > 1
+    "embedding_bins": _Range(2),  # LightGBM max_bin > 1
     "min_child_samples": _Range(0),  # LightGBM min_data_in_leaf >= 0
     "calibration_folds": _Range(2),  # CalibratedClassifierCV cv
     "subsample": _FRACTION,  # LightGBM bagging_fraction
