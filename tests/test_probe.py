@@ -184,7 +184,7 @@ def test_config_file_with_cli_override_and_a_nested_tuned_stack(ham_store, tmp_p
     assert code == 0, (output, exc)
     run = json.loads((out / "run.json").read_text())
     assert run["head"] == "stack" and run["study"]["storage"] == storage
-    assert yaml.safe_load((out / "config.yaml").read_text())["stack_folds"] == "outer"  # the default, resolved
+    assert yaml.safe_load((out / "config.yaml").read_text())["stack_folds"] == "inner"  # tuned: the default, resolved
     models = json.loads((out / "metrics.json").read_text())["models"]
     assert any("(in " in name for name in models) and len(models) == 4  # the stack beside its three bases
     import optuna
@@ -192,6 +192,18 @@ def test_config_file_with_cli_override_and_a_nested_tuned_stack(ham_store, tmp_p
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     # One study per tuned base per outer fold (nested), plus the final ones on all training rows.
     assert sum(n.endswith(":fold0") for n in names) == 3 and sum(n.endswith(":final") for n in names) == 3
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"heads": ["stack"]}, "outer"),  # untuned, 5 folds: the folds' stacks share their base models
+    ({"heads": ["stack"], "trials": 3}, "inner"),  # tuned bases differ per fold: nothing to share
+    ({"heads": ["stack"], "folds": 2}, "inner"),  # with two folds each outer fold has one other
+    ({"heads": ["logreg"]}, None),  # no stack, nothing to choose
+    ({"heads": ["stack"], "trials": 3, "stack_folds": "outer"}, "outer"),  # as given
+])
+def test_a_stacks_inner_folds_default_to_the_outer_folds_where_they_share_models(given, expected):
+    cfg = ProbeConfig.from_dict({"store": "s.zarr", "features": "a+b", "target": "dx", "folds": 5, **given})
+    assert cfg.stack_folds == expected
 
 
 def test_holdout_scores_test_rows_only(ham_store, tmp_path):

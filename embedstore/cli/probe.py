@@ -64,7 +64,7 @@ def probe(
     positive: Optional[str] = typer.Option(None, "--positive", help="Make a binary positive-vs-rest problem (e.g. mel)."),
     folds: FoldsOpt = None,
     inner_folds: Optional[int] = typer.Option(None, "--inner-folds", help="Inner folds for tuning, and for stacking with --stack-folds inner (default 3)."),
-    stack_folds: Optional[str] = typer.Option(None, "--stack-folds", help="A stack's inner folds: outer (default with 3 folds or more), the other outer folds, so that its base models are shared between the folds (16 fits per base for 5 folds instead of 24); inner, --inner-folds group folds of its own rows (fewer fits where tuned bases differ per fold)."),
+    stack_folds: Optional[str] = typer.Option(None, "--stack-folds", help="A stack's inner folds: outer (default without --trials, with 3 folds or more), the other outer folds, so that its base models are shared between the folds (16 fits per base for 5 folds instead of 24); inner, --inner-folds group folds of its own rows (fewer fits where tuned bases differ per fold)."),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Official split column: train, test and validation rows (train/valid/test, training/test, 0/1, dev = validation); validation rows are never scored."),
     split_map: list[str] = typer.Option([], "--split-map", help="VALUE=ACTION for a split-column value (repeatable): ACTION train, valid, test or drop, e.g. excluded=drop, valid=train."),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction held out as a grouped, stratified test set (default 0: none)."),

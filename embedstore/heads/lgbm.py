@@ -110,7 +110,7 @@ class LGBMHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         with one_blas_thread():  # randomized SVD's result depends on the BLAS's thread count: one, everywhere
             self.pca_ = PCA(n_components=n, random_state=self.seed).fit(emb) if n else None
         design = self._design(emb, meta)
-        n_embedding = design.shape[1] - meta.shape[1]
+        n_embedding = self.pca_.n_components_ if self.pca_ is not None else emb.shape[1]
         self.model_ = lgb.LGBMClassifier(
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, subsample=self.subsample, subsample_freq=1,

@@ -68,7 +68,7 @@ _FRACTION = _Range(0, 1, low_open=True)
 _RANGES = {
     "C": _POSITIVE,  # LogisticRegression, LinearSVC
     "tol": _POSITIVE,  # logreg's stopping rule: largest absolute gradient
-    "meta_C": _POSITIVE,  # the stack's LogisticRegression
+    "meta_C": _POSITIVE,  # the stack's meta-learner (LogRegHead)
     "learning_rate": _POSITIVE,  # MLPClassifier learning_rate_init, LightGBM
     "temperature": _POSITIVE,  # knn votes exp(sim / temperature): 0 is nan, < 0 favours the farthest neighbours
     "alpha": _Range(0),  # MLPClassifier L2 penalty

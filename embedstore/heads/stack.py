@@ -71,7 +71,8 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
     log-probabilities) with ``meta_C`` and ``meta_class_weight`` (``"balanced"`` keeps the stack's top prediction from
     leaning towards the majority class when balanced accuracy is the goal).
     ``fit(X, y, groups=...)`` builds the out-of-fold probabilities on
-    ``n_splits`` stratified group folds seeded by ``seed``.
+    ``n_splits`` stratified group folds seeded by ``seed``; a stack fitted by :meth:`fit_paths` with the outer
+    ``folds`` used those instead (``n_splits`` is then unused; the run's ``config.yaml`` says which).
     """
 
     def __init__(self, bases=(), meta=None, meta_C=1.0, meta_class_weight=None, n_splits=5, seed=0):
@@ -170,15 +171,15 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
 
     def _fit_meta(self, X, local: np.ndarray) -> None:
         """The meta-learner on the bases' out-of-fold log-probabilities (``local``: the rows' class codes), on one
-        BLAS thread: its products are small (10,015 x 35 in the four-view stack), and two threads made each of
-        its fits 7 times slower.
+        BLAS thread: its products are small (10,015 x 35 in the four-view stack; with scikit-learn's solver two
+        threads made each fit 7 times slower, BENCHMARKS.md, seventh session).
 
         By default scikit-learn's logistic objective on the raw log-probabilities, fitted by
-        :class:`~embedstore.heads.LogRegHead` (``norm="none"``): scikit-learn's lbfgs took 665 iterations
-        (1.1 s) per meta-learner of the four-view stack, about 12 s of its probe (BENCHMARKS.md, ninth
-        session)."""
+        :class:`~embedstore.heads.LogRegHead` (``norm="none"``): scikit-learn's lbfgs took 665 iterations (1.1 s
+        alone) per meta-learner of the four-view stack, and its six fits 11.7 s of that probe (BENCHMARKS.md,
+        ninth session)."""
         self.meta_ = clone(self.meta) if self.meta is not None else LogRegHead(
-            C=self.meta_C, norm="none", class_weight=self.meta_class_weight)
+            C=self.meta_C, norm="none", class_weight=self.meta_class_weight, max_iter=2000)
         with one_blas_thread():
             self.meta_.fit(_logit_features(list(self.oof_.values())), local)
         self.n_features_in_ = X.shape[1]

@@ -24,7 +24,8 @@ NORMALIZATIONS = ("train", "per-store")
 #: (its base fits are shared between the outer folds and the final stack: 16 per base for five folds instead of 24;
 #: :mod:`embedstore.heads.stack`), or ``inner``, ``inner_folds`` group folds of its own rows. Tuned bases differ per
 #: outer fold, so ``outer`` shares nothing there and fits one more model per base and fold than ``inner`` with 3.
-#: The default is ``outer`` where there are three outer folds or more (with two, each has one other fold).
+#: The default is ``outer`` for an untuned stack with three outer folds or more (with two, each has one other
+#: fold), else ``inner``.
 STACK_FOLDS = ("outer", "inner")
 #: The options that describe a test store's rows (``--test-store``), by field and command-line name.
 TEST_OPTIONS = {"test_target": "--test-target", "test_positive": "--test-positive", "test_groups": "--test-groups",
@@ -56,7 +57,7 @@ class ProbeConfig(RunConfig):
     patient_features: str | None = None  # patient id column: patient-context columns for lgbm, top-15 sensitivity
     positive: str | None = None  # makes a binary "positive vs rest" problem of the target
     inner_folds: int = 3
-    stack_folds: str | None = None  # STACK_FOLDS; default outer with 3 outer folds or more, else inner
+    stack_folds: str | None = None  # STACK_FOLDS; for a stack, default outer if untuned with 3 folds or more, else inner
     split_column: str | None = None
     split_map: dict = field(default_factory=dict)  # split-column value -> train, test, valid or drop
     holdout: float = 0.0
@@ -108,9 +109,9 @@ class ProbeConfig(RunConfig):
             self.check_whole_numbers("blas_threads")
         if self.inner_folds < 2:
             raise ConfigError(f"inner_folds must be at least 2, got {self.inner_folds}")
-        if self.stack_folds is None:  # resolved here, so that config.yaml says which
-            self.stack_folds = "outer" if self.folds >= 3 else "inner"
-        if self.stack_folds not in STACK_FOLDS:
+        if self.stack_folds is None and "stack" in self.heads:  # resolved here, so that config.yaml says which
+            self.stack_folds = "outer" if self.folds >= 3 and not self.trials else "inner"
+        if self.stack_folds not in (*STACK_FOLDS, None):
             raise ConfigError(f"unknown stack_folds {self.stack_folds!r}: choose from {', '.join(STACK_FOLDS)}")
         if "stack" in self.heads and self.stack_folds == "outer" and self.folds < 3:
             raise ConfigError(f"a stack that takes the other outer folds as its inner folds (--stack-folds outer) "
