@@ -289,7 +289,7 @@ def test_lgbm_and_the_embedding_heads_train_on_the_same_undersampled_weighted_ro
     columns = [f"emb_{i}" for i in range(16)]
     direct = lgb.LGBMClassifier(n_estimators=30, learning_rate=0.05, num_leaves=31, min_child_samples=20,
                                 subsample=0.8, subsample_freq=1, colsample_bytree=0.5, reg_lambda=1.0,
-                                random_state=1, n_jobs=1, verbose=-1)
+                                random_state=1, n_jobs=1, verbose=-1, max_bin_by_feature=[63] * 16)
     direct.fit(pd.DataFrame(pca.transform(X[rows]), columns=columns), codes, sample_weight=weights)
     query = ham["X"][test]
     np.testing.assert_allclose(head.predict_proba(query),
