@@ -175,9 +175,9 @@ class StackHead(ArgmaxPredictMixin, ClassifierMixin, BaseEstimator):
         threads made each fit 7 times slower, BENCHMARKS.md, seventh session).
 
         By default scikit-learn's logistic objective on the raw log-probabilities, fitted by
-        :class:`~embedstore.heads.LogRegHead` (``norm="none"``): scikit-learn's lbfgs took 665 iterations (1.1 s
-        alone) per meta-learner of the four-view stack, and its six fits 11.7 s of that probe (BENCHMARKS.md,
-        ninth session)."""
+        :class:`~embedstore.heads.LogRegHead` (``norm="none"``): scikit-learn's lbfgs took 665 iterations per
+        meta-learner of the four-view stack (1.1 s for one fit timed alone, seventh session), and in a profile of
+        that probe its six fits took 11.7 s of the main thread (BENCHMARKS.md, ninth session)."""
         self.meta_ = clone(self.meta) if self.meta is not None else LogRegHead(
             C=self.meta_C, norm="none", class_weight=self.meta_class_weight, max_iter=2000)
         with one_blas_thread():
