@@ -173,11 +173,9 @@ class Probe:
         g = None if d.groups is None else d.groups[self.train]
         folds = group_kfold(d.y[self.train], g, cfg.folds, cfg.seed, class_names=d.classes)
         self.folds = [(self.train[tr], self.train[te]) for tr, te in folds]
-        self.stack_folds = None  # each row's outer fold, for stacks that take the outer folds as their inner ones
-        if cfg.stack_folds == "outer":
-            self.stack_folds = np.full(len(d.y), -1)
-            for k, (_, test) in enumerate(self.folds):
-                self.stack_folds[test] = k
+        self.fold_of_row = np.full(len(d.y), -1)  # each row's outer fold (-1: none), for predictions.parquet and stacks
+        for k, (_, test) in enumerate(self.folds):
+            self.fold_of_row[test] = k
         # The final head's hyperparameters are chosen on tune_rows; it is fitted on fit_rows: train + this store's
         # validation rows, never another store's (--select-on-store chooses by them, it does not learn from them).
         self.tune_rows = np.sort(np.concatenate([self.train, self.valid]))
@@ -328,13 +326,14 @@ class Probe:
         tuned = self._tune(spec, [*scopes, (self.tune_rows, self.final_folds, "final")])
         models = [build_model(cfg, d, spec, params) for params in tuned]  # every fold's, then the final one
         # one pass over the matrix per evaluation for every fold's head and the final one, where they can share it
+        stack_folds = self.fold_of_row if cfg.stack_folds == "outer" else None  # a stack's inner folds: the outer ones
         shared = fit_each(models, d.X, d.y, [train for train, _ in self.folds] + [self.fit_rows], d.groups,
-                          self.stack_folds, lambda message: self.progress("fit", f"{spec.name}: {message}")) or []
+                          stack_folds, lambda message: self.progress("fit", f"{spec.name}: {message}")) or []
         if shared:
             self.progress("fit", f"{spec.name}: fitted {len(shared)} models together")
         for k, (train, test) in enumerate(self.folds):
             t0 = time.perf_counter()
-            model = shared[k] if shared else fit(models[k], d.X, d.y, d.groups, train, self.stack_folds)
+            model = shared[k] if shared else fit(models[k], d.X, d.y, d.groups, train, stack_folds)
             oof[test], bases = _predict(model, d.X, test)
             oof_pred[test] = decide(model, oof[test])
             for name, p in bases.items():
@@ -343,7 +342,7 @@ class Probe:
             timing = {} if shared else {"seconds": round(time.perf_counter() - t0, 2)}  # where fitted alone
             fold_rows.append({"model": spec.name, "fold": k, "n_train": len(train), "n_test": len(test), **scores, **timing})
             self.progress("fold", f"{spec.name}: fold {k + 1}/{len(self.folds)} {self.metric_name}={scores[self.metric_name]:.3f}")
-        final = shared[-1] if shared else fit(models[-1], d.X, d.y, d.groups, self.fit_rows, self.stack_folds)
+        final = shared[-1] if shared else fit(models[-1], d.X, d.y, d.groups, self.fit_rows, stack_folds)
         test_proba, base_test = _predict(final, d.X, self.test) if len(self.test) else (None, {})
         test_pred = decide(final, test_proba) if len(self.test) else None
         return ModelResult(spec, oof, oof_pred, test_proba, test_pred, fold_rows, final, tuned[-1], base_oof, base_test)

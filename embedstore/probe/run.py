@@ -102,9 +102,7 @@ def _predictions(probe: Probe, result: ModelResult) -> pd.DataFrame:
     """One row per scored image: its fold, split (``oof`` or ``test``), true and predicted class, probabilities
     (and, in a transfer probe, the store it is of)."""
     cfg, d = probe.cfg, probe.data
-    fold = np.full(len(d.y), -1)
-    for k, (_, test) in enumerate(probe.folds):
-        fold[test] = k
+    fold = probe.fold_of_row
     classes = np.asarray(d.classes, dtype=object)
     parts = []
     sides = (("oof", probe.train, result.oof[probe.train], result.oof_pred[probe.train]),
