@@ -50,12 +50,13 @@ def _distinct(row_sets: list[np.ndarray]) -> tuple[list[int], list[int]]:
     first, so that fits side by side end together), and which of them each row set of ``row_sets`` is.
 
     Sets are the same when they hold the same rows in the same order (a LightGBM fit's bagging depends on it)."""
+    keys = [np.asarray(rows, dtype=np.int64).tobytes() for rows in row_sets]
     first: dict[bytes, int] = {}
-    for i, rows in enumerate(row_sets):
-        first.setdefault(np.asarray(rows, dtype=np.int64).tobytes(), i)
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
     firsts = sorted(first.values(), key=lambda i: -len(row_sets[i]))
     position = {i: j for j, i in enumerate(firsts)}
-    return firsts, [position[first[np.asarray(rows, dtype=np.int64).tobytes()]] for rows in row_sets]
+    return firsts, [position[first[key]] for key in keys]
 
 
 def _logit_features(probas: list[np.ndarray]) -> np.ndarray:
